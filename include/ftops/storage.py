@@ -1,0 +1,137 @@
+"""Object storage behind one URI: a local directory (the embedded default) or `s3://bucket/prefix`.
+
+Versioned paths are write-once: `put` refuses to replace an object (local: an atomic hard link that
+fails if the name exists; S3: a conditional write with `IfNoneMatch='*'`, answered 412 on overwrite).
+Scratch data that a retried task may rewrite goes through `put(..., overwrite=True)` explicitly.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+
+class AlreadyExists(FileExistsError):
+    """A write-once object exists already; nothing was changed."""
+
+
+class Store:
+    """A bucket-like view of a storage root; keys are '/'-separated relative paths."""
+
+    def __init__(self, root: str):
+        self.root = root.rstrip("/")
+        self.is_s3 = self.root.startswith("s3://")
+        if self.is_s3:
+            import boto3
+
+            bucket, _, prefix = self.root[len("s3://"):].partition("/")
+            self.bucket, self.prefix = bucket, prefix.strip("/")
+            self.s3 = boto3.client("s3")
+        else:
+            self.base = Path(self.root.removeprefix("file://"))
+
+    def uri(self, key: str) -> str:
+        return f"{self.root}/{key}"
+
+    def _s3key(self, key: str) -> str:
+        return f"{self.prefix}/{key}" if self.prefix else key
+
+    def put(self, key: str, data: bytes, overwrite: bool = False) -> str:
+        if self.is_s3:
+            extra = {} if overwrite else {"IfNoneMatch": "*"}
+            try:
+                self.s3.put_object(Bucket=self.bucket, Key=self._s3key(key), Body=data, **extra)
+            except self.s3.exceptions.ClientError as exc:
+                if exc.response.get("Error", {}).get("Code") in ("PreconditionFailed", "412"):
+                    raise AlreadyExists(self.uri(key)) from exc
+                raise
+            return self.uri(key)
+        path = self.base / key
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            if overwrite:
+                os.replace(tmp, path)
+            else:
+                try:
+                    os.link(tmp, path)
+                except FileExistsError as exc:
+                    raise AlreadyExists(self.uri(key)) from exc
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        return self.uri(key)
+
+    def get(self, key: str) -> bytes:
+        if self.is_s3:
+            try:
+                return self.s3.get_object(Bucket=self.bucket, Key=self._s3key(key))["Body"].read()
+            except self.s3.exceptions.NoSuchKey as exc:
+                raise FileNotFoundError(self.uri(key)) from exc
+        return (self.base / key).read_bytes()
+
+    def exists(self, key: str) -> bool:
+        if self.is_s3:
+            try:
+                self.s3.head_object(Bucket=self.bucket, Key=self._s3key(key))
+                return True
+            except self.s3.exceptions.ClientError:
+                return False
+        return (self.base / key).is_file()
+
+    def list(self, prefix: str) -> list[str]:
+        """Keys under a prefix (recursive), sorted."""
+        prefix = prefix.strip("/")
+        if self.is_s3:
+            keys: list[str] = []
+            full = self._s3key(prefix) + "/" if prefix else (self.prefix + "/" if self.prefix else "")
+            for page in self.s3.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=full):
+                keys += [o["Key"][len(self._s3key("")) :].lstrip("/") for o in page.get("Contents", [])]
+            return sorted(keys)
+        top = self.base / prefix
+        if not top.is_dir():
+            return []
+        return sorted(
+            p.relative_to(self.base).as_posix()
+            for p in top.rglob("*")
+            if p.is_file() and not p.name.startswith(".tmp-")
+        )
+
+    def upload_dir(self, local_dir: str | Path, prefix: str) -> str:
+        """Copy a folder to a write-once prefix; fails before writing if the prefix holds anything."""
+        if self.list(prefix):
+            raise AlreadyExists(self.uri(prefix))
+        for path in sorted(Path(local_dir).rglob("*")):
+            if path.is_file():
+                self.put(f"{prefix}/{path.relative_to(local_dir).as_posix()}", path.read_bytes())
+        return self.uri(prefix)
+
+    def download_dir(self, prefix: str, local_dir: str | Path) -> Path:
+        """Copy a prefix to a local folder atomically: the folder appears complete or not at all."""
+        local_dir = Path(local_dir)
+        if local_dir.exists():
+            return local_dir
+        src = self.base / prefix if not self.is_s3 and (self.base / prefix).is_dir() else None
+        local_dir.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=local_dir.parent, prefix=".partial-"))
+        try:
+            if src is not None:
+                shutil.copytree(src, tmp, dirs_exist_ok=True)
+            else:
+                keys = self.list(prefix)
+                if not keys:
+                    raise FileNotFoundError(self.uri(prefix))
+                for key in keys:
+                    dest = tmp / key[len(prefix.strip("/")) + 1 :]
+                    dest.parent.mkdir(parents=True, exist_ok=True)
+                    dest.write_bytes(self.get(key))
+            os.rename(tmp, local_dir)
+        except OSError:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if not local_dir.exists():
+                raise
+        return local_dir

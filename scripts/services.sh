@@ -1,0 +1,94 @@
+#!/usr/bin/env bash
+# Start, stop and check the platform's local services: the MLflow tracking server and a vLLM server
+# (CPU build, runtime LoRA updating on). Used by the demo, the tests and CI alike.
+#
+#   scripts/services.sh start|stop|status [mlflow|vllm|all]
+#
+# Settings (environment): FTOPS_HOME (.ftops), MLFLOW_PORT (5000), VLLM_PORT (8000),
+# VLLM_MODEL (the base model folder; default: the converted SmolLM2), VLLM_MAX_LORAS (max adapters in one
+# batch), VLLM_MAX_CPU_LORAS (adapters kept loaded), VLLM_MAX_LORA_RANK (largest rank in customers.yaml).
+set -euo pipefail
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+FTOPS_HOME=${FTOPS_HOME:-$ROOT/.ftops}
+RUN="$FTOPS_HOME/run"
+MLFLOW_PORT=${MLFLOW_PORT:-5000}
+VLLM_PORT=${VLLM_PORT:-8000}
+VLLM_MODEL=${VLLM_MODEL:-$FTOPS_HOME/models/smollm2-135m-instruct}
+VLLM_MAX_LORAS=${VLLM_MAX_LORAS:-4}
+VLLM_MAX_CPU_LORAS=${VLLM_MAX_CPU_LORAS:-16}
+VLLM_MAX_LORA_RANK=${VLLM_MAX_LORA_RANK:-16}
+mkdir -p "$RUN"
+
+wait_http() {  # url seconds name log
+  local deadline=$((SECONDS + $2))
+  until curl -sf -o /dev/null "$1"; do
+    if (( SECONDS > deadline )); then echo "$3 did not become healthy in $2 s; last log lines:" >&2; tail -n 30 "$4" >&2; return 1; fi
+    if [[ -f "$RUN/$3.pid" ]] && ! kill -0 "$(cat "$RUN/$3.pid")" 2>/dev/null; then
+      echo "$3 exited during start-up; last log lines:" >&2; tail -n 30 "$4" >&2; return 1; fi
+    sleep 1
+  done
+}
+
+start_mlflow() {
+  local name="mlflow-$MLFLOW_PORT" log="$RUN/mlflow-$MLFLOW_PORT.log"
+  if curl -sf -o /dev/null "http://127.0.0.1:$MLFLOW_PORT/health"; then echo "$name already up"; return; fi
+  mkdir -p "$FTOPS_HOME/mlflow/artifacts"
+  # Job execution off and one worker: the defaults spawn job workers costing ~2.5 GB.
+  MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false setsid "$ROOT/.venv/bin/mlflow" server \
+    --backend-store-uri "sqlite:///$FTOPS_HOME/mlflow/mlflow.db" \
+    --artifacts-destination "${MLFLOW_ARTIFACTS:-$FTOPS_HOME/mlflow/artifacts}" \
+    --host 127.0.0.1 --port "$MLFLOW_PORT" --workers 1 >"$log" 2>&1 < /dev/null &
+  echo $! >"$RUN/$name.pid"
+  wait_http "http://127.0.0.1:$MLFLOW_PORT/health" 90 "$name" "$log"
+  echo "$name up: http://127.0.0.1:$MLFLOW_PORT"
+}
+
+start_vllm() {
+  local name="vllm-$VLLM_PORT" log="$RUN/vllm-$VLLM_PORT.log"
+  if curl -sf -o /dev/null "http://127.0.0.1:$VLLM_PORT/health"; then echo "$name already up"; return; fi
+  [[ -f "$VLLM_MODEL/config.json" ]] || { echo "no base model at $VLLM_MODEL (make models)" >&2; return 1; }
+  mkdir -p "$FTOPS_HOME/vllm-adapters"
+  # CPU caveats measured here: float32 (bf16 needs AMX permission), a fixed KV cache, runtime LoRA API on.
+  VLLM_ALLOW_RUNTIME_LORA_UPDATING=True VLLM_CPU_KVCACHE_SPACE=${VLLM_CPU_KVCACHE_SPACE:-1} \
+  VLLM_LORA_RESOLVER_CACHE_DIR="$FTOPS_HOME/vllm-adapters/resolver" \
+  setsid "$ROOT/.venv-vllm/bin/python" -m vllm.entrypoints.openai.api_server \
+    --model "$VLLM_MODEL" --dtype float32 --max-model-len 2048 \
+    --enable-lora --max-loras "$VLLM_MAX_LORAS" --max-cpu-loras "$VLLM_MAX_CPU_LORAS" \
+    --max-lora-rank "$VLLM_MAX_LORA_RANK" --host 127.0.0.1 --port "$VLLM_PORT" >"$log" 2>&1 < /dev/null &
+  echo $! >"$RUN/$name.pid"
+  wait_http "http://127.0.0.1:$VLLM_PORT/health" 300 "$name" "$log"
+  echo "$name up: http://127.0.0.1:$VLLM_PORT ($VLLM_MODEL)"
+}
+
+stop_one() {  # name
+  local pidfile="$RUN/$1.pid"
+  [[ -f "$pidfile" ]] || return 0
+  local pid; pid=$(cat "$pidfile")
+  if kill -0 "$pid" 2>/dev/null; then
+    kill -TERM -- "-$pid" 2>/dev/null || kill -TERM "$pid" 2>/dev/null || true
+    for _ in $(seq 1 30); do kill -0 "$pid" 2>/dev/null || break; sleep 0.5; done
+    kill -KILL -- "-$pid" 2>/dev/null || true
+  fi
+  rm -f "$pidfile"
+  echo "$1 stopped"
+}
+
+cmd=${1:-status}; what=${2:-all}
+case "$cmd" in
+  start)
+    [[ $what == all || $what == mlflow ]] && start_mlflow
+    [[ $what == all || $what == vllm ]] && start_vllm
+    ;;
+  stop)
+    [[ $what == all || $what == mlflow ]] && stop_one "mlflow-$MLFLOW_PORT"
+    [[ $what == all || $what == vllm ]] && stop_one "vllm-$VLLM_PORT"
+    ;;
+  stop-all)
+    for f in "$RUN"/*.pid; do [[ -e $f ]] && stop_one "$(basename "$f" .pid)"; done
+    ;;
+  status)
+    for f in "$RUN"/*.pid; do [[ -e $f ]] && { kill -0 "$(cat "$f")" 2>/dev/null && echo "$(basename "$f" .pid) running" || echo "$(basename "$f" .pid) dead"; }; done
+    ;;
+  *) echo "usage: $0 start|stop|stop-all|status [mlflow|vllm|all]" >&2; exit 2 ;;
+esac
+exit 0
