@@ -47,12 +47,12 @@ start_vllm() {
   local name="vllm-$VLLM_PORT" log="$RUN/vllm-$VLLM_PORT.log"
   if curl -sf -o /dev/null "http://127.0.0.1:$VLLM_PORT/health"; then echo "$name already up"; return; fi
   [[ -f "$VLLM_MODEL/config.json" ]] || { echo "no base model at $VLLM_MODEL (make models)" >&2; return 1; }
-  mkdir -p "$FTOPS_HOME/vllm-adapters"
+  mkdir -p "$FTOPS_HOME/vllm-adapters/resolver"
   # CPU caveats measured here: float32 (bf16 needs AMX permission), a fixed KV cache, runtime LoRA API on.
   VLLM_ALLOW_RUNTIME_LORA_UPDATING=True VLLM_CPU_KVCACHE_SPACE=${VLLM_CPU_KVCACHE_SPACE:-1} \
   VLLM_LORA_RESOLVER_CACHE_DIR="$FTOPS_HOME/vllm-adapters/resolver" \
   setsid "$ROOT/.venv-vllm/bin/python" -m vllm.entrypoints.openai.api_server \
-    --model "$VLLM_MODEL" --dtype float32 --max-model-len 2048 \
+    --model "$VLLM_MODEL" --dtype float32 --max-model-len "${VLLM_MAX_MODEL_LEN:-1024}" \
     --enable-lora --max-loras "$VLLM_MAX_LORAS" --max-cpu-loras "$VLLM_MAX_CPU_LORAS" \
     --max-lora-rank "$VLLM_MAX_LORA_RANK" --host 127.0.0.1 --port "$VLLM_PORT" >"$log" 2>&1 < /dev/null &
   echo $! >"$RUN/$name.pid"

@@ -17,6 +17,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
+# Asset that a promotion or rollback emits; the serving sync DAG is scheduled on it.
+PRODUCTION_ASSET_URI = "ftops://registry/production"
 CUSTOMER_ID_RE = re.compile(r"^[a-z0-9][a-z0-9-]{1,62}$")
 
 

@@ -1,0 +1,152 @@
+"""One fine-tuning DAG per customer in `include/customers.yaml`: `finetune_<customer>`.
+
+The DAG body reads as the data flow; every task is a one-line call into `ftops.pipeline`, where the logic
+lives. Only `ftops.config` (yaml + pydantic) is imported at parse time: torch, transformers and mlflow
+load inside the tasks, and training and evaluation run as `ftops` subprocesses.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from datetime import datetime, timedelta
+
+from airflow.sdk import Asset, Param, dag, get_current_context, task
+from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
+from ftops.config import PRODUCTION_ASSET_URI, CustomerConfig, load_platform
+
+# A promotion or rollback emits this; `sync_vllm_adapters` is scheduled on it.
+PRODUCTION_CHANGED = Asset(PRODUCTION_ASSET_URI, group="ftops")
+
+DOC = """
+### Fine-tune `{id}`: {name}
+
+{description}
+
+**ingest** the inbox → **validate** (Great Expectations) → **clean** (normalise, PII: `{pii}`) →
+**dedupe** (exact + MinHash, against the whole history) → **snapshot** (immutable dataset version) →
+**train** (TRL SFT + LoRA r={r}, replay {replay:.0%}) → **evaluate** (held-out loss vs production and base) →
+**gate** → **register** (MLflow, lineage tags) → **promote** (`production` alias; mode `{promote}`).
+
+Trigger by hand with *Trigger DAG w/ config* to force a run with no new data, stop before training
+(`dry_run`), or override the promotion mode. Runs weekly on its own staggered slot: `{cron}` (UTC).
+"""
+
+
+def weekly_cron(customer_id: str, weekday: int) -> str:
+    """A stable slot in a 6-hour window from 01:00 on the customer's weekday, so tenants do not all start at once."""
+    offset = int(hashlib.sha256(customer_id.encode()).hexdigest(), 16) % 360
+    return f"{offset % 60} {1 + offset // 60} * * {(weekday + 1) % 7}"
+
+
+def customer_dag(c: CustomerConfig):
+    cron = weekly_cron(c.id, c.schedule_weekday)
+
+    @dag(
+        dag_id=f"finetune_{c.id}",
+        description=f"Fine-tune {c.name}'s LoRA adapter on {c.base_model}",
+        doc_md=DOC.format(id=c.id, name=c.name, description=c.description, pii=c.data.pii, r=c.lora.r,
+                          replay=c.training.replay_fraction, promote=c.promote, cron=cron),
+        schedule=cron,
+        start_date=datetime(2026, 1, 1),
+        catchup=False,
+        max_active_runs=1,
+        dagrun_timeout=timedelta(hours=12),
+        tags=["ftops", "finetune", f"customer:{c.id}", *c.tags],
+        default_args={"retries": 2, "retry_delay": timedelta(seconds=30), "retry_exponential_backoff": True,
+                      "execution_timeout": timedelta(hours=1)},
+        params={
+            "force": Param(False, type="boolean", description="Train even when no new examples arrived"),
+            "dry_run": Param(False, type="boolean", description="Prepare and snapshot the data, stop before training"),
+            "promote": Param(c.promote, enum=["auto", "manual"], description="Promotion mode for this run"),
+        },
+    )
+    def finetune():
+        def run():
+            from ftops.pipeline import Run
+
+            ctx = get_current_context()
+            return Run(c.id, ctx["dag_run"].run_id, ctx["dag"].dag_id)
+
+        @task
+        def ingest() -> dict:
+            from ftops import pipeline
+
+            return pipeline.ingest(run())
+
+        @task
+        def validate(_: dict) -> dict:
+            from ftops import pipeline
+            from ftops.validate import ValidationFailed
+
+            try:
+                return pipeline.validate(run())
+            except ValidationFailed as exc:
+                raise AirflowFailException(str(exc)) from exc
+
+        @task
+        def clean(_: dict) -> dict:
+            from ftops import pipeline
+
+            return pipeline.clean(run())
+
+        @task
+        def dedupe(_: dict) -> dict:
+            from ftops import pipeline
+
+            return pipeline.dedupe(run())
+
+        @task
+        def snapshot(_: dict) -> dict:
+            from ftops import pipeline
+
+            return pipeline.snapshot(run())
+
+        @task(execution_timeout=timedelta(hours=8), retries=1)
+        def train(_: dict) -> dict:
+            from ftops import pipeline
+
+            params = get_current_context()["params"]
+            if params["dry_run"]:
+                raise AirflowSkipException("dry run: stopping before training")
+            try:
+                return pipeline.train(run(), force=params["force"])
+            except pipeline.NothingToTrain as exc:
+                raise AirflowSkipException(str(exc)) from exc
+
+        @task
+        def evaluate(trained: dict) -> dict:
+            from ftops import pipeline
+
+            return pipeline.evaluate(run(), trained)
+
+        @task(retries=0)
+        def gate(metrics: dict) -> dict:
+            from ftops import pipeline
+
+            return pipeline.gate(run(), metrics)
+
+        @task
+        def register(trained: dict, metrics: dict, decision: dict) -> dict:
+            from ftops import pipeline
+
+            return pipeline.register(run(), trained, metrics, decision)
+
+        @task(outlets=[PRODUCTION_CHANGED])
+        def promote(registered: dict, decision: dict) -> dict:
+            from ftops import pipeline
+
+            try:
+                return pipeline.promote(run(), registered, decision, get_current_context()["params"]["promote"])
+            except pipeline.GateFailed as exc:
+                raise AirflowFailException(str(exc)) from exc
+
+        trained = train(snapshot(dedupe(clean(validate(ingest())))))
+        metrics = evaluate(trained)
+        decision = gate(metrics)
+        promote(register(trained, metrics, decision), decision)
+
+    return finetune()
+
+
+for _customer in load_platform().customers.values():
+    globals()[f"finetune_{_customer.id}"] = customer_dag(_customer)

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Run the `airflow` CLI against this project's DAGs with an embedded home (SQLite) under FTOPS_HOME,
+# migrating the metadata database on first use. Examples:
+#   scripts/airflow.sh dags test finetune_brightdesk
+#   scripts/airflow.sh standalone            # the UI on http://127.0.0.1:8080
+set -euo pipefail
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+export FTOPS_HOME=${FTOPS_HOME:-$ROOT/.ftops}
+export AIRFLOW_HOME=${AIRFLOW_HOME:-$FTOPS_HOME/airflow}
+export AIRFLOW__CORE__DAGS_FOLDER=$ROOT/dags
+export AIRFLOW__CORE__PLUGINS_FOLDER=$ROOT/plugins
+export AIRFLOW__CORE__LOAD_EXAMPLES=False
+export AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION=False
+export AIRFLOW__API__PORT=${AIRFLOW_PORT:-8080}
+export PATH="$ROOT/.venv/bin:$PATH"
+mkdir -p "$AIRFLOW_HOME"
+if [[ ! -f "$AIRFLOW_HOME/.migrated" ]]; then
+  airflow db migrate >"$AIRFLOW_HOME/migrate.log" 2>&1 || { tail -n 30 "$AIRFLOW_HOME/migrate.log" >&2; exit 1; }
+  touch "$AIRFLOW_HOME/.migrated"
+fi
+exec airflow "$@"
