@@ -143,9 +143,10 @@ def snapshot(run: Run) -> dict:
 def _ftops(*args: str) -> None:
     """Run an `ftops` stage command in a subprocess; its output goes to the task log."""
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    proc = subprocess.run([sys.executable, "-m", "ftops.cli", *args], env=env, text=True,
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    print(proc.stdout[-20_000:])
+    with subprocess.Popen([sys.executable, "-m", "ftops.cli", *args], env=env, text=True,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT) as proc:
+        for line in proc.stdout:  # streamed, so the task log shows progress live
+            print(line, end="")
     if proc.returncode != 0:
         raise RuntimeError(f"`ftops {' '.join(args)}` exited {proc.returncode}")
 

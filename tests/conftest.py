@@ -1,0 +1,72 @@
+"""Shared fixtures: an isolated FTOPS_HOME, the tiny test model, and real services started by the
+project's own scripts (scripts/services.sh), stopped at the end of the session even when tests fail."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TEST_CUSTOMERS = ROOT / "tests" / "data" / "customers.yaml"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def home(tmp_path_factory) -> Path:
+    """An FTOPS_HOME for the session; the environment points every ftops component at it."""
+    home = tmp_path_factory.mktemp("ftops-home")
+    os.environ.update({
+        "FTOPS_HOME": str(home), "FTOPS_CUSTOMERS": str(TEST_CUSTOMERS), "FTOPS_MODELS_DIR": str(home / "models"),
+        "FTOPS_STORAGE_ROOT": str(home / "storage"),
+    })
+    return home
+
+
+@pytest.fixture(scope="session")
+def tiny_model(home) -> Path:
+    from ftops.models import build_tiny
+
+    return build_tiny(home / "models" / "tiny-llama")
+
+
+class Service:
+    def __init__(self, name: str, env: dict[str, str], url: str):
+        self.name, self.env, self.url = name, env, url
+
+    def run(self, action: str) -> None:
+        subprocess.run([str(ROOT / "scripts" / "services.sh"), action, self.name], env=self.env, check=True,
+                       timeout=400)
+
+
+def _service(name: str, extra: dict[str, str], port_var: str):
+    port = free_port()
+    env = dict(os.environ, **extra, **{port_var: str(port)})
+    svc = Service(name, env, f"http://127.0.0.1:{port}")
+    try:
+        svc.run("start")
+        yield svc
+    finally:
+        svc.run("stop")
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(home):
+    for svc in _service("mlflow", {}, "MLFLOW_PORT"):
+        os.environ["MLFLOW_TRACKING_URI"] = svc.url
+        yield svc
+
+
+@pytest.fixture(scope="session")
+def vllm_server(home, tiny_model):
+    for svc in _service("vllm", {"VLLM_MODEL": str(tiny_model)}, "VLLM_PORT"):
+        os.environ["FTOPS_VLLM_URLS"] = svc.url
+        yield svc
