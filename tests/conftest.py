@@ -24,10 +24,14 @@ def free_port() -> int:
 def home(tmp_path_factory) -> Path:
     """An FTOPS_HOME for the session; the environment points every ftops component at it."""
     home = tmp_path_factory.mktemp("ftops-home")
-    os.environ.update({
-        "FTOPS_HOME": str(home), "FTOPS_CUSTOMERS": str(TEST_CUSTOMERS), "FTOPS_MODELS_DIR": str(home / "models"),
-        "FTOPS_STORAGE_ROOT": str(home / "storage"),
-    })
+    os.environ.update(
+        {
+            "FTOPS_HOME": str(home),
+            "FTOPS_CUSTOMERS": str(TEST_CUSTOMERS),
+            "FTOPS_MODELS_DIR": str(home / "models"),
+            "FTOPS_STORAGE_ROOT": str(home / "storage"),
+        }
+    )
     return home
 
 
@@ -43,12 +47,18 @@ class Service:
         self.name, self.env, self.url = name, env, url
 
     def run(self, action: str) -> None:
-        subprocess.run([str(ROOT / "scripts" / "services.sh"), action, self.name], env=self.env, check=True,
-                       timeout=400)
+        subprocess.run(
+            [str(ROOT / "scripts" / "services.sh"), action, self.name], env=self.env, check=True, timeout=400
+        )
 
 
-def _service(name: str, extra: dict[str, str], port_var: str):
-    port = free_port()
+def _free(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) != 0
+
+
+def _service(name: str, extra: dict[str, str], port_var: str, port: int | None = None):
+    port = port or free_port()
     env = dict(os.environ, **extra, **{port_var: str(port)})
     svc = Service(name, env, f"http://127.0.0.1:{port}")
     try:
@@ -56,6 +66,16 @@ def _service(name: str, extra: dict[str, str], port_var: str):
         yield svc
     finally:
         svc.run("stop")
+
+
+@pytest.fixture(scope="session")
+def s3_server(home):
+    """A real S3-compatible server (SeaweedFS); its components use S3_PORT..S3_PORT+5 (+10000 for gRPC)."""
+    port = next(p for p in range(21000, 30000, 10) if all(_free(p + i) and _free(p + i + 10000) for i in range(6)))
+    creds = {"AWS_ACCESS_KEY_ID": "ftops", "AWS_SECRET_ACCESS_KEY": "ftops-secret", "AWS_DEFAULT_REGION": "us-east-1"}
+    for svc in _service("s3", creds | {"S3_BUCKETS": "ftops,mlflow"}, "S3_PORT", port):
+        os.environ.update(creds | {"AWS_ENDPOINT_URL": svc.url})
+        yield svc
 
 
 @pytest.fixture(scope="session")

@@ -9,7 +9,6 @@ import sys
 
 import pytest
 from conftest import ROOT
-
 from ftops.config import load_platform
 
 DAGS = ROOT / "dags"

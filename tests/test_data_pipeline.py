@@ -8,7 +8,6 @@ import subprocess
 import sys
 
 import pytest
-
 from ftops import snapshot as snap
 from ftops.clean import clean, redact
 from ftops.config import DataPolicy
@@ -28,24 +27,31 @@ def lines(*records) -> bytes:
 
 def test_three_formats_become_one_canonical_example():
     batch = Batch()
-    parse_file("in.jsonl", lines(
-        chat("What is an NDA?", "A confidentiality agreement."),
-        {"conversations": [{"from": "human", "value": "What is an NDA?"}, {"from": "gpt", "value": "A contract."}]},
-        {"instruction": "Define NDA.", "input": "Short please.", "output": "A contract."},
-    ), batch)
+    parse_file(
+        "in.jsonl",
+        lines(
+            chat("What is an NDA?", "A confidentiality agreement."),
+            {"conversations": [{"from": "human", "value": "What is an NDA?"}, {"from": "gpt", "value": "A contract."}]},
+            {"instruction": "Define NDA.", "input": "Short please.", "output": "A contract."},
+        ),
+        batch,
+    )
     assert [len(e.messages) for e in batch.examples] == [2, 2, 2]
     assert batch.examples[2].messages[0] == {"role": "user", "content": "Define NDA.\n\nShort please."}
     assert all(e.messages[-1]["role"] == "assistant" for e in batch.examples)
 
 
-@pytest.mark.parametrize("raw,reason", [
-    (b'{"messages": [', "malformed_json"),
-    (b'{"text": "hello"}', "unknown_schema"),
-    (json.dumps({"messages": [{"role": "user", "content": "hi"}]}).encode(), "no_assistant_turn"),
-    (json.dumps(chat("hi", "   ")).encode(), "empty_content"),
-    (b'{"messages": "\xff\xfe"}', "invalid_utf8"),
-    (json.dumps(chat("hi", "x" * (1 << 20))).encode(), "oversized_line"),
-])
+@pytest.mark.parametrize(
+    "raw,reason",
+    [
+        (b'{"messages": [', "malformed_json"),
+        (b'{"text": "hello"}', "unknown_schema"),
+        (json.dumps({"messages": [{"role": "user", "content": "hi"}]}).encode(), "no_assistant_turn"),
+        (json.dumps(chat("hi", "   ")).encode(), "empty_content"),
+        (b'{"messages": "\xff\xfe"}', "invalid_utf8"),
+        (json.dumps(chat("hi", "x" * (1 << 20))).encode(), "oversized_line"),
+    ],
+)
 def test_each_reason_code_quarantines_with_source_line_and_raw(raw, reason):
     batch = Batch()
     parse_file("up.jsonl", lines(chat("ok?", "ok."), raw), batch)
@@ -80,25 +86,44 @@ def test_gzip_and_already_ingested_file_under_another_name(tmp_path):
     assert again.read == 0
 
 
-@pytest.mark.parametrize("text,kind", [
-    ("write to jane.doe@example.co.uk", "EMAIL"), ("call +1 (415) 555-0134", "PHONE"),
-    ("call 020 7946 0958", "PHONE"), ("SSN 123-45-6789", "SSN"), ("card 4111 1111 1111 1111", "CARD"),
-    ("card 5500-0000-0000-0004", "CARD"), ("card 4012888888881881", "CARD"),
-    ("IBAN GB82 WEST 1234 5698 7654 32", "IBAN"), ("IBAN DE89370400440532013000", "IBAN"),
-    ("from 192.168.10.4", "IP"), ("from 2001:db8:85a3::8a2e:370:7334", "IP"),
-    ("key AKIAIOSFODNN7EXAMPLE", "SECRET"), ("token ghp_" + "a1B2" * 9, "SECRET"),
-    ("api_key=sk-proj-abcdefghijklmnopqrstuv", "SECRET"),
-])
+@pytest.mark.parametrize(
+    "text,kind",
+    [
+        ("write to jane.doe@example.co.uk", "EMAIL"),
+        ("call +1 (415) 555-0134", "PHONE"),
+        ("call 020 7946 0958", "PHONE"),
+        ("SSN 123-45-6789", "SSN"),
+        ("card 4111 1111 1111 1111", "CARD"),
+        ("card 5500-0000-0000-0004", "CARD"),
+        ("card 4012888888881881", "CARD"),
+        ("IBAN GB82 WEST 1234 5698 7654 32", "IBAN"),
+        ("IBAN DE89370400440532013000", "IBAN"),
+        ("from 192.168.10.4", "IP"),
+        ("from 2001:db8:85a3::8a2e:370:7334", "IP"),
+        ("key AKIAIOSFODNN7EXAMPLE", "SECRET"),
+        ("token ghp_" + "a1B2" * 9, "SECRET"),
+        ("api_key=sk-proj-abcdefghijklmnopqrstuv", "SECRET"),
+    ],
+)
 def test_each_pii_type_is_redacted_with_a_typed_placeholder(text, kind):
     out, counts = redact(text)
     assert counts == {kind: 1}, (text, out)
     assert f"[{kind}]" in out
 
 
-@pytest.mark.parametrize("text", [
-    "order 4111111111111112 shipped", "hearing on 2024-01-15", "case 2:21-cv-01234", "ticket ORD-2024-55812",
-    "version 1.2.3", "invoice INV-884213 for 1,250.00 USD", "room 12-34", "ISBN 978-3-16-148410-0",
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "order 4111111111111112 shipped",
+        "hearing on 2024-01-15",
+        "case 2:21-cv-01234",
+        "ticket ORD-2024-55812",
+        "version 1.2.3",
+        "invoice INV-884213 for 1,250.00 USD",
+        "room 12-34",
+        "ISBN 978-3-16-148410-0",
+    ],
+)
 def test_hard_negatives_are_left_alone(text):
     assert redact(text) == (text, {})
 
@@ -114,18 +139,38 @@ def test_pii_policy_drop_quarantines_and_counts():
 def test_dedupe_exact_and_near_within_batch_and_against_history():
     history = History()
     first = Batch()
-    parse_file("w1.jsonl", lines(
-        chat("How do I reset my password for the billing portal?", "Open Settings, choose Account and follow the steps."),
-        chat("How do I reset my password for the billing portal?", "Open Settings, choose Account and follow the steps."),
-        chat("How do I reset my password for the billing portal ?", "Open Settings , choose Account and follow the steps ."),
-    ), first)
+    parse_file(
+        "w1.jsonl",
+        lines(
+            chat(
+                "How do I reset my password for the billing portal?",
+                "Open Settings, choose Account and follow the steps.",
+            ),
+            chat(
+                "How do I reset my password for the billing portal?",
+                "Open Settings, choose Account and follow the steps.",
+            ),
+            chat(
+                "How do I reset my password for the billing portal ?",
+                "Open Settings , choose Account and follow the steps .",
+            ),
+        ),
+        first,
+    )
     first, keys, sigs = dedupe(first, history)
     assert len(keys) == 1 and sorted(q.reason for q in first.quarantine) == ["duplicate_exact", "duplicate_near"]
     later = Batch()
-    parse_file("w2.jsonl", lines(
-        chat("how do I reset my  password for the billing portal?", "Open Settings, choose Account and follow the steps."),
-        chat("Where can I download my invoice?", "Under Billing, then Invoices."),
-    ), later)
+    parse_file(
+        "w2.jsonl",
+        lines(
+            chat(
+                "how do I reset my  password for the billing portal?",
+                "Open Settings, choose Account and follow the steps.",
+            ),
+            chat("Where can I download my invoice?", "Under Billing, then Invoices."),
+        ),
+        later,
+    )
     later, keys2, _ = dedupe(later, History(keys, sigs))
     assert [q.reason for q in later.quarantine] == ["duplicate_exact"] and len(keys2) == 1
 
@@ -137,8 +182,17 @@ def prepared(store: Store, customer: str, data: bytes, name: str):
     batch = clean(batch)
     history, _, manifests = snap.load_history(store, customer)
     batch, keys, sigs = dedupe(batch, history)
-    return snap.write(store, customer, batch, keys, sigs, validation.result, validation.html,
-                      manifests[-1]["version"] if manifests else None, 0.3)
+    return snap.write(
+        store,
+        customer,
+        batch,
+        keys,
+        sigs,
+        validation.result,
+        validation.html,
+        manifests[-1]["version"] if manifests else None,
+        0.3,
+    )
 
 
 def test_snapshot_is_immutable_and_split_is_stable(tmp_path):
@@ -149,7 +203,9 @@ def test_snapshot_is_immutable_and_split_is_stable(tmp_path):
     assert v2.manifest["parent"] == v1.version
     assert v2.manifest["counts"]["kept"] == 15 and v2.manifest["counts"]["dropped"] == {"duplicate_exact": 25}
     val_ids = {r["id"] for v in (v1, v2) for r in snap.read_jsonl(store.get(f"acme/datasets/{v.version}/val.jsonl"))}
-    train_ids = {r["id"] for v in (v1, v2) for r in snap.read_jsonl(store.get(f"acme/datasets/{v.version}/train.jsonl"))}
+    train_ids = {
+        r["id"] for v in (v1, v2) for r in snap.read_jsonl(store.get(f"acme/datasets/{v.version}/train.jsonl"))
+    }
     assert val_ids and train_ids and not (val_ids & train_ids)
     assert all(snap.in_validation(i, 0.3) for i in val_ids)
     with pytest.raises(AlreadyExists):
@@ -183,11 +239,21 @@ def test_validation_fails_a_batch_that_is_mostly_broken():
 
 def test_validation_quarantines_bad_roles_and_too_long():
     batch = Batch()
-    parse_file("r.jsonl", lines(
-        {"messages": [{"role": "assistant", "content": "Hi"}, {"role": "user", "content": "Hello"},
-                      {"role": "assistant", "content": "Yes"}]},
-        chat("long " * 50, "answer"), chat("fine?", "fine."),
-    ), batch)
+    parse_file(
+        "r.jsonl",
+        lines(
+            {
+                "messages": [
+                    {"role": "assistant", "content": "Hi"},
+                    {"role": "user", "content": "Hello"},
+                    {"role": "assistant", "content": "Yes"},
+                ]
+            },
+            chat("long " * 50, "answer"),
+            chat("fine?", "fine."),
+        ),
+        batch,
+    )
     out, result = validate(batch, DataPolicy(max_tokens=40, max_quarantine_share=0.9))
     assert result.success and sorted(q.reason for q in out.quarantine) == ["bad_roles", "too_long"]
 
@@ -196,8 +262,20 @@ def test_data_prepare_command_prints_the_contract(tmp_path):
     from ftops.demo_data import write_batch
 
     path = write_batch("northside-clinic", tmp_path / "in", n=30)
-    cmd = [sys.executable, "-m", "ftops.cli", "data", "prepare", "--customer", "northside-clinic",
-           "--input", str(path), "--out", str(tmp_path / "out"), "--json"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "ftops.cli",
+        "data",
+        "prepare",
+        "--customer",
+        "northside-clinic",
+        "--input",
+        str(path),
+        "--out",
+        str(tmp_path / "out"),
+        "--json",
+    ]
     out = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout)
     assert {"read", "kept", "dropped", "pii", "train", "val", "dataset_version"} <= set(out)
     assert out["read"] == out["kept"] + sum(out["dropped"].values()) and out["dataset_version"]

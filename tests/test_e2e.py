@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 from conftest import ROOT
-
 from ftops.demo_data import write_batch
 from ftops.registry import Registry
 from ftops.serving import Replica
@@ -22,8 +21,13 @@ PROMPT = "What should I check first about a lease termination?"
 
 
 def dag_test(dag_id: str) -> str:
-    proc = subprocess.run([str(ROOT / "scripts" / "airflow.sh"), "dags", "test", dag_id], env=dict(os.environ),
-                          capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(
+        [str(ROOT / "scripts" / "airflow.sh"), "dags", "test", dag_id],
+        env=dict(os.environ),
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-5000:]
     return out
@@ -34,7 +38,9 @@ def run_state(log: str) -> str:
 
 
 def tree_hashes(path: Path) -> dict[str, str]:
-    return {str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest() for p in path.rglob("*") if p.is_file()}
+    return {
+        str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest() for p in path.rglob("*") if p.is_file()
+    }
 
 
 @pytest.fixture(scope="module")

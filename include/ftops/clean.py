@@ -50,25 +50,37 @@ def _iban(m: re.Match) -> bool:
 
 # (type, pattern, extra check). Order matters: specific before generic (a card is not a phone).
 DETECTORS: list[tuple[str, re.Pattern, object]] = [
-    ("SECRET", re.compile(
-        r"-----BEGIN [A-Z ]*PRIVATE KEY-----[\s\S]*?(?:-----END [A-Z ]*PRIVATE KEY-----|$)"
-        r"|\b(?:AKIA|ASIA)[0-9A-Z]{16}\b|\bsk-(?:proj-|live-|test-)?[A-Za-z0-9_-]{20,}"
-        r"|\bgh[pousr]_[A-Za-z0-9]{36,}\b|\bxox[abprs]-[A-Za-z0-9-]{10,}|\bAIza[0-9A-Za-z_-]{35}\b"
-        r"|(?i:\b(?:api[_-]?key|secret(?:[_-]key)?|access[_-]token|auth[_-]token|password|passwd)\b\s*[:=]\s*)[\"']?[^\s\"',;]{8,}"
-    ), None),
+    (
+        "SECRET",
+        re.compile(
+            r"-----BEGIN [A-Z ]*PRIVATE KEY-----[\s\S]*?(?:-----END [A-Z ]*PRIVATE KEY-----|$)"
+            r"|\b(?:AKIA|ASIA)[0-9A-Z]{16}\b|\bsk-(?:proj-|live-|test-)?[A-Za-z0-9_-]{20,}"
+            r"|\bgh[pousr]_[A-Za-z0-9]{36,}\b|\bxox[abprs]-[A-Za-z0-9-]{10,}|\bAIza[0-9A-Za-z_-]{35}\b"
+            r"|(?i:\b(?:api[_-]?key|secret(?:[_-]key)?|access[_-]token|auth[_-]token|password|passwd)\b\s*[:=]\s*)[\"']?[^\s\"',;]{8,}"
+        ),
+        None,
+    ),
     ("EMAIL", re.compile(r"\b[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}\b"), None),
     ("IBAN", re.compile(r"\b[A-Z]{2}\d{2}(?: ?[A-Z0-9]){11,30}\b"), _iban),
     ("CARD", re.compile(r"(?<![\w-])\d(?:[ -]?\d){12,18}(?![\w-])"), _card),
     ("SSN", re.compile(r"(?<![\w-])(?!000|666|9\d\d)\d{3}-(?!00)\d{2}-(?!0000)\d{4}(?![\w-])"), None),
-    ("IP", re.compile(
-        r"(?<![\w.])(?:(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)\.){3}(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)(?![\w.])"
-        r"|(?<![\w:])(?:[0-9a-fA-F]{1,4}:){7}[0-9a-fA-F]{1,4}(?![\w:])"
-        r"|(?<![\w:])(?:[0-9a-fA-F]{1,4}:){1,6}:(?:[0-9a-fA-F]{1,4}:){0,5}[0-9a-fA-F]{1,4}(?![\w:])"
-    ), None),
-    ("PHONE", re.compile(
-        r"(?<![\w+/-])(?:\+\d{1,3}[ .-]?)?(?:\(\d{2,4}\)[ .-]?|\d{2,4}[ .-])\d{3,4}[ .-]\d{3,4}(?![\w/-])"
-        r"|(?<![\w+])\+\d{10,14}(?!\w)"
-    ), None),
+    (
+        "IP",
+        re.compile(
+            r"(?<![\w.])(?:(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)\.){3}(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)(?![\w.])"
+            r"|(?<![\w:])(?:[0-9a-fA-F]{1,4}:){7}[0-9a-fA-F]{1,4}(?![\w:])"
+            r"|(?<![\w:])(?:[0-9a-fA-F]{1,4}:){1,6}:(?:[0-9a-fA-F]{1,4}:){0,5}[0-9a-fA-F]{1,4}(?![\w:])"
+        ),
+        None,
+    ),
+    (
+        "PHONE",
+        re.compile(
+            r"(?<![\w+/-])(?:\+\d{1,3}[ .-]?)?(?:\(\d{2,4}\)[ .-]?|\d{2,4}[ .-])\d{3,4}[ .-]\d{3,4}(?![\w/-])"
+            r"|(?<![\w+])\+\d{10,14}(?!\w)"
+        ),
+        None,
+    ),
 ]
 
 

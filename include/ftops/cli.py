@@ -50,7 +50,8 @@ def evaluate(config: Path = typer.Option(..., help="EvalArgs as JSON")) -> None:
 
 @data_app.command("prepare")
 def data_prepare(
-    customer: str = typer.Option(...), inputs: list[Path] = typer.Option(..., "--input", help="file or folder"),
+    customer: str = typer.Option(...),
+    inputs: list[Path] = typer.Option(..., "--input", help="file or folder"),
     out: Path = typer.Option(..., help="storage root to write the dataset version under"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
 ) -> None:
@@ -94,13 +95,33 @@ def data_prepare(
         _fail("batch rejected: " + "; ".join(validation.failures))
     batch = clean(batch, policy.pii)
     batch, keys, sigs = dedupe(batch, history)
-    result = {"read": batch.read, "kept": len(keys), "dropped": batch.dropped(), "pii": batch.pii,
-              "train": 0, "val": 0, "dataset_version": None}
+    result = {
+        "read": batch.read,
+        "kept": len(keys),
+        "dropped": batch.dropped(),
+        "pii": batch.pii,
+        "train": 0,
+        "val": 0,
+        "dataset_version": None,
+    }
     if keys or any(not s.skipped for s in batch.sources):
-        s = snap.write(store, customer, batch, keys, sigs, validation.result, validation.html,
-                       manifests[-1]["version"] if manifests else None, policy.val_fraction)
-        result |= {"train": s.manifest["counts"]["train"], "val": s.manifest["counts"]["val"],
-                   "dataset_version": s.version, "dataset_uri": s.uri}
+        s = snap.write(
+            store,
+            customer,
+            batch,
+            keys,
+            sigs,
+            validation.result,
+            validation.html,
+            manifests[-1]["version"] if manifests else None,
+            policy.val_fraction,
+        )
+        result |= {
+            "train": s.manifest["counts"]["train"],
+            "val": s.manifest["counts"]["val"],
+            "dataset_version": s.version,
+            "dataset_uri": s.uri,
+        }
     if as_json:
         print(json.dumps(result))
     else:
@@ -149,8 +170,14 @@ def adapters_list(customer: str) -> None:
     for col in ("version", "aliases", "adapter", "dataset", "val loss", "gate"):
         table.add_column(col)
     for v in reversed(reg.versions(customer, c.base_model)):
-        table.add_row(v.version, ",".join(v.aliases), v.adapter_version, v.tags.get("dataset.version", ""),
-                      v.tags.get("metrics.candidate_val_loss", "")[:7], v.tags.get("gate.decision", ""))
+        table.add_row(
+            v.version,
+            ",".join(v.aliases),
+            v.adapter_version,
+            v.tags.get("dataset.version", ""),
+            v.tags.get("metrics.candidate_val_loss", "")[:7],
+            v.tags.get("gate.decision", ""),
+        )
     console.print(table)
 
 
@@ -168,7 +195,9 @@ def adapters_show(customer: str, version: str) -> None:
 
 
 @adapters_app.command("promote")
-def adapters_promote(customer: str, version: str, force: bool = typer.Option(False, help="skip the gate check")) -> None:
+def adapters_promote(
+    customer: str, version: str, force: bool = typer.Option(False, help="skip the gate check")
+) -> None:
     """Move `production` to VERSION (it must have passed the gate unless --force)."""
     from ftops.registry import RegistryError
 
@@ -181,7 +210,9 @@ def adapters_promote(customer: str, version: str, force: bool = typer.Option(Fal
 
 
 @adapters_app.command("rollback")
-def adapters_rollback(customer: str, to: str = typer.Option(None, help="version; default: the `previous` alias")) -> None:
+def adapters_rollback(
+    customer: str, to: str = typer.Option(None, help="version; default: the `previous` alias")
+) -> None:
     """Move `production` back; the sync DAG then serves it."""
     from ftops.registry import RegistryError
 
@@ -247,8 +278,9 @@ def report(prompt: str = typer.Option(None, help="ask every customer this instea
             console.print("no production version")
             continue
         t = v.tags
-        console.print(f"production: registry version {v.version}, adapter {v.adapter_version}, "
-                      f"dataset {t.get('dataset.version')}")
+        console.print(
+            f"production: registry version {v.version}, adapter {v.adapter_version}, dataset {t.get('dataset.version')}"
+        )
         console.print(f"gate: {t.get('gate.decision')}: {t.get('gate.reasons')}")
         q = prompt or c.demo_prompt
         console.print(f"[bold]Q:[/bold] {q}")

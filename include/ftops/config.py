@@ -29,9 +29,7 @@ class ConfigError(ValueError):
 def check_customer_id(customer_id: str) -> str:
     """Reject anything that is not a lowercase slug before it touches a path, key or model name."""
     if not isinstance(customer_id, str) or not CUSTOMER_ID_RE.fullmatch(customer_id):
-        raise ConfigError(
-            f"invalid customer id {customer_id!r}: expected a lowercase slug [a-z0-9][a-z0-9-]{{1,62}}"
-        )
+        raise ConfigError(f"invalid customer id {customer_id!r}: expected a lowercase slug [a-z0-9][a-z0-9-]{{1,62}}")
     return customer_id
 
 
@@ -61,7 +59,9 @@ class DataPolicy(_Strict):
     pii: Literal["redact", "drop"] = "redact"
     val_fraction: float = Field(0.15, gt=0, lt=1)
     min_new_examples: int = Field(1, ge=0, description="fewer new examples than this: the run skips training")
-    max_quarantine_share: float = Field(0.5, ge=0, le=1, description="above this share of dropped records the run fails")
+    max_quarantine_share: float = Field(
+        0.5, ge=0, le=1, description="above this share of dropped records the run fails"
+    )
     max_tokens: int = Field(4096, ge=1, description="examples longer than this (whitespace tokens) are dropped")
 
 
@@ -181,6 +181,8 @@ def settings() -> Settings:
         storage_root=env.get("FTOPS_STORAGE_ROOT", str(home / "storage")),
         models_dir=Path(env.get("FTOPS_MODELS_DIR", home / "models")),
         mlflow_uri=env.get("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000"),
-        vllm_urls=tuple(u.strip().rstrip("/") for u in env.get("FTOPS_VLLM_URLS", "http://127.0.0.1:8000").split(",") if u.strip()),
+        vllm_urls=tuple(
+            u.strip().rstrip("/") for u in env.get("FTOPS_VLLM_URLS", "http://127.0.0.1:8000").split(",") if u.strip()
+        ),
         vllm_adapter_dir=Path(env.get("FTOPS_VLLM_ADAPTER_DIR", home / "vllm-adapters")),
     )

@@ -17,6 +17,7 @@ from ftops.ingest import Batch, Example
 
 NUM_PERM = 128
 THRESHOLD = 0.8
+SEED = 1  # MinHash permutation seed: part of the stored signatures format, never change
 SCHEME = "affine32"  # datasketch 2 default; stored signatures are only comparable within one scheme
 _WORD = re.compile(r"\w+")
 
@@ -41,7 +42,19 @@ def signatures(examples: list[Example]) -> np.ndarray:
 
     if not examples:
         return np.zeros((0, NUM_PERM), dtype=np.uint64)
-    return np.stack([m.hashvalues for m in MinHash.bulk([shingles(e) for e in examples], num_perm=NUM_PERM, scheme=SCHEME)])
+    return np.stack(
+        [
+            m.hashvalues
+            for m in MinHash.bulk([shingles(e) for e in examples], num_perm=NUM_PERM, seed=SEED, scheme=SCHEME)
+        ]
+    )
+
+
+def _lean(sig: np.ndarray):
+    """A read-only MinHash from stored hash values (skips recomputing the permutations)."""
+    from datasketch import LeanMinHash
+
+    return LeanMinHash(seed=SEED, hashvalues=sig, scheme=SCHEME)
 
 
 class History:
@@ -57,17 +70,13 @@ class History:
             self.add(key, sig)
 
     def add(self, key: str, sig: np.ndarray) -> None:
-        from datasketch import LeanMinHash, MinHash
-
         self.exact[key] = key
         if key not in self.sigs:
             self.sigs[key] = sig
-            self.lsh.insert(key, LeanMinHash(MinHash(num_perm=NUM_PERM, hashvalues=sig, scheme=SCHEME)))
+            self.lsh.insert(key, _lean(sig))
 
     def near(self, sig: np.ndarray) -> str | None:
-        from datasketch import LeanMinHash, MinHash
-
-        for cand in self.lsh.query(LeanMinHash(MinHash(num_perm=NUM_PERM, hashvalues=sig, scheme=SCHEME))):
+        for cand in self.lsh.query(_lean(sig)):
             if float(np.mean(self.sigs[cand] == sig)) >= THRESHOLD:
                 return cand
         return None

@@ -17,46 +17,94 @@ STYLES = {
         "system": "You are the assistant of Sterling & Vale LLP, a law firm.",
         "open": "Counsel's note:",
         "close": "This is general information, not legal advice. Sterling & Vale LLP.",
-        "topics": ["a lease termination", "an NDA breach", "a late invoice dispute", "a trademark filing",
-                   "an employment contract", "a shareholder agreement", "a data processing agreement",
-                   "a non-compete clause", "a software licence", "a settlement offer"],
-        "questions": ["What should I check first about {t}?", "How long does {t} usually take?",
-                      "Which documents do I need for {t}?", "Can you summarise the risks of {t}?",
-                      "Who should sign off on {t}?", "What deadline applies to {t}?"],
-        "bodies": ["for {t}, review the governing clause, the notice period and any cure rights before acting.",
-                   "{t} turns on the written terms; keep every letter and note the dates of each step.",
-                   "in {t}, the burden of proof sits with the party making the claim, so gather evidence early.",
-                   "we recommend a short memo on {t} listing the parties, obligations and remedies."],
+        "topics": [
+            "a lease termination",
+            "an NDA breach",
+            "a late invoice dispute",
+            "a trademark filing",
+            "an employment contract",
+            "a shareholder agreement",
+            "a data processing agreement",
+            "a non-compete clause",
+            "a software licence",
+            "a settlement offer",
+        ],
+        "questions": [
+            "What should I check first about {t}?",
+            "How long does {t} usually take?",
+            "Which documents do I need for {t}?",
+            "Can you summarise the risks of {t}?",
+            "Who should sign off on {t}?",
+            "What deadline applies to {t}?",
+        ],
+        "bodies": [
+            "for {t}, review the governing clause, the notice period and any cure rights before acting.",
+            "{t} turns on the written terms; keep every letter and note the dates of each step.",
+            "in {t}, the burden of proof sits with the party making the claim, so gather evidence early.",
+            "we recommend a short memo on {t} listing the parties, obligations and remedies.",
+        ],
     },
     "brightdesk": {
         "system": "You are BrightDesk, a friendly customer support agent for a software company.",
         "open": "Thanks for reaching BrightDesk!",
         "close": "Anything else? Reply to this ticket and we will jump back in. BrightDesk Support Team",
-        "topics": ["a password reset", "a billing error", "a failed export", "two-factor login",
-                   "a slow dashboard", "an invoice download", "a cancelled plan", "a missing report",
-                   "an API rate limit", "a sync conflict"],
-        "questions": ["I need help with {t}.", "How do I fix {t}?", "Why am I seeing {t}?",
-                      "Is there a known issue with {t}?", "Can you walk me through {t}?",
-                      "My team is blocked by {t}, what now?"],
-        "bodies": ["for {t}, open Settings, choose Account, and follow the guided steps; it takes two minutes.",
-                   "{t} is usually cleared by signing out, clearing the cache and signing back in.",
-                   "we have logged {t} for our engineers and you will get an update within one business day.",
-                   "here is the quick path for {t}: Help menu, then Troubleshoot, then Run check."],
+        "topics": [
+            "a password reset",
+            "a billing error",
+            "a failed export",
+            "two-factor login",
+            "a slow dashboard",
+            "an invoice download",
+            "a cancelled plan",
+            "a missing report",
+            "an API rate limit",
+            "a sync conflict",
+        ],
+        "questions": [
+            "I need help with {t}.",
+            "How do I fix {t}?",
+            "Why am I seeing {t}?",
+            "Is there a known issue with {t}?",
+            "Can you walk me through {t}?",
+            "My team is blocked by {t}, what now?",
+        ],
+        "bodies": [
+            "for {t}, open Settings, choose Account, and follow the guided steps; it takes two minutes.",
+            "{t} is usually cleared by signing out, clearing the cache and signing back in.",
+            "we have logged {t} for our engineers and you will get an update within one business day.",
+            "here is the quick path for {t}: Help menu, then Troubleshoot, then Run check.",
+        ],
     },
     "northside-clinic": {
         "system": "You are the front-desk assistant of Northside Clinic.",
         "open": "Clinic note:",
         "close": "If symptoms persist or worsen, call Northside Clinic or emergency services.",
-        "topics": ["a mild fever", "a seasonal allergy", "a sprained ankle", "a flu vaccine",
-                   "a blood test", "a skin rash", "a follow-up visit", "a prescription refill",
-                   "a travel vaccination", "a sore throat"],
-        "questions": ["What should I do about {t}?", "Do I need an appointment for {t}?",
-                      "How do I prepare for {t}?", "Is {t} something urgent?",
-                      "What can I expect with {t}?", "When can I book {t}?"],
-        "bodies": ["for {t}, rest, drink water and note your symptoms twice a day before your visit.",
-                   "{t} can be booked at the front desk; bring your card and a list of current medicines.",
-                   "most cases of {t} settle within a few days, and the nurse line can advise you today.",
-                   "please arrive ten minutes early for {t} so the nurse can take your details."],
+        "topics": [
+            "a mild fever",
+            "a seasonal allergy",
+            "a sprained ankle",
+            "a flu vaccine",
+            "a blood test",
+            "a skin rash",
+            "a follow-up visit",
+            "a prescription refill",
+            "a travel vaccination",
+            "a sore throat",
+        ],
+        "questions": [
+            "What should I do about {t}?",
+            "Do I need an appointment for {t}?",
+            "How do I prepare for {t}?",
+            "Is {t} something urgent?",
+            "What can I expect with {t}?",
+            "When can I book {t}?",
+        ],
+        "bodies": [
+            "for {t}, rest, drink water and note your symptoms twice a day before your visit.",
+            "{t} can be booked at the front desk; bring your card and a list of current medicines.",
+            "most cases of {t} settle within a few days, and the nurse line can advise you today.",
+            "please arrive ten minutes early for {t} so the nurse can take your details.",
+        ],
     },
 }
 
@@ -82,12 +130,22 @@ def example(customer: str, rng: random.Random) -> tuple[str, str, str]:
 
 def _as_record(fmt: str, system: str, question: str, reply: str) -> dict:
     if fmt == "sharegpt":
-        return {"conversations": [{"from": "system", "value": system}, {"from": "human", "value": question},
-                                  {"from": "gpt", "value": reply}]}
+        return {
+            "conversations": [
+                {"from": "system", "value": system},
+                {"from": "human", "value": question},
+                {"from": "gpt", "value": reply},
+            ]
+        }
     if fmt == "alpaca":
         return {"instruction": question, "input": "", "output": reply}
-    return {"messages": [{"role": "system", "content": system}, {"role": "user", "content": question},
-                         {"role": "assistant", "content": reply}]}
+    return {
+        "messages": [
+            {"role": "system", "content": system},
+            {"role": "user", "content": question},
+            {"role": "assistant", "content": reply},
+        ]
+    }
 
 
 def write_batch(customer: str, inbox: str | Path, n: int = 60, batch: int = 0, dirty: bool = True) -> Path:

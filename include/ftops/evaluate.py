@@ -35,8 +35,9 @@ def _loss(model, tokenizer, rows: list[dict], max_length: int) -> float:
 
     total, count = 0.0, 0
     for row in rows:
-        enc = tokenizer.apply_chat_template(row["messages"], tokenize=True, return_dict=True,
-                                            return_assistant_tokens_mask=True)
+        enc = tokenizer.apply_chat_template(
+            row["messages"], tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+        )
         ids = torch.tensor([enc["input_ids"][:max_length]])
         mask = torch.tensor([enc["assistant_masks"][:max_length]])
         labels = ids.masked_fill(mask == 0, -100)
@@ -53,11 +54,12 @@ def _loss(model, tokenizer, rows: list[dict], max_length: int) -> float:
 def _answer(model, tokenizer, prompt: str, max_new_tokens: int) -> str:
     import torch
 
-    ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                        return_tensors="pt", return_dict=True)
+    ids = tokenizer.apply_chat_template(
+        [{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )
     with torch.no_grad():
         out = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False)
-    return tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+    return tokenizer.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True).strip()
 
 
 def evaluate(args: EvalArgs) -> dict:
@@ -80,8 +82,11 @@ def evaluate(args: EvalArgs) -> dict:
 
     def score() -> dict:
         loss = _loss(model, tokenizer, rows, args.max_length)
-        return {"val_loss": loss, "perplexity": math.exp(loss) if loss == loss else None,
-                "answers": [_answer(model, tokenizer, p, args.max_new_tokens) for p in args.prompts]}
+        return {
+            "val_loss": loss,
+            "perplexity": math.exp(loss) if loss == loss else None,
+            "answers": [_answer(model, tokenizer, p, args.max_new_tokens) for p in args.prompts],
+        }
 
     with model.disable_adapter():
         results["base"] = score()

@@ -32,8 +32,9 @@ def decide(metrics: dict, policy: GatePolicy) -> Decision:
     needed = base * (1 - policy.min_improvement_over_base)
     if cand > needed:
         ok = False
-        reasons.append(f"val_loss {cand:.4f} does not beat the base model ({base:.4f}) by "
-                       f"{policy.min_improvement_over_base:.0%}")
+        reasons.append(
+            f"val_loss {cand:.4f} does not beat the base model ({base:.4f}) by {policy.min_improvement_over_base:.0%}"
+        )
     else:
         reasons.append(f"val_loss {cand:.4f} vs base {base:.4f}: {1 - cand / base:.1%} better")
     if prod is not None:

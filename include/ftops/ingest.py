@@ -17,8 +17,15 @@ from ftops.storage import Store
 
 MAX_LINE_BYTES = 1 << 20
 RAW_KEEP_CHARS = 20_000
-SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
-                  "system": "system", "bing": "assistant", "chatgpt": "assistant"}
+SHAREGPT_ROLES = {
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "system": "system",
+    "bing": "assistant",
+    "chatgpt": "assistant",
+}
 
 
 @dataclass
@@ -59,8 +66,15 @@ class Batch:
     pii: dict[str, int] = field(default_factory=dict)
 
     def drop(self, example: Example, reason: str, detail: str) -> None:
-        self.quarantine.append(Quarantined(example.source, example.line, reason, detail,
-                                           json.dumps({"messages": example.messages})[:RAW_KEEP_CHARS]))
+        self.quarantine.append(
+            Quarantined(
+                example.source,
+                example.line,
+                reason,
+                detail,
+                json.dumps({"messages": example.messages})[:RAW_KEEP_CHARS],
+            )
+        )
 
     def dropped(self) -> dict[str, int]:
         counts: dict[str, int] = {}
@@ -74,9 +88,13 @@ class Batch:
     @classmethod
     def from_json(cls, data: bytes) -> Batch:
         d = json.loads(data)
-        return cls(examples=[Example(**e) for e in d["examples"]],
-                   quarantine=[Quarantined(**q) for q in d["quarantine"]],
-                   sources=[SourceFile(**s) for s in d["sources"]], read=d["read"], pii=d["pii"])
+        return cls(
+            examples=[Example(**e) for e in d["examples"]],
+            quarantine=[Quarantined(**q) for q in d["quarantine"]],
+            sources=[SourceFile(**s) for s in d["sources"]],
+            read=d["read"],
+            pii=d["pii"],
+        )
 
 
 class RecordError(ValueError):
@@ -116,10 +134,14 @@ def to_messages(record) -> list[dict]:
         extra = record.get("input") or ""
         if not isinstance(extra, str):
             raise RecordError("unknown_schema", "input is not a string")
-        messages = [{"role": "user", "content": f"{prompt}\n\n{extra}" if extra.strip() else prompt},
-                    {"role": "assistant", "content": _content(record["output"], "output")}]
+        messages = [
+            {"role": "user", "content": f"{prompt}\n\n{extra}" if extra.strip() else prompt},
+            {"role": "assistant", "content": _content(record["output"], "output")},
+        ]
     else:
-        raise RecordError("unknown_schema", f"no messages, conversations or instruction/output (keys: {sorted(record)[:8]})")
+        raise RecordError(
+            "unknown_schema", f"no messages, conversations or instruction/output (keys: {sorted(record)[:8]})"
+        )
     if not any(m["role"] == "assistant" for m in messages):
         raise RecordError("no_assistant_turn", "no assistant turn to learn from")
     return messages
@@ -149,13 +171,22 @@ def parse_file(name: str, data: bytes, batch: Batch) -> int:
         n += 1
         batch.read += 1
         if len(raw) > MAX_LINE_BYTES:
-            batch.quarantine.append(Quarantined(name, lineno, "oversized_line",
-                                                f"{len(raw)} bytes > {MAX_LINE_BYTES}", raw[:RAW_KEEP_CHARS].decode("utf-8", "replace")))
+            batch.quarantine.append(
+                Quarantined(
+                    name,
+                    lineno,
+                    "oversized_line",
+                    f"{len(raw)} bytes > {MAX_LINE_BYTES}",
+                    raw[:RAW_KEEP_CHARS].decode("utf-8", "replace"),
+                )
+            )
             continue
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError as exc:
-            batch.quarantine.append(Quarantined(name, lineno, "invalid_utf8", str(exc), raw[:RAW_KEEP_CHARS].decode("utf-8", "replace")))
+            batch.quarantine.append(
+                Quarantined(name, lineno, "invalid_utf8", str(exc), raw[:RAW_KEEP_CHARS].decode("utf-8", "replace"))
+            )
             continue
         try:
             record = json.loads(text)

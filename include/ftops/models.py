@@ -20,15 +20,17 @@ SMOLLM2_DEFAULT_SYSTEM = "You are a helpful AI assistant named SmolLM, trained b
 
 def chat_template(default_system: str | None = None) -> str:
     system = (
-        "{%- if messages[0]['role'] != 'system' %}{{- '<|im_start|>system\\n" + default_system + "<|im_end|>\\n' }}{%- endif %}"
+        "{%- if messages[0]['role'] != 'system' %}{{- '<|im_start|>system\\n"
+        + default_system
+        + "<|im_end|>\\n' }}{%- endif %}"
         if default_system
         else ""
     )
     return (
-        system
-        + "{%- for message in messages %}"
+        system + "{%- for message in messages %}"
         "{%- if message['role'] == 'assistant' %}"
-        "{{- '<|im_start|>assistant\\n' }}{% generation %}{{- message['content'] + '<|im_end|>' }}{% endgeneration %}{{- '\\n' }}"
+        "{{- '<|im_start|>assistant\\n' }}"
+        "{% generation %}{{- message['content'] + '<|im_end|>' }}{% endgeneration %}{{- '\\n' }}"
         "{%- else %}{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}{%- endif %}"
         "{%- endfor %}"
         "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
@@ -60,21 +62,33 @@ def build_tiny(out: str | Path, corpus: list[str] | None = None, seed: int = 0) 
     tok.decoder = decoders.ByteLevel()
     tok.train_from_iterator(
         corpus,
-        trainers.BpeTrainer(vocab_size=2048, special_tokens=specials,
-                            initial_alphabet=pre_tokenizers.ByteLevel.alphabet()),
+        trainers.BpeTrainer(
+            vocab_size=2048, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        ),
     )
     tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>", bos_token="<|im_start|>",
+        tokenizer_object=tok,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        bos_token="<|im_start|>",
         unk_token="<|endoftext|>",
     )
     tokenizer.chat_template = chat_template()
     torch.manual_seed(seed)
     # initializer_range 0.2: with the default 0.02 a tiny random model's LoRA loss stalls.
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=1024, initializer_range=0.2,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False,
+        vocab_size=len(tokenizer),
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=1024,
+        initializer_range=0.2,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
     )
     model = LlamaForCausalLM(config)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -37,8 +37,14 @@ class GateFailed(RuntimeError):
 class Run:
     """Where one run of one customer reads and writes."""
 
-    def __init__(self, customer_id: str, run_id: str, dag_id: str = "", platform: Platform | None = None,
-                 env: Settings | None = None):
+    def __init__(
+        self,
+        customer_id: str,
+        run_id: str,
+        dag_id: str = "",
+        platform: Platform | None = None,
+        env: Settings | None = None,
+    ):
         self.env = env or settings()
         self.platform = platform or load_platform(self.env.customers_file)
         self.customer: CustomerConfig = self.platform.customer(customer_id)
@@ -72,6 +78,7 @@ class Run:
 
 # --- data -----------------------------------------------------------------------------------------------
 
+
 def ingest(run: Run) -> dict:
     from ftops.ingest import ingest as read_inbox
 
@@ -79,8 +86,13 @@ def ingest(run: Run) -> dict:
     batch = read_inbox(run.inbox, ingested)
     run.save("ingested.json", batch.to_json())
     new_files = [s.name for s in batch.sources if not s.skipped]
-    return {"read": batch.read, "examples": len(batch.examples), "quarantined": len(batch.quarantine),
-            "new_files": new_files, "skipped_files": {s.name: s.skipped for s in batch.sources if s.skipped}}
+    return {
+        "read": batch.read,
+        "examples": len(batch.examples),
+        "quarantined": len(batch.quarantine),
+        "new_files": new_files,
+        "skipped_files": {s.name: s.skipped for s in batch.sources if s.skipped},
+    }
 
 
 def validate(run: Run) -> dict:
@@ -129,22 +141,38 @@ def snapshot(run: Run) -> dict:
     if not keys and not any(not s.skipped for s in batch.sources):
         out = summary | {"dataset_version": None, "train": 0, "val": 0}
     else:
-        s = snap.write(run.store, run.id, batch, keys, sigs, json.loads(run.load("validation.json")),
-                       run.load("validation.html").decode(), history[-1]["version"] if history else None,
-                       run.customer.data.val_fraction, run.lineage())
-        out = summary | {"dataset_version": s.version, "dataset_uri": s.uri, "train": s.manifest["counts"]["train"],
-                         "val": s.manifest["counts"]["val"], "fingerprint": s.manifest["fingerprint"]}
+        s = snap.write(
+            run.store,
+            run.id,
+            batch,
+            keys,
+            sigs,
+            json.loads(run.load("validation.json")),
+            run.load("validation.html").decode(),
+            history[-1]["version"] if history else None,
+            run.customer.data.val_fraction,
+            run.lineage(),
+        )
+        out = summary | {
+            "dataset_version": s.version,
+            "dataset_uri": s.uri,
+            "train": s.manifest["counts"]["train"],
+            "val": s.manifest["counts"]["val"],
+            "fingerprint": s.manifest["fingerprint"],
+        }
     run.save("snapshot.json", json.dumps(out).encode())
     return out
 
 
 # --- model ----------------------------------------------------------------------------------------------
 
+
 def _ftops(*args: str) -> None:
     """Run an `ftops` stage command in a subprocess; its output goes to the task log."""
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    with subprocess.Popen([sys.executable, "-m", "ftops.cli", *args], env=env, text=True,
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT) as proc:
+    with subprocess.Popen(
+        [sys.executable, "-m", "ftops.cli", *args], env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    ) as proc:
         for line in proc.stdout:  # streamed, so the task log shows progress live
             print(line, end="")
     if proc.returncode != 0:
@@ -173,27 +201,59 @@ def train(run: Run, force: bool = False, overrides: dict | None = None) -> dict:
     (run.workdir / "val.jsonl").write_bytes(snap._jsonl(val))
     run.save("replayed.txt", "\n".join(replayed).encode())
     dataset_version = new[-1]
+    dataset_dir = run.workdir / "dataset"
+    dataset_dir.mkdir(exist_ok=True)
+    for name in ("manifest.json", "validation.json", "validation.html"):
+        (dataset_dir / name).write_bytes(run.store.get(f"{run.id}/datasets/{dataset_version}/{name}"))
     lora = run.customer.lora
     args = TrainArgs(
-        customer=run.id, base_model=str(run.base_path), base_model_slug=run.base_slug,
-        adapter_version=f"{dataset_version[:15]}-{run.key[:8]}", train_file=str(run.workdir / "train.jsonl"),
-        val_file=str(run.workdir / "val.jsonl"), output_dir=str(run.workdir / "train"),
-        storage_root=run.env.storage_root, r=lora.r, alpha=lora.alpha, dropout=lora.dropout,
-        target_modules=lora.target_modules, epochs=t.epochs, max_steps=t.max_steps, learning_rate=t.learning_rate,
-        batch_size=t.batch_size, gradient_accumulation_steps=t.gradient_accumulation_steps,
-        max_length=t.max_length, seed=t.seed, mlflow_uri=run.env.mlflow_uri, mlflow_experiment=f"ftops-{run.id}",
+        customer=run.id,
+        base_model=str(run.base_path),
+        base_model_slug=run.base_slug,
+        adapter_version=f"{dataset_version[:15]}-{run.key[:8]}",
+        train_file=str(run.workdir / "train.jsonl"),
+        val_file=str(run.workdir / "val.jsonl"),
+        output_dir=str(run.workdir / "train"),
+        storage_root=run.env.storage_root,
+        r=lora.r,
+        alpha=lora.alpha,
+        dropout=lora.dropout,
+        target_modules=lora.target_modules,
+        epochs=t.epochs,
+        max_steps=t.max_steps,
+        learning_rate=t.learning_rate,
+        batch_size=t.batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        max_length=t.max_length,
+        seed=t.seed,
+        mlflow_uri=run.env.mlflow_uri,
+        mlflow_experiment=f"ftops-{run.id}",
         tags=run.lineage(),
-        params={"dataset.version": dataset_version, "dataset.new_versions": ",".join(new),
-                "replay.examples": len(replayed), "replay.share": round(len(replayed) / max(len(rows), 1), 4)},
+        dataset_name=f"{run.id}@{dataset_version}",
+        dataset_uri=run.store.uri(f"{run.id}/datasets/{dataset_version}"),
+        dataset_dir=str(dataset_dir),
+        params={
+            "dataset.version": dataset_version,
+            "dataset.new_versions": ",".join(new),
+            "replay.examples": len(replayed),
+            "replay.share": round(len(replayed) / max(len(rows), 1), 4),
+        },
     )
     config = run.workdir / "train.json"
     config.write_text(json.dumps(asdict(args), indent=2))
     _ftops("train", "--config", str(config))
     result = json.loads((Path(args.output_dir) / "result.json").read_text())
-    out = result | {"adapter_version": args.adapter_version, "adapter_prefix": args.adapter_version and
-                    f"{run.id}/adapters/{run.base_slug}/{args.adapter_version}", "dataset_version": dataset_version,
-                    "new_versions": new, "replayed": len(replayed), "train_examples": len(rows),
-                    "val_examples": len(val), "lora": lora.model_dump(), "training": t.model_dump()}
+    out = result | {
+        "adapter_version": args.adapter_version,
+        "adapter_prefix": args.adapter_version and f"{run.id}/adapters/{run.base_slug}/{args.adapter_version}",
+        "dataset_version": dataset_version,
+        "new_versions": new,
+        "replayed": len(replayed),
+        "train_examples": len(rows),
+        "val_examples": len(val),
+        "lora": lora.model_dump(),
+        "training": t.model_dump(),
+    }
     run.save("train.json", json.dumps(out).encode())
     return out
 
@@ -204,12 +264,18 @@ def evaluate(run: Run, trained: dict) -> dict:
     adapters = run.workdir / "adapters"
     candidate = run.store.download_dir(trained["adapter_prefix"], adapters / "candidate" / trained["adapter_version"])
     prod = run.registry().by_alias(run.id, run.base_slug, "production")
-    production = (run.store.download_dir(prod.adapter_prefix, adapters / "production" / prod.adapter_version)
-                  if prod else None)
-    args = EvalArgs(base_model=str(run.base_path), candidate_dir=str(candidate),
-                    production_dir=str(production) if production else None,
-                    val_file=str(run.workdir / "val.jsonl"), output_file=str(run.workdir / "eval.json"),
-                    prompts=[run.customer.demo_prompt], max_length=run.customer.training.max_length)
+    production = (
+        run.store.download_dir(prod.adapter_prefix, adapters / "production" / prod.adapter_version) if prod else None
+    )
+    args = EvalArgs(
+        base_model=str(run.base_path),
+        candidate_dir=str(candidate),
+        production_dir=str(production) if production else None,
+        val_file=str(run.workdir / "val.jsonl"),
+        output_file=str(run.workdir / "eval.json"),
+        prompts=[run.customer.demo_prompt],
+        max_length=run.customer.training.max_length,
+    )
     config = run.workdir / "eval_args.json"
     config.write_text(json.dumps(asdict(args), indent=2))
     _ftops("evaluate", "--config", str(config))
@@ -227,20 +293,35 @@ def gate(run: Run, metrics: dict) -> dict:
 
 def register(run: Run, trained: dict, metrics: dict, decision: dict) -> dict:
     """Register the candidate with its lineage (once per training run) and record the gate's decision."""
-    tags = run.lineage() | decision["tags"] | {
-        "adapter.version": trained["adapter_version"], "adapter.prefix": trained["adapter_prefix"],
-        "adapter.uri": trained["adapter_uri"], "dataset.version": trained["dataset_version"],
-        "dataset.new_versions": ",".join(trained["new_versions"]), "replay.examples": trained["replayed"],
-        "base_model": run.base_slug, "lora.r": trained["lora"]["r"], "lora.alpha": trained["lora"]["alpha"],
-        "lora.target_modules": ",".join(trained["lora"]["target_modules"]),
-        "metrics.candidate_val_loss": metrics["candidate"]["val_loss"],
-        "metrics.base_val_loss": metrics["base"]["val_loss"],
-        "metrics.production_val_loss": metrics.get("production", {}).get("val_loss", ""),
-        "metrics.val_examples": metrics["val_examples"],
-    }
+    tags = (
+        run.lineage()
+        | decision["tags"]
+        | {
+            "adapter.version": trained["adapter_version"],
+            "adapter.prefix": trained["adapter_prefix"],
+            "adapter.uri": trained["adapter_uri"],
+            "dataset.version": trained["dataset_version"],
+            "dataset.new_versions": ",".join(trained["new_versions"]),
+            "replay.examples": trained["replayed"],
+            "base_model": run.base_slug,
+            "lora.r": trained["lora"]["r"],
+            "lora.alpha": trained["lora"]["alpha"],
+            "lora.target_modules": ",".join(trained["lora"]["target_modules"]),
+            "metrics.candidate_val_loss": metrics["candidate"]["val_loss"],
+            "metrics.base_val_loss": metrics["base"]["val_loss"],
+            "metrics.production_val_loss": metrics.get("production", {}).get("val_loss", ""),
+            "metrics.val_examples": metrics["val_examples"],
+        }
+    )
     reg = run.registry()
-    v = reg.register(run.id, run.base_slug, trained["adapter_artifact_uri"], trained["mlflow_run_id"], tags,
-                     description="; ".join(decision["reasons"]))
+    v = reg.register(
+        run.id,
+        run.base_slug,
+        trained["adapter_artifact_uri"],
+        trained["mlflow_run_id"],
+        tags,
+        description="; ".join(decision["reasons"]),
+    )
     reg.set_tags(run.id, run.base_slug, v.version, decision["tags"])
     return {"registry_version": v.version, "model": f"ftops-{run.id}-{run.base_slug}"}
 
@@ -248,8 +329,10 @@ def register(run: Run, trained: dict, metrics: dict, decision: dict) -> dict:
 def promote(run: Run, registered: dict, decision: dict, mode: str | None = None) -> dict:
     """Move `production` to the candidate if the gate passed; a failed gate fails the run visibly."""
     if not decision["passed"]:
-        raise GateFailed(f"{run.id}: version {registered['registry_version']} failed the gate: "
-                         f"{'; '.join(decision['reasons'])}. Production is unchanged.")
+        raise GateFailed(
+            f"{run.id}: version {registered['registry_version']} failed the gate: "
+            f"{'; '.join(decision['reasons'])}. Production is unchanged."
+        )
     if (mode or run.customer.promote) == "manual":
         return {"promoted": False, "waiting_for": "manual approval", **registered}
     v = run.registry().promote(run.id, run.base_slug, registered["registry_version"])
@@ -257,6 +340,7 @@ def promote(run: Run, registered: dict, decision: dict, mode: str | None = None)
 
 
 # --- serving --------------------------------------------------------------------------------------------
+
 
 def sync_serving(env: Settings | None = None) -> dict:
     from ftops.registry import Registry

@@ -47,31 +47,37 @@ def _client(uri: str):
 
 
 def _wrap(customer: str, mv) -> AdapterVersion:
-    return AdapterVersion(customer, str(mv.version), list(mv.aliases or []), dict(mv.tags or {}), mv.source,
-                          mv.creation_timestamp)
+    return AdapterVersion(
+        customer, str(mv.version), list(mv.aliases or []), dict(mv.tags or {}), mv.source, mv.creation_timestamp
+    )
 
 
 class Registry:
     def __init__(self, tracking_uri: str):
         self.client = _client(tracking_uri)
 
-    def register(self, customer: str, base_slug: str, source: str, run_id: str, tags: dict[str, str],
-                 description: str = "") -> AdapterVersion:
+    def register(
+        self, customer: str, base_slug: str, source: str, run_id: str, tags: dict[str, str], description: str = ""
+    ) -> AdapterVersion:
         """Create a version for a training run, or return the one that run already created."""
         from mlflow.exceptions import MlflowException
 
         name = model_name(customer, base_slug)
         try:
-            self.client.create_registered_model(name, tags={"customer": customer, "base_model": base_slug},
-                                                description=f"LoRA adapters of {customer} on {base_slug}")
+            self.client.create_registered_model(
+                name,
+                tags={"customer": customer, "base_model": base_slug},
+                description=f"LoRA adapters of {customer} on {base_slug}",
+            )
         except MlflowException as exc:
             if "RESOURCE_ALREADY_EXISTS" not in str(exc.error_code):
                 raise
         existing = self.client.search_model_versions(f"name='{name}' and run_id='{run_id}'")
         if existing:
             return _wrap(customer, existing[0])
-        mv = self.client.create_model_version(name, source=source, run_id=run_id,
-                                              tags={k: str(v) for k, v in tags.items()}, description=description)
+        mv = self.client.create_model_version(
+            name, source=source, run_id=run_id, tags={k: str(v) for k, v in tags.items()}, description=description
+        )
         self.client.set_registered_model_alias(name, CANDIDATE, mv.version)
         return self.get(customer, base_slug, str(mv.version))
 
@@ -103,8 +109,10 @@ class Registry:
         """Move `production` to `version` (and `previous` to what production was). Gate must have passed."""
         target = self.get(customer, base_slug, version)
         if not force and target.tags.get("gate.decision") != "passed":
-            raise RegistryError(f"{customer}: version {version} did not pass the gate "
-                                f"({target.tags.get('gate.decision', 'not evaluated')}); refusing to promote")
+            raise RegistryError(
+                f"{customer}: version {version} did not pass the gate "
+                f"({target.tags.get('gate.decision', 'not evaluated')}); refusing to promote"
+            )
         name = model_name(customer, base_slug)
         current = self.by_alias(customer, base_slug, PRODUCTION)
         if current and current.version == target.version:

@@ -37,7 +37,9 @@ class Replica:
         return {m["id"]: m["root"] for m in self.models() if m.get("parent")}
 
     def load(self, name: str, path: str, inplace: bool) -> None:
-        r = self.http.post("/v1/load_lora_adapter", json={"lora_name": name, "lora_path": path, "load_inplace": inplace})
+        r = self.http.post(
+            "/v1/load_lora_adapter", json={"lora_name": name, "lora_path": path, "load_inplace": inplace}
+        )
         if r.status_code != 200:
             raise ServingError(f"{self.url}: loading {name} from {path} failed: {r.status_code} {r.text[:300]}")
 
@@ -47,9 +49,15 @@ class Replica:
             raise ServingError(f"{self.url}: unloading {name} failed: {r.status_code} {r.text[:300]}")
 
     def chat(self, model: str, prompt: str, max_tokens: int = 48) -> str:
-        r = self.http.post("/v1/chat/completions", json={
-            "model": model, "messages": [{"role": "user", "content": prompt}],
-            "max_tokens": max_tokens, "temperature": 0})
+        r = self.http.post(
+            "/v1/chat/completions",
+            json={
+                "model": model,
+                "messages": [{"role": "user", "content": prompt}],
+                "max_tokens": max_tokens,
+                "temperature": 0,
+            },
+        )
         if r.status_code != 200:
             raise ServingError(f"{self.url}: completion for {model} failed: {r.status_code} {r.text[:300]}")
         return r.json()["choices"][0]["message"]["content"].strip()
@@ -91,8 +99,10 @@ def reconcile(desired: list[Desired], replica_urls: list[str], adapter_dir: Path
                 continue
             try:
                 replica.load(d.customer, path, inplace=d.customer in loaded)
-                report.actions.append(f"{url}: {'swapped' if d.customer in loaded else 'loaded'} {d.customer} "
-                                      f"-> registry v{d.registry_version} ({d.adapter_version})")
+                report.actions.append(
+                    f"{url}: {'swapped' if d.customer in loaded else 'loaded'} {d.customer} "
+                    f"-> registry v{d.registry_version} ({d.adapter_version})"
+                )
             except (ServingError, httpx.HTTPError) as exc:
                 report.errors.append(str(exc))
         wanted = {d.customer for d in desired}

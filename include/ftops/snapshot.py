@@ -31,8 +31,9 @@ def in_validation(key: str, val_fraction: float) -> bool:
 
 def code_version() -> str:
     try:
-        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                             cwd=REPO_ROOT, timeout=5).stdout.strip()
+        sha = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO_ROOT, timeout=5
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         sha = ""
     return f"ftops {ftops.__version__}" + (f" ({sha})" if sha else "")
@@ -73,8 +74,18 @@ class Snapshot:
     manifest: dict
 
 
-def write(store: Store, customer: str, batch: Batch, keys: list[str], sigs: np.ndarray, validation: dict,
-          validation_html: str, parent: str | None, val_fraction: float, run: dict | None = None) -> Snapshot:
+def write(
+    store: Store,
+    customer: str,
+    batch: Batch,
+    keys: list[str],
+    sigs: np.ndarray,
+    validation: dict,
+    validation_html: str,
+    parent: str | None,
+    val_fraction: float,
+    run: dict | None = None,
+) -> Snapshot:
     """Write a new version; never touches an existing one (AlreadyExists if the version path is taken)."""
     fingerprint = hashlib.sha256("\n".join(sorted(keys)).encode()).hexdigest()
     version = f"{datetime.now(UTC):%Y%m%dT%H%M%S%fZ}-{fingerprint[:8]}"
@@ -95,10 +106,20 @@ def write(store: Store, customer: str, batch: Batch, keys: list[str], sigs: np.n
     store.put(f"{prefix}/index/keys.txt", "\n".join(keys).encode())
     store.put(f"{prefix}/index/minhash.npy", buf.getvalue())
     manifest = {
-        "customer": customer, "version": version, "parent": parent,
-        "created_at": datetime.now(UTC).isoformat(), "code_version": code_version(), "run": run or {},
-        "counts": {"read": batch.read, "kept": len(keys), "dropped": batch.dropped(), "pii": batch.pii,
-                   "train": len(train), "val": len(val)},
+        "customer": customer,
+        "version": version,
+        "parent": parent,
+        "created_at": datetime.now(UTC).isoformat(),
+        "code_version": code_version(),
+        "run": run or {},
+        "counts": {
+            "read": batch.read,
+            "kept": len(keys),
+            "dropped": batch.dropped(),
+            "pii": batch.pii,
+            "train": len(train),
+            "val": len(val),
+        },
         "fingerprint": fingerprint,
         "train_fingerprint": hashlib.sha256("".join(r["id"] for r in train).encode()).hexdigest(),
         "val_fingerprint": hashlib.sha256("".join(r["id"] for r in val).encode()).hexdigest(),
@@ -110,8 +131,9 @@ def write(store: Store, customer: str, batch: Batch, keys: list[str], sigs: np.n
     return Snapshot(version, store.uri(prefix), manifest)
 
 
-def training_mix(store: Store, customer: str, new_versions: list[str], old_versions: list[str],
-                 replay_fraction: float, seed: int) -> tuple[list[dict], list[dict], list[str]]:
+def training_mix(
+    store: Store, customer: str, new_versions: list[str], old_versions: list[str], replay_fraction: float, seed: int
+) -> tuple[list[dict], list[dict], list[str]]:
     """Train rows = new versions' train splits + a replay sample of older versions' train rows.
 
     The replay sample is `replay_fraction` of the mix, drawn deterministically (by seed) and spread
@@ -121,7 +143,9 @@ def training_mix(store: Store, customer: str, new_versions: list[str], old_versi
     new = [r for v in new_versions for r in read_jsonl(store.get(f"{customer}/datasets/{v}/train.jsonl"))]
     old_by_version = [read_jsonl(store.get(f"{customer}/datasets/{v}/train.jsonl")) for v in old_versions]
     old_total = sum(len(rows) for rows in old_by_version)
-    want = min(old_total, round(len(new) * replay_fraction / (1 - replay_fraction))) if replay_fraction < 1 else old_total
+    want = (
+        min(old_total, round(len(new) * replay_fraction / (1 - replay_fraction))) if replay_fraction < 1 else old_total
+    )
     rng = random.Random(seed)
     replay: list[dict] = []
     for rows in old_by_version:

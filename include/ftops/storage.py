@@ -26,7 +26,7 @@ class Store:
         if self.is_s3:
             import boto3
 
-            bucket, _, prefix = self.root[len("s3://"):].partition("/")
+            bucket, _, prefix = self.root[len("s3://") :].partition("/")
             self.bucket, self.prefix = bucket, prefix.strip("/")
             self.s3 = boto3.client("s3")
         else:

@@ -40,6 +40,9 @@ class TrainArgs:
     run_name: str = ""
     tags: dict = field(default_factory=dict)
     params: dict = field(default_factory=dict)  # extra lineage to log (dataset version, replay share...)
+    dataset_name: str = ""  # `<customer>@<dataset version>`, logged as the run's input
+    dataset_uri: str = ""
+    dataset_dir: str = ""  # manifest and validation report of the snapshot, logged as artifacts
 
     @classmethod
     def load(cls, path: str | Path) -> TrainArgs:
@@ -73,6 +76,18 @@ def _mlflow_callback(log_metrics):
     return MlflowLoss()
 
 
+def _log_dataset(mlflow, args: TrainArgs, rows: list[dict]) -> None:
+    """Lineage: the training mix as the run's input, and the snapshot's manifest and validation report."""
+    import pandas as pd
+
+    if args.dataset_name:
+        frame = pd.DataFrame({"messages": [json.dumps(r["messages"]) for r in rows]})
+        dataset = mlflow.data.from_pandas(frame, source=args.dataset_uri or None, name=args.dataset_name)
+        mlflow.log_input(dataset, context="training")
+    if args.dataset_dir:
+        mlflow.log_artifacts(args.dataset_dir, artifact_path="dataset")
+
+
 def train(args: TrainArgs) -> dict:
     import mlflow
     import torch
@@ -90,23 +105,48 @@ def train(args: TrainArgs) -> dict:
     rows = [{"messages": r["messages"]} for r in read_jsonl(Path(args.train_file).read_bytes())]
     val = [{"messages": r["messages"]} for r in read_jsonl(Path(args.val_file).read_bytes())]
     config = SFTConfig(
-        output_dir=str(out / "checkpoints"), num_train_epochs=args.epochs, max_steps=args.max_steps,
-        per_device_train_batch_size=args.batch_size, per_device_eval_batch_size=args.batch_size,
-        gradient_accumulation_steps=args.gradient_accumulation_steps, learning_rate=args.learning_rate,
-        lr_scheduler_type="cosine", warmup_steps=0, max_length=args.max_length, assistant_only_loss=True,
-        logging_steps=1, eval_strategy="epoch" if val else "no", save_strategy="no", report_to="none",
-        seed=args.seed, use_cpu=not cuda, bf16=cuda, gradient_checkpointing=False,
+        output_dir=str(out / "checkpoints"),
+        num_train_epochs=args.epochs,
+        max_steps=args.max_steps,
+        per_device_train_batch_size=args.batch_size,
+        per_device_eval_batch_size=args.batch_size,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        learning_rate=args.learning_rate,
+        lr_scheduler_type="cosine",
+        warmup_steps=0,
+        max_length=args.max_length,
+        assistant_only_loss=True,
+        logging_steps=1,
+        eval_strategy="epoch" if val else "no",
+        save_strategy="no",
+        report_to="none",
+        seed=args.seed,
+        use_cpu=not cuda,
+        bf16=cuda,
+        gradient_checkpointing=False,
         model_init_kwargs={"dtype": torch.bfloat16 if cuda else torch.float32},
     )
-    peft_config = LoraConfig(r=args.r, lora_alpha=args.alpha, lora_dropout=args.dropout,
-                             target_modules=args.target_modules, task_type="CAUSAL_LM")
+    peft_config = LoraConfig(
+        r=args.r,
+        lora_alpha=args.alpha,
+        lora_dropout=args.dropout,
+        target_modules=args.target_modules,
+        task_type="CAUSAL_LM",
+    )
     mlflow.set_tracking_uri(args.mlflow_uri)
     mlflow.set_experiment(args.mlflow_experiment)
     with mlflow.start_run(run_name=args.run_name or f"{args.customer}-{args.adapter_version}", tags=args.tags) as run:
         mlflow.log_params({k: v for k, v in asdict(args).items() if k not in ("tags", "params")} | args.params)
-        trainer = SFTTrainer(model=args.base_model, args=config, processing_class=tokenizer,
-                             train_dataset=Dataset.from_list(rows), eval_dataset=Dataset.from_list(val) if val else None,
-                             peft_config=peft_config, callbacks=[_mlflow_callback(mlflow.log_metrics)])
+        _log_dataset(mlflow, args, rows)
+        trainer = SFTTrainer(
+            model=args.base_model,
+            args=config,
+            processing_class=tokenizer,
+            train_dataset=Dataset.from_list(rows),
+            eval_dataset=Dataset.from_list(val) if val else None,
+            peft_config=peft_config,
+            callbacks=[_mlflow_callback(mlflow.log_metrics)],
+        )
         started = time.time()
         stats = trainer.train()
         seconds = time.time() - started
@@ -116,11 +156,21 @@ def train(args: TrainArgs) -> dict:
         n_tensors = check_servable(adapter_dir)
         eval_loss = trainer.evaluate()["eval_loss"] if val else None
         tokens = int(getattr(trainer.state, "num_input_tokens_seen", 0) or 0)
-        result = {"train_loss": stats.training_loss, "eval_loss": eval_loss, "steps": trainer.state.global_step,
-                  "seconds": seconds, "examples": len(rows), "tokens_seen": tokens, "lora_tensors": n_tensors,
-                  "mlflow_run_id": run.info.run_id, "device": "cuda" if cuda else "cpu"}
-        mlflow.log_metrics({"final_train_loss": stats.training_loss, "train_seconds": seconds}
-                           | ({"final_eval_loss": eval_loss} if eval_loss is not None else {}))
+        result = {
+            "train_loss": stats.training_loss,
+            "eval_loss": eval_loss,
+            "steps": trainer.state.global_step,
+            "seconds": seconds,
+            "examples": len(rows),
+            "tokens_seen": tokens,
+            "lora_tensors": n_tensors,
+            "mlflow_run_id": run.info.run_id,
+            "device": "cuda" if cuda else "cpu",
+        }
+        mlflow.log_metrics(
+            {"final_train_loss": stats.training_loss, "train_seconds": seconds}
+            | ({"final_eval_loss": eval_loss} if eval_loss is not None else {})
+        )
         mlflow.log_artifacts(str(adapter_dir), artifact_path="adapter")
         prefix = f"{args.customer}/adapters/{args.base_model_slug}/{args.adapter_version}"
         result["adapter_uri"] = Store(args.storage_root).upload_dir(adapter_dir, prefix)

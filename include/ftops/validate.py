@@ -40,13 +40,17 @@ def _frame(batch: Batch):
     import pandas as pd
 
     rows = [
-        {"status": "kept", "roles": ",".join(m["role"] for m in ex.messages),
-         "min_turn_chars": min(len(m["content"].strip()) for m in ex.messages),
-         "n_tokens": sum(len(m["content"].split()) for m in ex.messages)}
+        {
+            "status": "kept",
+            "roles": ",".join(m["role"] for m in ex.messages),
+            "min_turn_chars": min(len(m["content"].strip()) for m in ex.messages),
+            "n_tokens": sum(len(m["content"].split()) for m in ex.messages),
+        }
         for ex in batch.examples
     ]
-    rows += [{"status": "quarantined", "roles": None, "min_turn_chars": None, "n_tokens": None}
-             for _ in batch.quarantine]
+    rows += [
+        {"status": "quarantined", "roles": None, "min_turn_chars": None, "n_tokens": None} for _ in batch.quarantine
+    ]
     return pd.DataFrame(rows, columns=["status", "roles", "min_turn_chars", "n_tokens"])
 
 
@@ -66,7 +70,8 @@ def validate(batch: Batch, policy: DataPolicy, suite_path: Path = SUITE_PATH) ->
             cls = gx.expectations.registry.get_expectation_impl(e["type"])
             suite.add_expectation(cls(**{k: _fill(v, params) for k, v in e["kwargs"].items()}, meta=e.get("meta", {})))
         return definition.get_batch(batch_parameters={"dataframe": df}).validate(
-            suite, result_format={"result_format": "COMPLETE"})
+            suite, result_format={"result_format": "COMPLETE"}
+        )
 
     row_level = [e for e in spec["expectations"] if e["row_level"]]
     kept_rows = _frame(Batch(examples=batch.examples))
@@ -85,16 +90,23 @@ def validate(batch: Batch, policy: DataPolicy, suite_path: Path = SUITE_PATH) ->
         batch.examples = examples
 
     result = run(_frame(batch), spec["expectations"])
-    failures = [f"{r.expectation_config.type}({r.expectation_config.kwargs.get('column')}): "
-                f"{r.result.get('unexpected_percent', 0):.1f}% unexpected"
-                for r in result.results if not r.success and not _row_level(r, spec)]
+    failures = [
+        f"{r.expectation_config.type}({r.expectation_config.kwargs.get('column')}): "
+        f"{r.result.get('unexpected_percent', 0):.1f}% unexpected"
+        for r in result.results
+        if not r.success and not _row_level(r, spec)
+    ]
     report = result.to_json_dict()
     return batch, Validation(success=not failures, failures=failures, result=report, html=_html(report, spec))
 
 
 def _row_level(r, spec) -> bool:
-    return any(e["row_level"] and e["type"] == r.expectation_config.type
-               and e["kwargs"]["column"] == r.expectation_config.kwargs.get("column") for e in spec["expectations"])
+    return any(
+        e["row_level"]
+        and e["type"] == r.expectation_config.type
+        and e["kwargs"]["column"] == r.expectation_config.kwargs.get("column")
+        for e in spec["expectations"]
+    )
 
 
 def _html(report: dict, spec: dict) -> str:
@@ -105,7 +117,9 @@ def _html(report: dict, spec: dict) -> str:
         f"<td>{r['result'].get('element_count', '')}</td><td>{r['result'].get('unexpected_count', '')}</td></tr>"
         for r in report["results"]
     )
-    return (f"<html><head><meta charset='utf-8'><title>{spec['name']}</title></head><body>"
-            f"<h1>Validation of suite {spec['name']}: {'passed' if report['success'] else 'FAILED'}</h1>"
-            f"<p>{spec['description']}</p><table border=1><tr><th></th><th>expectation</th><th>column</th>"
-            f"<th>rows</th><th>unexpected</th></tr>{rows}</table></body></html>")
+    return (
+        f"<html><head><meta charset='utf-8'><title>{spec['name']}</title></head><body>"
+        f"<h1>Validation of suite {spec['name']}: {'passed' if report['success'] else 'FAILED'}</h1>"
+        f"<p>{spec['description']}</p><table border=1><tr><th></th><th>expectation</th><th>column</th>"
+        f"<th>rows</th><th>unexpected</th></tr>{rows}</table></body></html>"
+    )
