@@ -39,8 +39,11 @@ def test_upload_dir_is_write_once_and_download_is_atomic(store, tmp_path):
     (src / "adapter_config.json").write_text("{}")
     (src / "sub" / "w.bin").write_bytes(b"\x00\x01")
     store.upload_dir(src, "acme/adapters/tiny/v1")
+    store.upload_dir(src, "acme/adapters/tiny/v1")  # a retry re-uploading the same bytes changes nothing
+    (src / "sub" / "w.bin").write_bytes(b"\x09")
     with pytest.raises(AlreadyExists):
         store.upload_dir(src, "acme/adapters/tiny/v1")
+    (src / "sub" / "w.bin").write_bytes(b"\x00\x01")
     out = store.download_dir("acme/adapters/tiny/v1", tmp_path / "copy" / "v1")
     assert (out / "sub" / "w.bin").read_bytes() == b"\x00\x01"
     assert not [p for p in (tmp_path / "copy").iterdir() if p.name.startswith(".partial-")]

@@ -53,6 +53,10 @@ class TrainingSettings(_Strict):
     max_length: int = Field(512, ge=16)
     replay_fraction: float = Field(0.2, ge=0, le=1)
     seed: int = 42
+    init: Literal["fresh", "production"] = Field(
+        "fresh", description="start each run from a fresh LoRA, or continue from the production adapter"
+    )
+    save_steps: int = Field(50, ge=1, description="checkpoint to object storage every N steps (resumable)")
 
 
 class DataPolicy(_Strict):

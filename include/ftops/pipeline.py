@@ -200,6 +200,9 @@ def train(run: Run, force: bool = False, overrides: dict | None = None) -> dict:
     (run.workdir / "train.jsonl").write_bytes(snap._jsonl(rows))
     (run.workdir / "val.jsonl").write_bytes(snap._jsonl(val))
     run.save("replayed.txt", "\n".join(replayed).encode())
+    init_adapter = ""
+    if t.init == "production" and prod is not None:
+        init_adapter = str(run.store.download_dir(prod.adapter_prefix, run.workdir / "init" / prod.adapter_version))
     dataset_version = new[-1]
     dataset_dir = run.workdir / "dataset"
     dataset_dir.mkdir(exist_ok=True)
@@ -226,6 +229,9 @@ def train(run: Run, force: bool = False, overrides: dict | None = None) -> dict:
         gradient_accumulation_steps=t.gradient_accumulation_steps,
         max_length=t.max_length,
         seed=t.seed,
+        init_adapter=init_adapter,
+        save_steps=t.save_steps,
+        checkpoint_prefix=f"{run.scratch}/checkpoints",
         mlflow_uri=run.env.mlflow_uri,
         mlflow_experiment=f"ftops-{run.id}",
         tags=run.lineage(),
@@ -237,11 +243,13 @@ def train(run: Run, force: bool = False, overrides: dict | None = None) -> dict:
             "dataset.new_versions": ",".join(new),
             "replay.examples": len(replayed),
             "replay.share": round(len(replayed) / max(len(rows), 1), 4),
+            "init": f"production v{prod.version}" if init_adapter else "fresh",
         },
     )
     config = run.workdir / "train.json"
     config.write_text(json.dumps(asdict(args), indent=2))
-    _ftops("train", "--config", str(config))
+    if not (Path(args.output_dir) / "result.json").exists():  # a retry after a finished training reuses it
+        _ftops("train", "--config", str(config))
     result = json.loads((Path(args.output_dir) / "result.json").read_text())
     out = result | {
         "adapter_version": args.adapter_version,

@@ -102,12 +102,22 @@ class Store:
         )
 
     def upload_dir(self, local_dir: str | Path, prefix: str) -> str:
-        """Copy a folder to a write-once prefix; fails before writing if the prefix holds anything."""
-        if self.list(prefix):
-            raise AlreadyExists(self.uri(prefix))
+        """Copy a folder to a write-once prefix. Re-uploading identical files (a retried task finishing an
+        interrupted upload) is a no-op; any different content already there raises AlreadyExists."""
         for path in sorted(Path(local_dir).rglob("*")):
-            if path.is_file():
-                self.put(f"{prefix}/{path.relative_to(local_dir).as_posix()}", path.read_bytes())
+            if not path.is_file():
+                continue
+            key, data = f"{prefix}/{path.relative_to(local_dir).as_posix()}", path.read_bytes()
+            try:
+                self.put(key, data)
+            except AlreadyExists:
+                if self.get(key) != data:
+                    raise
+        extra = set(self.list(prefix)) - {
+            f"{prefix}/{p.relative_to(local_dir).as_posix()}" for p in Path(local_dir).rglob("*") if p.is_file()
+        }
+        if extra:
+            raise AlreadyExists(f"{self.uri(prefix)} holds other files: {sorted(extra)[:3]}")
         return self.uri(prefix)
 
     def download_dir(self, prefix: str, local_dir: str | Path) -> Path:
