@@ -12,6 +12,7 @@ from datetime import datetime, timedelta
 
 from airflow.sdk import Asset, Param, dag, get_current_context, task
 from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
+
 from ftops.config import PRODUCTION_ASSET_URI, CustomerConfig, load_platform
 
 # A promotion or rollback emits this; `sync_vllm_adapters` is scheduled on it.

@@ -9,6 +9,7 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 
 from airflow.sdk import Asset, AssetOrTimeSchedule, CronTriggerTimetable, dag, task
+
 from ftops.config import PRODUCTION_ASSET_URI
 
 PRODUCTION_CHANGED = Asset(PRODUCTION_ASSET_URI, group="ftops")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from ftops.config import ConfigError, check_customer_id, load_platform
 
 BASE = """

@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+
 from ftops import snapshot as snap
 from ftops.clean import clean, redact
 from ftops.config import DataPolicy

@@ -10,6 +10,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+
 from conftest import ROOT
 from ftops.demo_data import write_batch
 from ftops.registry import Registry

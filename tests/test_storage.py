@@ -8,6 +8,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+
 from ftops.storage import AlreadyExists, Store
 
 

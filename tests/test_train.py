@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 from ftops import snapshot as snap
+from ftops.dedupe import dedupe
 from ftops.demo_data import write_batch
-from ftops.dedupe import History, dedupe
 from ftops.ingest import ingest
 from ftops.storage import Store
 from ftops.train import TrainArgs, check_servable, train
@@ -37,12 +37,23 @@ def args_for(tmp: Path, tiny_model, store_root: str, rows, val, name: str, **kw)
     work.mkdir(parents=True, exist_ok=True)
     (work / "train.jsonl").write_bytes(snap._jsonl(rows))
     (work / "val.jsonl").write_bytes(snap._jsonl(val))
-    base = dict(customer="acme", base_model=str(tiny_model), base_model_slug="tiny", adapter_version=name,
-                train_file=str(work / "train.jsonl"), val_file=str(work / "val.jsonl"), output_dir=str(work / "out"),
-                storage_root=store_root, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
-                                                         "up_proj", "down_proj"],
-                learning_rate=5e-3, batch_size=8, max_length=128, max_steps=40, dropout=0.0,
-                mlflow_uri=os.environ["MLFLOW_TRACKING_URI"])
+    base = dict(
+        customer="acme",
+        base_model=str(tiny_model),
+        base_model_slug="tiny",
+        adapter_version=name,
+        train_file=str(work / "train.jsonl"),
+        val_file=str(work / "val.jsonl"),
+        output_dir=str(work / "out"),
+        storage_root=store_root,
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        learning_rate=5e-3,
+        batch_size=8,
+        max_length=128,
+        max_steps=40,
+        dropout=0.0,
+        mlflow_uri=os.environ["MLFLOW_TRACKING_URI"],
+    )
     return TrainArgs(**(base | kw))
 
 
@@ -50,8 +61,17 @@ def test_killed_training_resumes_from_last_checkpoint(tmp_path, tiny_model, mlfl
     store = Store(str(tmp_path / "root"))
     v = dataset(store, "brightdesk", tmp_path, 80)
     rows, val, _ = snap.training_mix(store, "acme", [v], [], 0.2, 0)
-    args = args_for(tmp_path, tiny_model, store.root, rows, val, "resume", max_steps=400, save_steps=20,
-                    checkpoint_prefix="acme/runs/r1/checkpoints")
+    args = args_for(
+        tmp_path,
+        tiny_model,
+        store.root,
+        rows,
+        val,
+        "resume",
+        max_steps=400,
+        save_steps=20,
+        checkpoint_prefix="acme/runs/r1/checkpoints",
+    )
     config = tmp_path / "run.json"
     config.write_text(json.dumps(asdict(args)))
     cmd = [sys.executable, "-m", "ftops.cli", "train", "--config", str(config)]
@@ -63,8 +83,11 @@ def test_killed_training_resumes_from_last_checkpoint(tmp_path, tiny_model, mlfl
     os.killpg(proc.pid, signal.SIGKILL)  # the worker is lost mid-training
     proc.wait()
     assert not (Path(args.output_dir) / "result.json").exists()
-    saved = max(int(k.split("checkpoint-")[1].split("/")[0]) for k in store.list("acme/runs/r1/checkpoints")
-                if k.endswith("/COMPLETE"))
+    saved = max(
+        int(k.split("checkpoint-")[1].split("/")[0])
+        for k in store.list("acme/runs/r1/checkpoints")
+        if k.endswith("/COMPLETE")
+    )
     first_run = store.get("acme/runs/r1/checkpoints/mlflow_run_id").decode()
 
     subprocess.run(cmd, check=True, capture_output=True)  # the task's retry: same run file
@@ -76,7 +99,7 @@ def test_killed_training_resumes_from_last_checkpoint(tmp_path, tiny_model, mlfl
     history = MlflowClient(mlflow_server.url).get_metric_history(first_run, "loss")
     assert min(m.step for m in history) == 1 and max(m.step for m in history) == 400
     assert check_servable(Path(args.output_dir) / "adapter") > 0
-    assert store.exists(f"acme/adapters/tiny/resume/adapter_model.safetensors")
+    assert store.exists("acme/adapters/tiny/resume/adapter_model.safetensors")
 
 
 def test_replay_buffer_limits_forgetting(tmp_path, tiny_model, mlflow_server):
@@ -105,7 +128,7 @@ def test_replay_buffer_limits_forgetting(tmp_path, tiny_model, mlflow_server):
     for name, fraction in (("new_only", 0.0), ("replay", 0.3)):
         rows, val, replayed = snap.training_mix(store, "acme", [new], [old], fraction, 0)
         assert (len(replayed) > 0) == (fraction > 0)
-        assert all(r["id"] in {x["id"] for x in old_rows} for r in rows[len(rows) - len(replayed):])
+        assert all(r["id"] in {x["id"] for x in old_rows} for r in rows[len(rows) - len(replayed) :])
         train(args_for(tmp_path, tiny_model, store.root, rows, val, name, init_adapter=adapter_a, max_steps=60))
         losses[name] = old_loss(str(tmp_path / name / "out" / "adapter"))
     before = old_loss(adapter_a)
