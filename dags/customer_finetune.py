@@ -8,6 +8,7 @@ load inside the tasks, and training and evaluation run as `ftops` subprocesses.
 from __future__ import annotations
 
 import hashlib
+import os
 from datetime import datetime, timedelta
 
 from airflow.sdk import Asset, Param, dag, get_current_context, task
@@ -15,6 +16,7 @@ from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
 from ftops.config import PRODUCTION_ASSET_URI, CustomerConfig, load_platform
 
+TRAIN_QUEUE = os.environ.get("FTOPS_TRAIN_QUEUE", "default")
 # A promotion or rollback emits this; `sync_vllm_adapters` is scheduled on it.
 PRODUCTION_CHANGED = Asset(PRODUCTION_ASSET_URI, group="ftops")
 
@@ -114,7 +116,8 @@ def customer_dag(c: CustomerConfig):
 
             return pipeline.snapshot(run())
 
-        @task(execution_timeout=timedelta(hours=8), retries=1)
+        # The `gpu` pool caps concurrent trainings; TRAIN_QUEUE routes them to GPU workers under Celery/K8s.
+        @task(execution_timeout=timedelta(hours=8), retries=1, pool="gpu", queue=TRAIN_QUEUE)
         def train(_: dict) -> dict:
             from ftops import pipeline
 

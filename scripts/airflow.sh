@@ -18,4 +18,9 @@ if [[ ! -f "$AIRFLOW_HOME/.migrated" ]]; then
   airflow db migrate >"$AIRFLOW_HOME/migrate.log" 2>&1 || { tail -n 30 "$AIRFLOW_HOME/migrate.log" >&2; exit 1; }
   touch "$AIRFLOW_HOME/.migrated"
 fi
+if [[ ! -f "$AIRFLOW_HOME/.pools" ]]; then
+  # Trainings take slots of the `gpu` pool: it caps how many run at once (one per GPU in production).
+  airflow pools set gpu "${FTOPS_TRAIN_SLOTS:-1}" "concurrent trainings" >>"$AIRFLOW_HOME/migrate.log" 2>&1
+  touch "$AIRFLOW_HOME/.pools"
+fi
 exec airflow "$@"

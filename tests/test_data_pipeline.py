@@ -284,3 +284,20 @@ def test_data_prepare_command_prints_the_contract(tmp_path):
     assert again["read"] == 0 and again["dataset_version"] is None
     bad = subprocess.run(cmd[:6] + ["Bad_Id"] + cmd[7:], capture_output=True, text=True)
     assert bad.returncode == 2 and "invalid customer id" in bad.stderr
+
+
+def test_preference_pairs_flow_into_the_snapshot_for_dpo(tmp_path):
+    store = Store(str(tmp_path))
+    pair = {"prompt": "How do I export? Email me at a@b.co", "chosen": "Use File, then Export.", "rejected": "No."}
+    pair2 = {
+        "prompt": [{"role": "user", "content": "Refund?"}],
+        "chosen": [{"role": "assistant", "content": "Yes."}],
+        "rejected": [{"role": "assistant", "content": "Never, call 415-555-0134."}],
+    }
+    v = prepared(store, "acme", lines(pair, pair2, {"prompt": "x", "chosen": "y", "rejected": ""}), "p.jsonl")
+    rows = [
+        r for split in ("train", "val") for r in snap.read_jsonl(store.get(f"acme/datasets/{v.version}/{split}.jsonl"))
+    ]
+    assert sorted(r["rejected"] for r in rows) == ["Never, call [PHONE].", "No."]
+    assert all(r["messages"][-1]["role"] == "assistant" for r in rows)
+    assert v.manifest["counts"]["dropped"] == {"empty_content": 1} and v.manifest["counts"]["pii"]["EMAIL"] == 1

@@ -137,3 +137,57 @@ def test_replay_buffer_limits_forgetting(tmp_path, tiny_model, mlflow_server):
     print(f"old-data loss: after A {before:.3f}, new only {losses['new_only']:.3f}, with replay {losses['replay']:.3f}")
     assert forgetting_alone > 0.1  # the new voice overwrites the old one
     assert forgetting_replay < 0.7 * forgetting_alone  # replay keeps most of it
+
+
+def test_preference_pairs_run_dpo_after_sft_and_widen_the_margin(tmp_path, tiny_model, mlflow_server):
+    import random
+
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ftops.demo_data import example
+    from ftops.evaluate import _loss
+
+    rng = random.Random(1)
+    rude = ["No. Figure it out yourself.", "Not my problem, read the manual.", "We do not do that. Goodbye."]
+    rows = []
+    for i in range(60):
+        _, question, reply = example("brightdesk", rng)
+        rows.append(
+            {
+                "id": f"p{i}",
+                "messages": [{"role": "user", "content": f"{question} #{i}"}, {"role": "assistant", "content": reply}],
+                "rejected": rng.choice(rude),
+            }
+        )
+    held_out = rows[50:]
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+
+    def margin(adapter: Path) -> float:
+        model = PeftModel.from_pretrained(
+            AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32), str(adapter)
+        ).eval()
+        rejected = [
+            {"messages": r["messages"][:-1] + [{"role": "assistant", "content": r["rejected"]}]} for r in held_out
+        ]
+        return _loss(model, tokenizer, rejected, 128) - _loss(model, tokenizer, held_out, 128)
+
+    store = str(tmp_path / "root")
+    sft_only = train(args_for(tmp_path, tiny_model, store, rows[:50], held_out, "sft", max_steps=20, dpo_max_steps=0))
+    both = train(
+        args_for(
+            tmp_path,
+            tiny_model,
+            store,
+            rows[:50],
+            held_out,
+            "dpo",
+            max_steps=20,
+            dpo_max_steps=30,
+            dpo_learning_rate=5e-3,
+        )
+    )
+    assert "dpo_steps" not in sft_only and both["dpo_steps"] == 30 and both["dpo_pairs"] == 50
+    assert both["dpo_reward_margin_last"] > both["dpo_reward_margin_first"]
+    assert margin(tmp_path / "dpo" / "out" / "adapter") > margin(tmp_path / "sft" / "out" / "adapter")

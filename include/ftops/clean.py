@@ -124,6 +124,10 @@ def clean(batch: Batch, policy: str = "redact") -> Batch:
         if any(not m["content"] for m in messages):
             batch.drop(ex, "empty_content", "a turn is empty after normalisation")
             continue
+        if ex.rejected is not None:
+            ex.rejected, found = redact(normalise(ex.rejected))
+            for k, v in found.items():
+                batch.pii[k] = batch.pii.get(k, 0) + v
         ex.messages = messages
         kept.append(ex)
     batch.examples = kept

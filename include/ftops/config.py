@@ -57,6 +57,9 @@ class TrainingSettings(_Strict):
         "fresh", description="start each run from a fresh LoRA, or continue from the production adapter"
     )
     save_steps: int = Field(50, ge=1, description="checkpoint to object storage every N steps (resumable)")
+    dpo_max_steps: int = Field(-1, ge=-1, description="preference stage: -1 one epoch over the pairs, 0 off")
+    dpo_beta: float = Field(0.1, gt=0)
+    dpo_learning_rate: float = Field(5e-5, gt=0)
 
 
 class DataPolicy(_Strict):

@@ -1,7 +1,8 @@
 """Ingest: read a customer's inbox (local folder or `s3://` prefix) into canonical chat examples.
 
 Accepted per record, detected record by record: OpenAI `messages`, ShareGPT `conversations`, Alpaca
-(`instruction`/`input`/`output`); JSON Lines, optionally gzip. Every non-blank line ends in exactly one
+(`instruction`/`input`/`output`), and preference pairs (`prompt`/`chosen`/`rejected`, TRL's format) for
+the optional DPO stage; JSON Lines, optionally gzip. Every non-blank line ends in exactly one
 place: an `Example`, or a `Quarantined` record with a reason code, its source file, line and raw text.
 Files are identified by content hash, so a file already ingested (under any name) is skipped.
 """
@@ -33,6 +34,7 @@ class Example:
     messages: list[dict]
     source: str
     line: int
+    rejected: str | None = None  # preference pairs: `messages` ends with the chosen answer
 
     def text(self) -> str:
         return "\n".join(f"{m['role']}: {m['content']}" for m in self.messages)
@@ -147,6 +149,42 @@ def to_messages(record) -> list[dict]:
     return messages
 
 
+def _prompt(value) -> list[dict]:
+    if isinstance(value, str):
+        return [{"role": "user", "content": _content(value, "prompt")}]
+    if not isinstance(value, list):
+        raise RecordError("unknown_schema", "prompt: neither a string nor a list of messages")
+    turns = []
+    for i, m in enumerate(value):
+        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant"):
+            raise RecordError("unknown_schema", f"prompt[{i}]: role must be system, user or assistant")
+        turns.append({"role": m["role"], "content": _content(m.get("content"), f"prompt[{i}]")})
+    return turns
+
+
+def _answer(value, where: str) -> str:
+    if isinstance(value, list) and len(value) == 1 and isinstance(value[0], dict):
+        value = value[0].get("content")
+    return _content(value, where)
+
+
+def _preference(record: dict) -> tuple[list[dict], str]:
+    """TRL's preference format: `prompt` (text or messages), `chosen` and `rejected` (text or one message)."""
+    prompt = _prompt(record["prompt"])
+    if not prompt or prompt[-1]["role"] != "user":
+        raise RecordError("unknown_schema", "prompt must end with a user turn")
+    return prompt + [{"role": "assistant", "content": _answer(record["chosen"], "chosen")}], _answer(
+        record["rejected"], "rejected"
+    )
+
+
+def to_example(record, source: str, line: int) -> Example:
+    if isinstance(record, dict) and {"prompt", "chosen", "rejected"} <= set(record):
+        messages, rejected = _preference(record)
+        return Example(messages, source, line, rejected)
+    return Example(to_messages(record), source, line)
+
+
 def read_lines(name: str, data: bytes):
     """Yield (line number, bytes, is_last_without_newline) for each non-blank line."""
     if name.endswith(".gz"):
@@ -195,7 +233,7 @@ def parse_file(name: str, data: bytes, batch: Batch) -> int:
             batch.quarantine.append(Quarantined(name, lineno, reason, str(exc), text[:RAW_KEEP_CHARS]))
             continue
         try:
-            batch.examples.append(Example(to_messages(record), name, lineno))
+            batch.examples.append(to_example(record, name, lineno))
         except RecordError as exc:
             batch.quarantine.append(Quarantined(name, lineno, exc.reason, str(exc), text[:RAW_KEEP_CHARS]))
     return n

@@ -92,6 +92,8 @@ def write(
     train, val = [], []
     for ex, key in zip(batch.examples, keys, strict=True):
         row = {"id": key, "messages": ex.messages, "source": ex.source, "line": ex.line}
+        if ex.rejected is not None:
+            row["rejected"] = ex.rejected
         (val if in_validation(key, val_fraction) else train).append(row)
     prefix = f"{customer}/datasets/{version}"
     if store.list(prefix):

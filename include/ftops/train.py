@@ -7,6 +7,8 @@ block-diagonal attention mask, so no compute goes to padding; examples are packe
 - checkpoints every `save_steps` to object storage; a killed run started again with the same run file
   resumes from the last complete checkpoint and continues the same MLflow run;
 - can continue from an existing adapter (the customer's production one) instead of starting fresh;
+- when the data holds preference pairs (`prompt`/`chosen`/`rejected`), runs DPO (TRL) after SFT on
+  the same adapter;
 - logs parameters, per-step loss, periodic validation loss and tokens seen to MLflow, with the dataset
   as the run's input;
 - refuses an adapter vLLM could not serve (anything but LoRA matrices), then uploads it write-once to
@@ -46,6 +48,9 @@ class TrainArgs:
     padding_free: bool = True
     pad_to_max_length: bool = False  # the naive baseline, for benchmarks only
     init_adapter: str = ""  # continue from this adapter folder instead of a fresh LoRA
+    dpo_max_steps: int = -1  # preference stage: -1 one epoch over the pairs, 0 off
+    dpo_beta: float = 0.1
+    dpo_learning_rate: float = 5e-5
     save_steps: int = 50
     eval_steps: int = 0  # 0: evaluate once per epoch
     checkpoint_prefix: str = ""  # storage prefix for resumable checkpoints; empty: no checkpoints
@@ -178,6 +183,61 @@ def sft_config(args: TrainArgs, has_val: bool, cuda: bool):
     )
 
 
+def dpo(args: TrainArgs, model, tokenizer, pairs: list[dict], cuda: bool, callbacks) -> dict:
+    """Preference stage on the same adapter, after SFT. The reference is the base model (adapter disabled)."""
+    from datasets import Dataset
+    from trl import DPOConfig, DPOTrainer
+
+    config = DPOConfig(
+        output_dir=str(Path(args.output_dir) / "dpo"),
+        num_train_epochs=1,
+        max_steps=args.dpo_max_steps,
+        per_device_train_batch_size=args.batch_size,
+        learning_rate=args.dpo_learning_rate,
+        beta=args.dpo_beta,
+        max_length=args.max_length,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        seed=args.seed,
+        use_cpu=not cuda,
+        bf16=cuda,
+        gradient_checkpointing=False,
+    )
+    data = Dataset.from_list(
+        [
+            {
+                "prompt": r["messages"][:-1],
+                "chosen": [r["messages"][-1]],
+                "rejected": [{"role": "assistant", "content": r["rejected"]}],
+            }
+            for r in pairs
+        ]
+    )
+    trainer = DPOTrainer(model=model, args=config, train_dataset=data, processing_class=tokenizer, callbacks=callbacks)
+    stats = trainer.train()
+    margins = [h["rewards/margins"] for h in trainer.state.log_history if "rewards/margins" in h]
+    return {
+        "dpo_loss": stats.training_loss,
+        "dpo_steps": trainer.state.global_step,
+        "dpo_pairs": len(pairs),
+        "dpo_reward_margin_first": margins[0] if margins else None,
+        "dpo_reward_margin_last": margins[-1] if margins else None,
+    }
+
+
+def _dpo_callbacks(log_metrics, offset: int):
+    """DPO's own step counter restarts at 0: log under `dpo/` and after the SFT steps."""
+    from transformers import TrainerCallback
+
+    class Track(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            metrics = {f"dpo/{k}": v for k, v in (logs or {}).items() if isinstance(v, int | float) and k != "epoch"}
+            log_metrics(metrics, step=offset + state.global_step)
+
+    return [Track()]
+
+
 def _model(args: TrainArgs, cuda: bool):
     """The base model's folder (TRL wraps it in a fresh LoRA), or the base with the adapter to continue from."""
     if not args.init_adapter:
@@ -205,7 +265,9 @@ def train(args: TrainArgs) -> dict:
     cuda = torch.cuda.is_available()
     store = Store(args.storage_root)
     tokenizer = AutoTokenizer.from_pretrained(args.base_model)
-    rows = [{"messages": r["messages"]} for r in read_jsonl(Path(args.train_file).read_bytes())]
+    raw = read_jsonl(Path(args.train_file).read_bytes())
+    rows = [{"messages": r["messages"]} for r in raw]
+    pairs = [r for r in raw if r.get("rejected")]
     val = [{"messages": r["messages"]} for r in read_jsonl(Path(args.val_file).read_bytes())]
     checkpoints = Checkpoints(store, args.checkpoint_prefix, out) if args.checkpoint_prefix else None
     resume = checkpoints.latest() if checkpoints else None
@@ -245,6 +307,16 @@ def train(args: TrainArgs) -> dict:
         )
         started = time.time()
         stats = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+        preference = {}
+        if pairs and args.dpo_max_steps != 0:
+            preference = dpo(
+                args,
+                trainer.model,
+                tokenizer,
+                pairs,
+                cuda,
+                _dpo_callbacks(mlflow.log_metrics, trainer.state.global_step),
+            )
         seconds = time.time() - started
         adapter_dir = out / "adapter"
         trainer.model.save_pretrained(adapter_dir)
@@ -263,7 +335,7 @@ def train(args: TrainArgs) -> dict:
             "lora_tensors": n_tensors,
             "mlflow_run_id": run.info.run_id,
             "device": "cuda" if cuda else "cpu",
-        }
+        } | preference
         mlflow.log_metrics(
             {"final_train_loss": stats.training_loss, "train_seconds": seconds}
             | ({"final_eval_loss": eval_loss} if eval_loss is not None else {})
