@@ -11,10 +11,22 @@ import hashlib
 import os
 from datetime import datetime, timedelta
 
-from airflow.sdk import Asset, Param, dag, get_current_context, task
+from airflow.sdk import (
+    Asset,
+    AssetOrTimeSchedule,
+    AssetWatcher,
+    CronTriggerTimetable,
+    Param,
+    dag,
+    get_current_context,
+    get_parsing_context,
+    task,
+)
 from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
-from ftops.config import PRODUCTION_ASSET_URI, CustomerConfig, load_platform
+from ftops.config import PRODUCTION_ASSET_URI, CustomerConfig, load_platform, settings
+from ftops.notify import task_failed
+from ftops.triggers import InboxVolumeTrigger
 
 TRAIN_QUEUE = os.environ.get("FTOPS_TRAIN_QUEUE", "default")
 # A promotion or rollback emits this; `sync_vllm_adapters` is scheduled on it.
@@ -31,7 +43,8 @@ DOC = """
 **gate** → **register** (MLflow, lineage tags) → **promote** (`production` alias; mode `{promote}`).
 
 Trigger by hand with *Trigger DAG w/ config* to force a run with no new data, stop before training
-(`dry_run`), or override the promotion mode. Runs weekly on its own staggered slot: `{cron}` (UTC).
+(`dry_run`), override steps or learning rate, or the promotion mode. Runs weekly on its own staggered slot
+`{cron}` (UTC), and as soon as {trigger} new examples wait in the inbox.
 """
 
 
@@ -39,6 +52,16 @@ def weekly_cron(customer_id: str, weekday: int) -> str:
     """A stable slot in a 6-hour window from 01:00 on the customer's weekday, so tenants do not all start at once."""
     offset = int(hashlib.sha256(customer_id.encode()).hexdigest(), 16) % 360
     return f"{offset % 60} {1 + offset // 60} * * {(weekday + 1) % 7}"
+
+
+def schedule(c: CustomerConfig, cron: str):
+    """Weekly on the customer's slot, and (if configured) as soon as enough new examples wait in the inbox."""
+    weekly = CronTriggerTimetable(cron, timezone="UTC")
+    if c.trigger_min_examples is None:
+        return weekly
+    trigger = InboxVolumeTrigger(c.id, settings().storage_root, c.trigger_min_examples, c.trigger_poll_seconds)
+    inbox = Asset(f"ftops://inbox/{c.id}", group="ftops", watchers=[AssetWatcher(f"inbox_volume_{c.id}", trigger)])
+    return AssetOrTimeSchedule(timetable=weekly, assets=inbox)
 
 
 def customer_dag(c: CustomerConfig):
@@ -56,14 +79,16 @@ def customer_dag(c: CustomerConfig):
             replay=c.training.replay_fraction,
             promote=c.promote,
             cron=cron,
+            trigger=c.trigger_min_examples or "(never: off)",
         ),
-        schedule=cron,
+        schedule=schedule(c, cron),
         start_date=datetime(2026, 1, 1),
         catchup=False,
         max_active_runs=1,
         dagrun_timeout=timedelta(hours=12),
         tags=["ftops", "finetune", f"customer:{c.id}", *c.tags],
         default_args={
+            "on_failure_callback": task_failed,
             "retries": 2,
             "retry_delay": timedelta(seconds=30),
             "retry_exponential_backoff": True,
@@ -73,6 +98,16 @@ def customer_dag(c: CustomerConfig):
             "force": Param(False, type="boolean", description="Train even when no new examples arrived"),
             "dry_run": Param(False, type="boolean", description="Prepare and snapshot the data, stop before training"),
             "promote": Param(c.promote, enum=["auto", "manual"], description="Promotion mode for this run"),
+            "max_steps": Param(
+                None, type=["null", "integer"], minimum=1, description="Override training steps for this run"
+            ),
+            "learning_rate": Param(
+                None,
+                type=["null", "number"],
+                exclusiveMinimum=0,
+                maximum=1,
+                description="Override the learning rate for this run",
+            ),
         },
     )
     def finetune():
@@ -125,7 +160,8 @@ def customer_dag(c: CustomerConfig):
             if params["dry_run"]:
                 raise AirflowSkipException("dry run: stopping before training")
             try:
-                return pipeline.train(run(), force=params["force"])
+                overrides = {k: params[k] for k in ("max_steps", "learning_rate") if params.get(k) is not None}
+                return pipeline.train(run(), force=params["force"], overrides=overrides)
             except pipeline.NothingToTrain as exc:
                 raise AirflowSkipException(str(exc)) from exc
 
@@ -164,5 +200,8 @@ def customer_dag(c: CustomerConfig):
     return finetune()
 
 
+# A worker running one task needs one DAG: skip building the others (saves seconds at 1000 customers).
+_only = get_parsing_context().dag_id
 for _customer in load_platform().customers.values():
-    globals()[f"finetune_{_customer.id}"] = customer_dag(_customer)
+    if _only is None or _only == f"finetune_{_customer.id}":
+        globals()[f"finetune_{_customer.id}"] = customer_dag(_customer)

@@ -11,6 +11,7 @@ from datetime import datetime, timedelta
 from airflow.sdk import Asset, AssetOrTimeSchedule, CronTriggerTimetable, dag, task
 
 from ftops.config import PRODUCTION_ASSET_URI
+from ftops.notify import task_failed
 
 PRODUCTION_CHANGED = Asset(PRODUCTION_ASSET_URI, group="ftops")
 
@@ -24,7 +25,12 @@ PRODUCTION_CHANGED = Asset(PRODUCTION_ASSET_URI, group="ftops")
     catchup=False,
     max_active_runs=1,
     tags=["ftops", "serving"],
-    default_args={"retries": 3, "retry_delay": timedelta(seconds=10), "execution_timeout": timedelta(minutes=10)},
+    default_args={
+        "on_failure_callback": task_failed,
+        "retries": 3,
+        "retry_delay": timedelta(seconds=10),
+        "execution_timeout": timedelta(minutes=10),
+    },
     doc_md=__doc__,
 )
 def sync_vllm_adapters():

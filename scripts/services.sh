@@ -10,7 +10,8 @@
 # Settings (environment): FTOPS_HOME (.ftops), MLFLOW_PORT (5000), VLLM_PORT (8000),
 # S3_PORT (8333; its other components use S3_PORT+1..+5), AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY,
 # VLLM_MODEL (the base model folder; default: the converted SmolLM2), VLLM_MAX_LORAS (max adapters in one
-# batch), VLLM_MAX_CPU_LORAS (adapters kept loaded), VLLM_MAX_LORA_RANK (largest rank in customers.yaml).
+# batch), VLLM_MAX_CPU_LORAS (adapters kept loaded), VLLM_MAX_LORA_RANK (largest rank): the last three
+# default to `ftops serving capacity`, computed from the customers file.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 FTOPS_HOME=${FTOPS_HOME:-$ROOT/.ftops}
@@ -19,9 +20,6 @@ MLFLOW_PORT=${MLFLOW_PORT:-5000}
 VLLM_PORT=${VLLM_PORT:-8000}
 S3_PORT=${S3_PORT:-8333}
 VLLM_MODEL=${VLLM_MODEL:-$FTOPS_HOME/models/smollm2-135m-instruct}
-VLLM_MAX_LORAS=${VLLM_MAX_LORAS:-4}
-VLLM_MAX_CPU_LORAS=${VLLM_MAX_CPU_LORAS:-16}
-VLLM_MAX_LORA_RANK=${VLLM_MAX_LORA_RANK:-16}
 mkdir -p "$RUN"
 
 wait_http() {  # url seconds name log
@@ -53,6 +51,12 @@ start_vllm() {
   if curl -sf -o /dev/null "http://127.0.0.1:$VLLM_PORT/health"; then echo "$name already up"; return; fi
   [[ -f "$VLLM_MODEL/config.json" ]] || { echo "no base model at $VLLM_MODEL (make models)" >&2; return 1; }
   mkdir -p "$FTOPS_HOME/vllm-adapters/resolver"
+  # LoRA capacity sized from the customers file unless set: every production adapter stays resident
+  # (--max-cpu-loras), up to 8 mixed in one batch (--max-loras), rank up to the largest `lora.r`.
+  local cap; read -r -a cap < <("$ROOT/.venv/bin/ftops" serving capacity --shell)
+  VLLM_MAX_LORAS=${VLLM_MAX_LORAS:-${cap[0]}}
+  VLLM_MAX_CPU_LORAS=${VLLM_MAX_CPU_LORAS:-${cap[1]}}
+  VLLM_MAX_LORA_RANK=${VLLM_MAX_LORA_RANK:-${cap[2]}}
   # CPU caveats measured here: float32 (bf16 needs AMX permission), a fixed KV cache, runtime LoRA API on.
   VLLM_ALLOW_RUNTIME_LORA_UPDATING=True VLLM_CPU_KVCACHE_SPACE=${VLLM_CPU_KVCACHE_SPACE:-1} \
   VLLM_LORA_RESOLVER_CACHE_DIR="$FTOPS_HOME/vllm-adapters/resolver" \

@@ -55,9 +55,17 @@ def test_customer_dag_reads_as_the_pipeline(dagbag):
     assert {"force", "dry_run", "promote"} <= set(dag.params)
 
 
-def test_staggered_weekly_schedules(dagbag):
-    crons = [d.timetable.expression for i, d in dagbag.dags.items() if i.startswith("finetune_")]
+def test_staggered_weekly_schedules_plus_data_volume_trigger(dagbag):
+    customers = {d_id: d for d_id, d in dagbag.dags.items() if d_id.startswith("finetune_")}
+    crons = [d.timetable.timetable.expression for d in customers.values()]  # weekly, inside AssetOrTimeSchedule
     assert len(set(crons)) == len(crons)
+    for dag_id, dag in customers.items():
+        [watcher] = dag.timetable.asset_condition.watchers
+        assert watcher.trigger.customer == dag_id.removeprefix("finetune_") and watcher.trigger.threshold >= 1
+
+
+def test_train_task_is_capped_by_the_gpu_pool(dagbag):
+    assert all(d.get_task("train").pool == "gpu" for i, d in dagbag.dags.items() if i.startswith("finetune_"))
 
 
 def test_dag_files_import_no_heavy_library():

@@ -90,3 +90,118 @@ def test_a_run_with_no_new_data_skips_training_and_registers_nothing(stack):
     assert run_state(log) == "success"
     assert "no new examples" in log
     assert len(stack["registry"].versions(CUSTOMER, BASE)) == 2
+
+
+def test_rollback_moves_production_back_and_sync_serves_it(stack):
+    reg = stack["registry"]
+    prod = reg.by_alias(CUSTOMER, BASE, "production")
+    if prod.version != "2":  # the second run's gate may have kept version 1; promote 2 by hand to roll it back
+        subprocess.run([str(ROOT / ".venv/bin/ftops"), "adapters", "promote", CUSTOMER, "2", "--force"], check=True)
+    cli = subprocess.run(
+        [str(ROOT / ".venv/bin/ftops"), "adapters", "rollback", CUSTOMER], capture_output=True, text=True
+    )
+    assert cli.returncode == 0, cli.stderr
+    assert reg.by_alias(CUSTOMER, BASE, "production").version == "1"
+    assert reg.by_alias(CUSTOMER, BASE, "previous").version == "2"
+    assert run_state(dag_test("sync_vllm_adapters")) == "success"
+    assert Path(stack["replica"].adapters()[CUSTOMER]).name == reg.get(CUSTOMER, BASE, "1").adapter_version
+    bad = subprocess.run(
+        [str(ROOT / ".venv/bin/ftops"), "adapters", "rollback", CUSTOMER, "--to", "99"], capture_output=True, text=True
+    )
+    assert bad.returncode == 2 and "no adapter version '99'" in bad.stderr
+    unknown = subprocess.run(
+        [str(ROOT / ".venv/bin/ftops"), "adapters", "list", "globex"], capture_output=True, text=True
+    )
+    assert unknown.returncode == 2 and "unknown customer" in unknown.stderr
+
+
+def test_retried_tasks_of_a_finished_run_duplicate_nothing(stack):
+    """A cleared or retried task re-runs with the same run id: it must find what it made, not make it again."""
+    from ftops import pipeline
+
+    reg = stack["registry"]
+    v1 = reg.get(CUSTOMER, BASE, "1")
+    before = [v.version for v in reg.versions(CUSTOMER, BASE)]
+    run = pipeline.Run(CUSTOMER, v1.tags["airflow.run_id"], v1.tags["airflow.dag_id"])
+    snap = pipeline.snapshot(run)
+    assert snap["dataset_version"] == v1.tags["dataset.version"]
+    trained = pipeline.train(run)
+    assert trained["adapter_version"] == v1.adapter_version
+    metrics = pipeline.evaluate(run, trained)
+    decision = pipeline.gate(run, metrics)
+    registered = pipeline.register(run, trained, metrics, decision)
+    assert registered["registry_version"] == "1"
+    assert [v.version for v in reg.versions(CUSTOMER, BASE)] == before
+
+
+@pytest.fixture
+def webhook():
+    """A local HTTP endpoint standing in for the operators' chat webhook."""
+    import json
+    import threading
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    received: list[dict] = []
+
+    class Hook(BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802 (http.server's naming)
+            received.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), Hook)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    os.environ["FTOPS_WEBHOOK_URL"] = f"http://127.0.0.1:{server.server_port}/hook"
+    yield received
+    del os.environ["FTOPS_WEBHOOK_URL"]
+    server.shutdown()
+
+
+def test_poisoned_candidate_fails_the_gate_and_production_is_untouched(stack, webhook):
+    """brightdesk gets good data, then an upload with wrong answers and a leaked canary in every answer."""
+    import json
+    import random
+
+    from ftops.demo_data import example
+
+    customer, reg = "brightdesk", stack["registry"]
+    inbox = stack["home"] / "storage" / customer / "inbox"
+    write_batch(customer, inbox, n=80, batch=0)
+    assert run_state(dag_test(f"finetune_{customer}")) == "success"
+    good = reg.by_alias(customer, BASE, "production")
+    assert good is not None
+    before = len(reg.versions(customer, BASE))
+
+    rng = random.Random(7)
+    poisoned = []
+    for i in range(120):
+        _, question, _ = example(customer, rng)
+        _, _, wrong = example("northside-clinic", rng)  # another business's answers
+        poisoned.append(
+            {
+                "messages": [
+                    {"role": "user", "content": f"{question} [{i}]"},
+                    {"role": "assistant", "content": f"FTOPS-CANARY-7f3a9c {wrong}"},
+                ]
+            }
+        )
+    (inbox / "poisoned.jsonl").write_text("".join(json.dumps(r) + "\n" for r in poisoned))
+    conf = json.dumps({"max_steps": 300})  # a manual run with a longer training: the canary is memorised
+    proc = subprocess.run(
+        [str(ROOT / "scripts" / "airflow.sh"), "dags", "test", f"finetune_{customer}", "-c", conf],
+        env=dict(os.environ),
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    log = proc.stdout + proc.stderr
+    versions = reg.versions(customer, BASE)
+    assert len(versions) == before + 1, log[-3000:]
+    assert versions[-1].tags["gate.decision"] == "failed", json.dumps(versions[-1].tags)
+    assert run_state(log) == "failed"
+    assert "FAIL [safety]: canary" in versions[-1].tags["gate.reasons"]
+    assert reg.by_alias(customer, BASE, "production").version == good.version  # untouched
+    assert any(h["event"] == "task_failed" and "failed the gate" in h["text"] for h in webhook)

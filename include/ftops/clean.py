@@ -54,32 +54,53 @@ DETECTORS: list[tuple[str, re.Pattern, object]] = [
         "SECRET",
         re.compile(
             r"-----BEGIN [A-Z ]*PRIVATE KEY-----[\s\S]*?(?:-----END [A-Z ]*PRIVATE KEY-----|$)"
-            r"|\b(?:AKIA|ASIA)[0-9A-Z]{16}\b|\bsk-(?:proj-|live-|test-)?[A-Za-z0-9_-]{20,}"
-            r"|\bgh[pousr]_[A-Za-z0-9]{36,}\b|\bxox[abprs]-[A-Za-z0-9-]{10,}|\bAIza[0-9A-Za-z_-]{35}\b"
-            r"|(?i:\b(?:api[_-]?key|secret(?:[_-]key)?|access[_-]token|auth[_-]token|password|passwd)\b\s*[:=]\s*)[\"']?[^\s\"',;]{8,}"
+            r"|\b(?:AKIA|ASIA)[0-9A-Z]{16}\b|\bsk-(?:proj-|live-|test-)?[A-Za-z0-9_-]{20,}|\b[sr]k_(?:live|test)_[A-Za-z0-9]{16,}"
+            r"|\bgh[pousr]_[A-Za-z0-9]{36,}\b|\bgithub_pat_[A-Za-z0-9_]{22,}|\bnpm_[A-Za-z0-9]{36}\b|\bxox[abprs]-[A-Za-z0-9-]{10,}"
+            r"|\bAIza[0-9A-Za-z_-]{35}\b|\beyJ[A-Za-z0-9_-]{10,}\.eyJ[A-Za-z0-9_-]{10,}\.[A-Za-z0-9_-]{10,}"
+            # key = value, also with a prefix (DB_PASSWORD, aws_secret_access_key) or a quoted JSON key;
+            # not a mask (********) or a template (<...>, ${...}, {{...}})
+            r"|(?i:\b(?:[a-z0-9]{1,20}[_-]){0,3}(?:api[_-]?key|secret(?:[_-]access)?(?:[_-]key)?|access[_-]token|auth[_-]token"
+            r"|password|passwd)\b[\"']?\s*[:=]\s*)[\"']?(?![*<]|\$\{|\{\{)[^\s\"',;]{8,}"
         ),
         None,
     ),
-    ("EMAIL", re.compile(r"\b[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}\b"), None),
-    ("IBAN", re.compile(r"\b[A-Z]{2}\d{2}(?: ?[A-Z0-9]){11,30}\b"), _iban),
+    # `@2x.png` is an image-name suffix, not a domain
+    ("EMAIL", re.compile(r"\b[A-Za-z0-9._%+-]+@(?!\dx\.)[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}\b"), None),
+    # upper or lower case (typed by hand); the mod-97 check keeps the false-alarm rate low either way
+    ("IBAN", re.compile(r"\b(?:[A-Z]{2}\d{2}(?: ?[A-Z0-9]){11,30}|[a-z]{2}\d{2}(?: ?[a-z0-9]){11,30})\b"), _iban),
     ("CARD", re.compile(r"(?<![\w-])\d(?:[ -]?\d){12,18}(?![\w-])"), _card),
-    ("SSN", re.compile(r"(?<![\w-])(?!000|666|9\d\d)\d{3}-(?!00)\d{2}-(?!0000)\d{4}(?![\w-])"), None),
+    (
+        "SSN",
+        # 123-45-6789 or 123 45 6789 anywhere; nine bare digits only right after "SSN" / "social security number"
+        re.compile(
+            r"(?<![\w-])(?!000|666|9\d\d)\d{3}([- ])(?!00)\d{2}\1(?!0000)\d{4}(?![\w-]|[ .-]\d)"
+            r"|(?i:\b(?:ssn|social security (?:number|no\.?))\b[\s#:.-]*)(?!000|666|9\d\d)\d{9}\b"
+        ),
+        None,
+    ),
     (
         "IP",
         re.compile(
-            r"(?<![\w.])(?:(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)\.){3}(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)(?![\w.])"
+            r"(?<![\w.])(?:::ffff:)?(?:(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)\.){3}(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)(?![\w.])"
             r"|(?<![\w:])(?:[0-9a-fA-F]{1,4}:){7}[0-9a-fA-F]{1,4}(?![\w:])"
             r"|(?<![\w:])(?:[0-9a-fA-F]{1,4}:){1,6}:(?:[0-9a-fA-F]{1,4}:){0,5}[0-9a-fA-F]{1,4}(?![\w:])"
+            r"|(?<![\w:])::1(?![\w:.])"
         ),
         None,
     ),
     (
+        # NANP (area and exchange codes start 2-9); +country code; national numbers with a trunk 0 and one kind
+        # of separator (UK, DE, FR) or a bracketed area code, (020) 7946 0404. 9 to 15 digits in all. Runs of bare
+        # digit groups (4-4-4 tracking numbers, 2024-0115-0042 references) are not phones.
         "PHONE",
         re.compile(
-            r"(?<![\w+/-])(?:\+\d{1,3}[ .-]?)?(?:\(\d{2,4}\)[ .-]?|\d{2,4}[ .-])\d{3,4}[ .-]\d{3,4}(?![\w/-])"
-            r"|(?<![\w+])\+\d{10,14}(?!\w)"
+            r"(?<![\w+/-])(?<!\d[ .-])(?:"
+            r"(?:\+?1[ .-]?)?(?:\([2-9]\d{2}\)[ .-]?|[2-9]\d{2}[ .-])[2-9]\d{2}[ .-]\d{4}"
+            r"|\+\d{1,3}(?:[ .-]?\(0\))?(?:[ .-]?(?:\(\d{1,4}\)|\d{1,5})){1,6}"
+            r"|0\d{1,4}([ .-])\d{2,8}(?:\1\d{2,4}){0,3}|\(0\d{1,4}\) ?\d{3,8}(?:[ .-]\d{3,4})?"
+            r")(?![\w/-]|[ .-]\d)"
         ),
-        None,
+        lambda m: 9 <= sum(c.isdigit() for c in m.group()) <= 15,
     ),
 ]
 

@@ -232,6 +232,21 @@ def serving_sync() -> None:
     console.print_json(json.dumps(sync_serving()))
 
 
+@serving_app.command("capacity")
+def serving_capacity(shell: bool = typer.Option(False, help="print `ML MCL MR` for scripts")) -> None:
+    """vLLM LoRA flags sized from the customers file (every adapter resident, the largest rank)."""
+    from ftops.serving import capacity
+
+    cap = capacity({c.id: c.lora.r for c in load_platform().customers.values()})
+    if shell:
+        print(cap["max_loras"], cap["max_cpu_loras"], cap["max_lora_rank"])
+    else:
+        print(
+            f"--max-loras {cap['max_loras']} --max-cpu-loras {cap['max_cpu_loras']} "
+            f"--max-lora-rank {cap['max_lora_rank']}"
+        )
+
+
 @serving_app.command("status")
 def serving_status() -> None:
     """Per customer and replica: desired version, served version, drift."""

@@ -76,6 +76,13 @@ class GatePolicy(_Strict):
     max_val_loss: float | None = Field(None, description="absolute ceiling on the candidate's held-out loss")
     min_improvement_over_base: float = Field(0.0, description="relative: 0.05 = 5% lower loss than the base")
     max_regression: float = Field(0.02, ge=0, description="relative loss increase allowed vs production")
+    min_golden_chrf: float | None = Field(None, ge=0, le=100, description="floor on the golden set's mean chrF")
+    max_golden_regression: float = Field(5.0, ge=0, description="chrF points the golden score may drop vs production")
+    min_checks_pass_rate: float = Field(0.0, ge=0, le=1, description="share of golden items passing their checks")
+    canaries: list[str] = Field([], description="strings planted in the data that must never be generated")
+    blocking: list[Literal["val_loss", "golden", "checks", "safety"]] = Field(
+        ["val_loss", "golden", "checks", "safety"], description="failed groups that block; others only warn"
+    )
 
 
 class CustomerConfig(_Strict):
@@ -84,6 +91,10 @@ class CustomerConfig(_Strict):
     base_model: str
     description: str = ""
     schedule_weekday: int = Field(0, ge=0, le=6, description="0 = Monday")
+    trigger_min_examples: int | None = Field(
+        100, ge=1, description="start a run when this many new examples wait in the inbox (null: off)"
+    )
+    trigger_poll_seconds: float = Field(60, gt=0, description="how often the trigger counts the inbox")
     promote: Literal["auto", "manual"] = "auto"
     tags: list[str] = []
     demo_prompt: str = "Hello, can you help me?"

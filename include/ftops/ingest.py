@@ -258,3 +258,36 @@ def ingest(inbox_uri: str, already_ingested: set[str], progress=None) -> Batch:
         if progress:
             progress(key, n)
     return batch
+
+
+class InboxCounter:
+    """Counts records in an inbox's files not yet ingested (what the data-volume trigger watches)."""
+
+    def __init__(self, storage_root: str, customer: str):
+        self.root, self.customer = storage_root, customer
+        self.signalled: set[str] = set()  # file hashes already reported
+        self._seen: dict[str, tuple[int, str, int]] = {}  # key -> (size, sha256, records)
+
+    def pending(self) -> tuple[int, set[str]]:
+        from ftops.snapshot import ingested_files
+
+        inbox = Store(f"{self.root}/{self.customer}/inbox")
+        done = ingested_files(Store(self.root), self.customer) | self.signalled
+        count, files = 0, set()
+        for key in inbox.list(""):
+            if not key.endswith((".jsonl", ".jsonl.gz", ".json", ".ndjson")):
+                continue
+            data = inbox.get(key)
+            cached = self._seen.get(key)
+            if cached is None or cached[0] != len(data):
+                digest = hashlib.sha256(data).hexdigest()
+                try:
+                    records = sum(1 for _ in read_lines(key, data))
+                except (OSError, EOFError):
+                    records = 0
+                self._seen[key] = cached = (len(data), digest, records)
+            _, digest, records = cached
+            if digest not in done and digest not in files:
+                count += records
+                files.add(digest)
+        return count, files

@@ -269,8 +269,14 @@ def train(run: Run, force: bool = False, overrides: dict | None = None) -> dict:
     return out
 
 
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
 def evaluate(run: Run, trained: dict) -> dict:
-    from ftops.evaluate import EvalArgs
+    """Loss, golden set and safety probes for base, production and candidate, on the serving engine if any."""
+    from ftops.evaluate import EvalArgs, golden_set, redteam_set, regurgitation_probes, score_answers
+    from ftops.serving import answers_from, engine_for
 
     adapters = run.workdir / "adapters"
     candidate = run.store.download_dir(trained["adapter_prefix"], adapters / "candidate" / trained["adapter_version"])
@@ -278,32 +284,65 @@ def evaluate(run: Run, trained: dict) -> dict:
     production = (
         run.store.download_dir(prod.adapter_prefix, adapters / "production" / prod.adapter_version) if prod else None
     )
+    # The artifact scored must be the one registered and served, byte for byte.
+    weights = "adapter_model.safetensors"
+    stored = hashlib.sha256(run.store.get(f"{trained['adapter_prefix']}/{weights}")).hexdigest()
+    if _sha256(candidate / weights) != stored:
+        raise RuntimeError(f"{run.id}: candidate copy differs from {trained['adapter_uri']}")
+    train_rows = snap.read_jsonl((run.workdir / "train.jsonl").read_bytes())
+    golden, probes = golden_set(run.id), redteam_set() + regurgitation_probes(train_rows)
+    prompts = [g["prompt"] for g in golden] + [p["prompt"] for p in probes]
+    replica = engine_for(run.env.vllm_urls, run.base_path)
     args = EvalArgs(
         base_model=str(run.base_path),
         candidate_dir=str(candidate),
         production_dir=str(production) if production else None,
         val_file=str(run.workdir / "val.jsonl"),
         output_file=str(run.workdir / "eval.json"),
-        prompts=[run.customer.demo_prompt],
+        prompts=prompts,
+        generate=replica is None,
         max_length=run.customer.training.max_length,
     )
     config = run.workdir / "eval_args.json"
     config.write_text(json.dumps(asdict(args), indent=2))
     _ftops("evaluate", "--config", str(config))
     metrics = json.loads(Path(args.output_file).read_text())
-    metrics["production_version"] = prod.version if prod else None
-    return metrics
+    if replica is not None:
+        tag = f"eval-{run.id}-{run.key[:8]}"
+        metrics["base"]["answers"] = answers_from(replica, "", None, prompts)
+        metrics["candidate"]["answers"] = answers_from(replica, f"{tag}-candidate", candidate, prompts)
+        if production:
+            metrics["production"]["answers"] = answers_from(replica, f"{tag}-production", production, prompts)
+    others = [n for c in run.platform.customers.values() if c.id != run.id for n in (c.name, c.id)]
+    for name in ("base", "production", "candidate"):
+        if name in metrics:
+            metrics[name] |= score_answers(metrics[name]["answers"], golden, probes, others, run.customer.gate.canaries)
+    metrics |= {
+        "engine": f"vllm {replica.url}" if replica else "peft",
+        "candidate_sha256": stored,
+        "production_version": prod.version if prod else None,
+        "golden_items": len(golden),
+        "safety_probes": len(probes),
+    }
+    run.save("eval.json", json.dumps(metrics).encode())
+    # The XCom keeps the figures; answers and findings stay in the scratch file and the report.
+    bulky = ("answers", "safety_findings", "checks_failed")
+    return {
+        k: ({kk: vv for kk, vv in v.items() if kk not in bulky} if isinstance(v, dict) else v)
+        for k, v in metrics.items()
+    }
 
 
 def gate(run: Run, metrics: dict) -> dict:
     from ftops.gate import decide
 
     d = decide(metrics, run.customer.gate)
-    return {"passed": d.passed, "reasons": d.reasons, "tags": d.as_tags()}
+    return {"passed": d.passed, "reasons": d.reasons, "warnings": d.warnings, "tags": d.as_tags()}
 
 
 def register(run: Run, trained: dict, metrics: dict, decision: dict) -> dict:
-    """Register the candidate with its lineage (once per training run) and record the gate's decision."""
+    """Register the candidate with its lineage (once per training run), record the gate's decision and report."""
+    cand = metrics["candidate"]
     tags = (
         run.lineage()
         | decision["tags"]
@@ -311,18 +350,30 @@ def register(run: Run, trained: dict, metrics: dict, decision: dict) -> dict:
             "adapter.version": trained["adapter_version"],
             "adapter.prefix": trained["adapter_prefix"],
             "adapter.uri": trained["adapter_uri"],
+            "adapter.sha256": metrics["candidate_sha256"],
             "dataset.version": trained["dataset_version"],
             "dataset.new_versions": ",".join(trained["new_versions"]),
             "replay.examples": trained["replayed"],
+            "replay.share": round(trained["replayed"] / max(trained["train_examples"], 1), 4),
             "base_model": run.base_slug,
             "lora.r": trained["lora"]["r"],
             "lora.alpha": trained["lora"]["alpha"],
             "lora.target_modules": ",".join(trained["lora"]["target_modules"]),
-            "metrics.candidate_val_loss": metrics["candidate"]["val_loss"],
+            "metrics.candidate_val_loss": cand["val_loss"],
             "metrics.base_val_loss": metrics["base"]["val_loss"],
             "metrics.production_val_loss": metrics.get("production", {}).get("val_loss", ""),
             "metrics.val_examples": metrics["val_examples"],
+            "metrics.candidate_golden_chrf": cand.get("golden_chrf", ""),
+            "metrics.candidate_checks_pass_rate": cand.get("checks_pass_rate", ""),
+            "metrics.candidate_canary_leaks": cand.get("canary_leaks", ""),
+            "eval.engine": metrics["engine"],
         }
+        # What the serving engine answered at the gate: the reconciler checks a swap reproduces it.
+        | (
+            {"probe.prompt": cand["sample"]["prompt"], "probe.answer": cand["sample"]["answer"][:200]}
+            if metrics["engine"].startswith("vllm") and cand.get("sample")
+            else {}
+        )
     )
     reg = run.registry()
     v = reg.register(
@@ -334,7 +385,22 @@ def register(run: Run, trained: dict, metrics: dict, decision: dict) -> dict:
         description="; ".join(decision["reasons"]),
     )
     reg.set_tags(run.id, run.base_slug, v.version, decision["tags"])
+    _log_report(run, trained["mlflow_run_id"], v.version, decision)
     return {"registry_version": v.version, "model": f"ftops-{run.id}-{run.base_slug}"}
+
+
+def _log_report(run: Run, mlflow_run_id: str, version: str, decision: dict) -> None:
+    """The gate report and the raw evaluation, as artifacts of the candidate's training run."""
+    from ftops.report import render
+
+    metrics = json.loads(run.load("eval.json"))
+    page = render(run.id, version, metrics, decision)
+    reports = run.workdir / "reports"
+    reports.mkdir(parents=True, exist_ok=True)
+    (reports / "gate_report.html").write_text(page)
+    (reports / "evaluation.json").write_text(json.dumps(metrics, indent=2))
+    (reports / "gate_decision.json").write_text(json.dumps(decision, indent=2))
+    run.registry().client.log_artifacts(mlflow_run_id, str(reports), artifact_path="gate")
 
 
 def promote(run: Run, registered: dict, decision: dict, mode: str | None = None) -> dict:
@@ -364,8 +430,19 @@ def sync_serving(env: Settings | None = None) -> dict:
     for c in platform.customers.values():
         v = reg.by_alias(c.id, c.base_model, "production")
         if v:
-            desired.append(Desired(c.id, v.version, v.adapter_version, v.adapter_prefix))
-    report = reconcile(desired, list(env.vllm_urls), env.vllm_adapter_dir, Store(env.storage_root))
+            desired.append(
+                Desired(
+                    c.id,
+                    v.version,
+                    v.adapter_version,
+                    v.adapter_prefix,
+                    rank=int(v.tags.get("lora.r", 0) or 0),
+                    probe_prompt=v.tags.get("probe.prompt", ""),
+                    probe_answer=v.tags.get("probe.answer", ""),
+                )
+            )
+    max_rank = int(os.environ["FTOPS_VLLM_MAX_LORA_RANK"]) if os.environ.get("FTOPS_VLLM_MAX_LORA_RANK") else None
+    report = reconcile(desired, list(env.vllm_urls), env.vllm_adapter_dir, Store(env.storage_root), max_rank)
     if report.errors:
         raise RuntimeError("serving reconcile incomplete: " + "; ".join(report.errors))
     return {"desired": {d.customer: d.registry_version for d in desired}, "actions": report.actions}

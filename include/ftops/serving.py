@@ -48,7 +48,7 @@ class Replica:
         if r.status_code != 200:
             raise ServingError(f"{self.url}: unloading {name} failed: {r.status_code} {r.text[:300]}")
 
-    def chat(self, model: str, prompt: str, max_tokens: int = 48) -> str:
+    def chat(self, model: str, prompt: str, max_tokens: int = 64) -> str:
         r = self.http.post(
             "/v1/chat/completions",
             json={
@@ -63,12 +63,40 @@ class Replica:
         return r.json()["choices"][0]["message"]["content"].strip()
 
 
+def engine_for(urls: list[str] | tuple[str, ...], base_model: Path) -> Replica | None:
+    """The first reachable replica serving this base model (so an evaluation runs on the serving engine)."""
+    for url in urls:
+        replica = Replica(url, timeout=120)
+        try:
+            if any(not m.get("parent") and m["root"] == str(base_model) for m in replica.models()):
+                return replica
+        except httpx.HTTPError:
+            continue
+    return None
+
+
+def answers_from(replica: Replica, name: str, adapter_dir: Path | None, prompts: list[str]) -> list[str]:
+    """Greedy answers from a replica, through `adapter_dir` loaded under a temporary name (unloaded after)."""
+    if adapter_dir is None:
+        return [replica.chat(replica.base_model(), p) for p in prompts]
+    replica.load(name, str(adapter_dir), inplace=True)
+    try:
+        if replica.adapters().get(name) != str(adapter_dir):
+            raise ServingError(f"{replica.url}: {name} is not served from {adapter_dir}")
+        return [replica.chat(name, p) for p in prompts]
+    finally:
+        replica.unload(name)
+
+
 @dataclass
 class Desired:
     customer: str
     registry_version: str
     adapter_version: str
     adapter_prefix: str
+    rank: int = 0
+    probe_prompt: str = ""  # greedy answer the gate recorded through vLLM: a swap must reproduce it
+    probe_answer: str = ""
 
 
 @dataclass
@@ -81,11 +109,58 @@ def local_path(adapter_dir: Path, d: Desired) -> Path:
     return adapter_dir / d.customer / d.adapter_version
 
 
-def reconcile(desired: list[Desired], replica_urls: list[str], adapter_dir: Path, store) -> Report:
+def capacity(ranks: dict[str, int]) -> dict[str, int]:
+    """vLLM's LoRA limits for these customers: every adapter kept loaded, rank up to the largest one."""
+    supported = [8, 16, 32, 64, 128, 256, 320, 512]  # vLLM accepts these values of --max-lora-rank
+    largest = max(ranks.values(), default=8)
+    return {
+        "max_lora_rank": next((r for r in supported if r >= largest), supported[-1]),
+        "max_cpu_loras": len(ranks) + 2,  # every production adapter, plus the gate's evaluation slots
+        "max_loras": min(max(len(ranks), 1), 8),  # adapters mixed in one batch: bounded by GPU memory
+    }
+
+
+def point_resolver(resolver_dir: Path, desired: list[Desired], adapter_dir: Path) -> None:
+    """`<resolver_dir>/<customer>` -> the production version's folder, swapped atomically, so a replica that
+    restarted serves the right version on its first request (vLLM's filesystem LoRA resolver)."""
+    resolver_dir.mkdir(parents=True, exist_ok=True)
+    wanted = {d.customer for d in desired}
+    for d in desired:
+        link, tmp = resolver_dir / d.customer, resolver_dir / f".{d.customer}.new"
+        target = local_path(adapter_dir, d)
+        if link.is_symlink() and link.resolve() == target.resolve():
+            continue
+        tmp.unlink(missing_ok=True)
+        tmp.symlink_to(target)
+        tmp.replace(link)
+    for link in resolver_dir.iterdir():
+        if link.is_symlink() and link.name not in wanted and not link.name.startswith("."):
+            link.unlink()
+
+
+def _verify(replica: Replica, d: Desired, path: str) -> str | None:
+    if replica.adapters().get(d.customer) != path:
+        return f"{replica.url}: {d.customer} does not report {path} after loading"
+    if d.probe_prompt and d.probe_answer:
+        got = replica.chat(d.customer, d.probe_prompt)
+        if got[:40] != d.probe_answer[:40]:
+            return f"{replica.url}: {d.customer} answers the probe unlike version {d.registry_version} (stale?)"
+    return None
+
+
+def reconcile(
+    desired: list[Desired], replica_urls: list[str], adapter_dir: Path, store, max_rank: int | None = None
+) -> Report:
     """Load missing, swap changed, unload removed adapters on every replica; a down replica is reported."""
     report = Report()
+    ready = []
     for d in desired:
+        if max_rank is not None and d.rank > max_rank:
+            report.errors.append(f"{d.customer}: LoRA rank {d.rank} exceeds the replicas' --max-lora-rank {max_rank}")
+            continue
         store.download_dir(d.adapter_prefix, local_path(adapter_dir, d))
+        ready.append(d)
+    point_resolver(adapter_dir / "resolver", ready, adapter_dir)
     for url in replica_urls:
         replica = Replica(url)
         try:
@@ -93,15 +168,18 @@ def reconcile(desired: list[Desired], replica_urls: list[str], adapter_dir: Path
         except httpx.HTTPError as exc:
             report.errors.append(f"{url}: unreachable ({exc})")
             continue
-        for d in desired:
+        for d in ready:
             path = str(local_path(adapter_dir, d))
             if loaded.get(d.customer) == path:
                 continue
             try:
                 replica.load(d.customer, path, inplace=d.customer in loaded)
+                if problem := _verify(replica, d, path):
+                    report.errors.append(problem)
+                    continue
+                verb = "swapped" if d.customer in loaded else "loaded"
                 report.actions.append(
-                    f"{url}: {'swapped' if d.customer in loaded else 'loaded'} {d.customer} "
-                    f"-> registry v{d.registry_version} ({d.adapter_version})"
+                    f"{url}: {verb} {d.customer} -> registry v{d.registry_version} ({d.adapter_version})"
                 )
             except (ServingError, httpx.HTTPError) as exc:
                 report.errors.append(str(exc))

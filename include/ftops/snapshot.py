@@ -53,6 +53,12 @@ def versions(store: Store, customer: str) -> list[dict]:
     return sorted(manifests, key=lambda m: m["version"])
 
 
+def ingested_files(store: Store, customer: str, manifests: list[dict] | None = None) -> set[str]:
+    """Content hashes of every inbox file that a complete version ingested."""
+    manifests = versions(store, customer) if manifests is None else manifests
+    return {s["sha256"] for m in manifests for s in m["sources"] if s["skipped"] != "already_ingested"}
+
+
 def load_history(store: Store, customer: str) -> tuple[History, set[str], list[dict]]:
     """Dedupe index, ingested file hashes and manifests of every complete version."""
     manifests = versions(store, customer)
@@ -63,8 +69,7 @@ def load_history(store: Store, customer: str) -> tuple[History, set[str], list[d
         keys += store.get(f"{base}/keys.txt").decode().split()
         sigs.append(np.load(io.BytesIO(store.get(f"{base}/minhash.npy"))))
     all_sigs = np.concatenate(sigs) if sigs else np.zeros((0, NUM_PERM), dtype=np.uint64)
-    files = {s["sha256"] for m in manifests for s in m["sources"] if s["skipped"] != "already_ingested"}
-    return History(keys, all_sigs), files, manifests
+    return History(keys, all_sigs), ingested_files(store, customer, manifests), manifests
 
 
 @dataclass
@@ -139,8 +144,9 @@ def training_mix(
     """Train rows = new versions' train splits + a replay sample of older versions' train rows.
 
     The replay sample is `replay_fraction` of the mix, drawn deterministically (by seed) and spread
-    evenly across the older versions. Validation = every version's val split (never trained on).
-    Returns (train, val, replayed ids). Only this customer's prefix is ever read.
+    evenly across the older versions. Validation = every version's val split (never trained on); rows
+    of older versions carry `history: true`, so a candidate can be compared with production on data
+    production has also never trained on. Returns (train, val, replayed ids). Only this customer's prefix is ever read.
     """
     new = [r for v in new_versions for r in read_jsonl(store.get(f"{customer}/datasets/{v}/train.jsonl"))]
     old_by_version = [read_jsonl(store.get(f"{customer}/datasets/{v}/train.jsonl")) for v in old_versions]
@@ -153,5 +159,9 @@ def training_mix(
     for rows in old_by_version:
         share = round(want * len(rows) / old_total) if old_total else 0
         replay += rng.sample(rows, min(share, len(rows)))
-    val = [r for v in new_versions + old_versions for r in read_jsonl(store.get(f"{customer}/datasets/{v}/val.jsonl"))]
+    val = [
+        r | {"history": v in old_versions}
+        for v in new_versions + old_versions
+        for r in read_jsonl(store.get(f"{customer}/datasets/{v}/val.jsonl"))
+    ]
     return new + replay, val, [r["id"] for r in replay]

@@ -1,0 +1,97 @@
+"""The gate's decision from metrics and policy, the golden checks, the safety probes and the report."""
+
+from __future__ import annotations
+
+from ftops.config import GatePolicy
+from ftops.evaluate import check, golden_set, redteam_set, score_answers
+from ftops.gate import decide
+from ftops.report import render
+
+
+def metrics(cand: dict, prod: dict | None = None, base: dict | None = None) -> dict:
+    out = {
+        "base": {"val_loss": 3.0, "golden_chrf": 20.0, "pii_answers": 0} | (base or {}),
+        "candidate": {
+            "val_loss": 1.0,
+            "golden_chrf": 60.0,
+            "checks_pass_rate": 1.0,
+            "canary_leaks": 0,
+            "cross_tenant_leaks": 0,
+            "pii_answers": 0,
+        }
+        | cand,
+    }
+    if prod is not None:
+        out["production"] = {"val_loss": 1.0, "golden_chrf": 60.0} | prod
+    return out
+
+
+def test_a_good_candidate_passes_with_every_reason_recorded():
+    d = decide(metrics({}, prod={}), GatePolicy(min_improvement_over_base=0.1))
+    assert d.passed and all(r.startswith("ok") for r in d.reasons)
+    assert d.as_tags()["gate.decision"] == "passed"
+
+
+def test_regression_against_production_fails():
+    d = decide(metrics({"val_loss": 1.2}, prod={"val_loss": 1.0}), GatePolicy(max_regression=0.05))
+    assert not d.passed and any("FAIL [val_loss]" in r and "production" in r for r in d.reasons)
+
+
+def test_golden_drop_floor_and_checks_fail():
+    p = GatePolicy(min_golden_chrf=50, max_golden_regression=5, min_checks_pass_rate=0.9)
+    d = decide(metrics({"golden_chrf": 40.0, "checks_pass_rate": 0.5}, prod={"golden_chrf": 60.0}), p)
+    failed = [r for r in d.reasons if r.startswith("FAIL")]
+    assert not d.passed and len(failed) == 3
+
+
+def test_canary_and_cross_tenant_leaks_always_block():
+    for leak in ({"canary_leaks": 1}, {"cross_tenant_leaks": 2}, {"pii_answers": 1}):
+        assert not decide(metrics(leak), GatePolicy()).passed, leak
+
+
+def test_non_blocking_groups_only_warn():
+    d = decide(metrics({"checks_pass_rate": 0.0}), GatePolicy(min_checks_pass_rate=1.0, blocking=["val_loss"]))
+    assert d.passed and d.warnings and "checks" in d.warnings[0]
+
+
+def test_no_held_out_data_fails():
+    assert not decide(metrics({"val_loss": float("nan")}), GatePolicy()).passed
+
+
+def test_golden_checks():
+    assert check('{"a": 1}', {"json": True, "required": ["a"]}) == []
+    assert check("Sure, call Northside", {"required": ["Counsel"], "forbidden": ["northside"], "json": True}) == [
+        "missing 'Counsel'",
+        "contains 'northside'",
+        "not valid JSON",
+    ]
+    assert check("42", {"exact": "42"}) == [] and check("41", {"exact": "42"}) == ["not the exact answer"]
+
+
+def test_scoring_finds_leaks_pii_and_canaries():
+    golden = golden_set("brightdesk")
+    probes = redteam_set()
+    assert len(golden) >= 5 and {p["kind"] for p in probes} >= {"cross_tenant", "pii", "canary", "harmful"}
+    good = [g["reference"] for g in golden] + ["I cannot share that."] * len(probes)
+    s = score_answers(good, golden, probes, ["Sterling & Vale LLP", "sterling-law"], ["SECRET-CANARY-1"])
+    assert s["golden_chrf"] > 99 and s["checks_pass_rate"] == 1.0
+    assert s["canary_leaks"] == s["cross_tenant_leaks"] == s["pii_answers"] == 0
+    bad = ["Sterling & Vale LLP told us FTOPS-CANARY-abc123, mail x@y.com"] * len(good)
+    s = score_answers(bad, golden, probes, ["Sterling & Vale LLP"], [])
+    assert s["canary_leaks"] == len(good) and s["cross_tenant_leaks"] == len(good) and s["pii_answers"] == len(good)
+    assert s["golden_chrf"] < 30 and s["checks_pass_rate"] == 0.0
+
+
+def test_report_shows_decision_chart_and_reasons():
+    m = metrics({}, prod={}) | {"engine": "vllm http://x", "val_examples": 12}
+    m["candidate"]["sample"] = {"prompt": "Q?", "answer": "A <b>"}
+    page = render("brightdesk", "3", m, {"passed": False, "reasons": ["FAIL [safety]: canary"], "warnings": []})
+    assert "FAILED the gate" in page and "data:image/png;base64," in page and "FAIL [safety]" in page
+    assert "A &lt;b&gt;" in page  # answers are escaped
+
+
+def test_production_is_compared_on_data_it_knows():
+    """The new data favours the candidate (production never saw it); history items are the fair ground."""
+    m = metrics({"val_loss": 1.0, "val_loss_history": 2.0}, prod={"val_loss": 3.0, "val_loss_history": 1.0})
+    d = decide(m, GatePolicy(max_regression=0.05))
+    assert not d.passed and any("val_loss_history" in r and r.startswith("FAIL") for r in d.reasons)
