@@ -15,7 +15,7 @@ lint:
 	.venv/bin/ruff check .
 
 airflow-ui:
-	scripts/airflow.sh standalone
+	scripts/services.sh start airflow
 
 stop:
 	scripts/services.sh stop-all

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from datetime import datetime, timedelta
+from datetime import timedelta
 
 from airflow.sdk import (
     Asset,
@@ -82,7 +82,8 @@ def customer_dag(c: CustomerConfig):
             trigger=c.trigger_min_examples or "(never: off)",
         ),
         schedule=schedule(c, cron),
-        start_date=datetime(2026, 1, 1),
+        # No start_date: a newly enabled customer waits for its weekly slot instead of running at once
+        # (with 500 customers, enabling every DAG must not start 500 trainings).
         catchup=False,
         max_active_runs=1,
         dagrun_timeout=timedelta(hours=12),

