@@ -301,3 +301,24 @@ def test_preference_pairs_flow_into_the_snapshot_for_dpo(tmp_path):
     assert sorted(r["rejected"] for r in rows) == ["Never, call [PHONE].", "No."]
     assert all(r["messages"][-1]["role"] == "assistant" for r in rows)
     assert v.manifest["counts"]["dropped"] == {"empty_content": 1} and v.manifest["counts"]["pii"]["EMAIL"] == 1
+
+
+def test_inbox_counter_counts_records_of_files_not_yet_ingested(tmp_path):
+    from ftops.ingest import InboxCounter
+
+    store = Store(str(tmp_path))
+    store.put("acme/inbox/a.jsonl", lines(*[chat(f"q{i}?", f"a{i}.") for i in range(30)]))
+    store.put("acme/inbox/b.jsonl.gz", gzip.compress(lines(*[chat(f"r{i}?", f"b{i}.") for i in range(20)])))
+    store.put("acme/inbox/notes.txt", b"not data")
+    counter = InboxCounter(str(tmp_path), "acme")
+    count, files = counter.pending()
+    assert count == 50 and len(files) == 2  # records, not files
+    counter.signalled |= files  # already reported: a burst makes one event
+    assert counter.pending() == (0, set())
+    fresh = InboxCounter(str(tmp_path), "acme")
+    upload = tmp_path / "upload"
+    upload.mkdir()
+    (upload / "a.jsonl").write_bytes(store.get("acme/inbox/a.jsonl"))
+    batch, keys, sigs = dedupe(ingest(str(upload), set()), History())
+    snap.write(store, "acme", batch, keys, sigs, {}, "", None, 0.2)  # a run ingested a.jsonl
+    assert fresh.pending()[0] == 20

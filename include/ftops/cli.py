@@ -207,6 +207,7 @@ def adapters_promote(
     except RegistryError as exc:
         _fail(str(exc))
     console.print(f"{customer}: production -> version {v.version} ({v.adapter_version})")
+    _announce(customer, v.version)
 
 
 @adapters_app.command("rollback")
@@ -222,6 +223,16 @@ def adapters_rollback(
     except RegistryError as exc:
         _fail(str(exc))
     console.print(f"{customer}: production rolled back to version {v.version} ({v.adapter_version})")
+    _announce(customer, v.version)
+
+
+def _announce(customer: str, version: str) -> None:
+    from ftops.notify import production_changed
+
+    if production_changed(customer, version):
+        console.print("Airflow notified: sync_vllm_adapters will serve it within seconds")
+    else:
+        console.print("Airflow not reachable: sync_vllm_adapters will serve it at its next 5-minute run")
 
 
 @serving_app.command("sync")

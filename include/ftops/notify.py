@@ -1,6 +1,8 @@
-"""Notifications for the operators on call: a failed task (a gate that said no, a batch rejected before
+"""Notifications: for the operators on call, a failed task (a gate that said no, a batch rejected before
 training, a trainer that crashed) is logged and, when `FTOPS_WEBHOOK_URL` is set, posted there as JSON
-(Slack- and Teams-style incoming webhooks accept it: the `text` field carries the message)."""
+(Slack- and Teams-style incoming webhooks accept it: the `text` field carries the message). For Airflow,
+a promotion or rollback made outside a DAG run (`ftops adapters ...`) is announced as an event of the
+`ftops://registry/production` asset through the REST API, so the serving sync runs at once."""
 
 from __future__ import annotations
 
@@ -38,3 +40,27 @@ def task_failed(context) -> None:
         run_id=ti.run_id,
         error=str(exc)[:2000],
     )
+
+
+def production_changed(customer: str, version: str, airflow_url: str | None = None) -> bool:
+    """Emit an event of the production asset through Airflow's REST API; the 5-minute schedule is the fallback."""
+    from ftops.config import PRODUCTION_ASSET_URI
+
+    url = (airflow_url or os.environ.get("FTOPS_AIRFLOW_URL", "http://127.0.0.1:8080")).rstrip("/")
+    try:
+        with httpx.Client(base_url=f"{url}/api/v2", timeout=10) as http:
+            assets = http.get("/assets", params={"uri_pattern": PRODUCTION_ASSET_URI}).raise_for_status().json()
+            ids = [a["id"] for a in assets["assets"] if a["uri"] == PRODUCTION_ASSET_URI]
+            if not ids:
+                return False
+            http.post(
+                "/assets/events", json={"asset_id": ids[0], "extra": {"customer": customer, "version": version}}
+            ).raise_for_status()
+            return True
+    except httpx.HTTPError as exc:
+        log.warning(
+            "could not tell Airflow at %s that production changed (%s); the 5-minute sync will pick it up",
+            url,
+            exc,
+        )
+        return False
