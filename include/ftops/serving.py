@@ -76,14 +76,21 @@ def engine_for(urls: list[str] | tuple[str, ...], base_model: Path) -> Replica |
 
 
 def answers_from(replica: Replica, name: str, adapter_dir: Path | None, prompts: list[str]) -> list[str]:
-    """Greedy answers from a replica, through `adapter_dir` loaded under a temporary name (unloaded after)."""
+    """Greedy answers from a replica, through `adapter_dir` loaded under a temporary name (unloaded after).
+    Sent concurrently: vLLM batches them, several times faster than one by one."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def ask(model: str) -> list[str]:
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            return list(pool.map(lambda p: replica.chat(model, p), prompts))
+
     if adapter_dir is None:
-        return [replica.chat(replica.base_model(), p) for p in prompts]
+        return ask(replica.base_model())
     replica.load(name, str(adapter_dir), inplace=True)
     try:
         if replica.adapters().get(name) != str(adapter_dir):
             raise ServingError(f"{replica.url}: {name} is not served from {adapter_dir}")
-        return [replica.chat(name, p) for p in prompts]
+        return ask(name)
     finally:
         replica.unload(name)
 
