@@ -117,18 +117,24 @@ def test_load_swap_under_load_rollback(versions, vllm_server, second_replica):
                     )
                     (answers if r.status_code == 200 else failures).append(r.status_code)
 
+    def wait_for(n: int) -> None:
+        deadline = time.time() + 120
+        while len(answers) < n and time.time() < deadline and not failures:
+            time.sleep(0.1)
+
     threads = [threading.Thread(target=traffic) for _ in range(2)]
     for t in threads:
         t.start()
-    time.sleep(1)
+    wait_for(4)  # traffic flowing before the swap...
     reg.promote(CUSTOMER, BASE, v2)
     swap = sync_serving()
-    time.sleep(1)
+    during = len(answers)
+    wait_for(during + 4)  # ...and after it
     done.set()
     for t in threads:
         t.join()
     assert any("swapped brightdesk" in a for a in swap["actions"]), swap
-    assert failures == [] and len(answers) > 10  # zero failed requests while swapping
+    assert failures == [] and len(answers) >= during + 4  # zero failed requests while swapping
     assert all(served(u)[CUSTOMER] == "serving-v2" for u in urls)
     assert replica.chat(CUSTOMER, PROMPT) != old_answer  # the new version answers, not a stale cache
 
