@@ -188,15 +188,38 @@ def customer_dag(c: CustomerConfig):
         def promote(registered: dict, decision: dict) -> dict:
             from ftops import pipeline
 
+            # With an approval step, reaching here means an operator approved in the UI.
+            mode = "auto" if c.promote == "manual" else get_current_context()["params"]["promote"]
             try:
-                return pipeline.promote(run(), registered, decision, get_current_context()["params"]["promote"])
+                return pipeline.promote(run(), registered, decision, mode)
             except pipeline.GateFailed as exc:
                 raise AirflowFailException(str(exc)) from exc
 
         trained = train(snapshot(dedupe(clean(validate(ingest())))))
         metrics = evaluate(trained)
         decision = gate(metrics)
-        promote(register(trained, metrics, decision), decision)
+        registered = register(trained, metrics, decision)
+        if c.promote == "manual":
+            # A human approves in the Airflow UI (Required actions), only after the gate passed.
+            from airflow.providers.standard.operators.hitl import ApprovalOperator
+
+            @task
+            def require_gate(decision: dict) -> None:
+                if not decision["passed"]:
+                    raise AirflowFailException(f"{c.id}: the candidate failed the gate; nothing to approve")
+
+            approve = ApprovalOperator(
+                task_id="approve",
+                subject=f"Promote {c.name}'s new adapter to production?",
+                body="The candidate passed the gate. Its report is in MLflow (artifacts, `gate/`).",
+                response_timeout=timedelta(days=7),
+                execution_timeout=timedelta(days=7, minutes=5),
+            )
+            checked = require_gate(decision)
+            registered >> checked >> approve
+            approve >> promote(registered, decision)
+        else:
+            promote(registered, decision)
 
     return finetune()
 

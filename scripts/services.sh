@@ -9,7 +9,9 @@
 # conditional writes honoured. It is not part of `all`: the embedded default stores on local disk.
 #
 # Settings (environment): FTOPS_HOME (.ftops), MLFLOW_PORT (5000), VLLM_PORT (8000),
-# S3_PORT (8333; its other components use S3_PORT+1..+5), AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY,
+# MLFLOW_BACKEND and MLFLOW_ARTIFACTS (MLflow's stores; default SQLite and a folder under FTOPS_HOME,
+# e.g. postgresql://… and s3://bucket/prefix with MLFLOW_S3_ENDPOINT_URL), S3_PORT (8333; its other
+# components use S3_PORT+1..+5), AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY,
 # VLLM_MODEL (the base model folder; default: the converted SmolLM2), VLLM_MAX_LORAS (max adapters in one
 # batch), VLLM_MAX_CPU_LORAS (adapters kept loaded), VLLM_MAX_LORA_RANK (largest rank): the last three
 # default to `ftops serving capacity`, computed from the customers file.
@@ -39,7 +41,7 @@ start_mlflow() {
   mkdir -p "$FTOPS_HOME/mlflow/artifacts"
   # Job execution off and one worker: the defaults spawn job workers costing ~2.5 GB.
   MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false setsid "$ROOT/.venv/bin/mlflow" server \
-    --backend-store-uri "sqlite:///$FTOPS_HOME/mlflow/mlflow.db" \
+    --backend-store-uri "${MLFLOW_BACKEND:-sqlite:///$FTOPS_HOME/mlflow/mlflow.db}" \
     --artifacts-destination "${MLFLOW_ARTIFACTS:-$FTOPS_HOME/mlflow/artifacts}" \
     --host 127.0.0.1 --port "$MLFLOW_PORT" --workers 1 >"$log" 2>&1 < /dev/null &
   echo $! >"$RUN/$name.pid"

@@ -19,12 +19,16 @@ from ftops.registry import Registry
 pytestmark = pytest.mark.e2e
 CUSTOMER = "acme-volume"
 DAG = f"finetune_{CUSTOMER}"
+MANUAL = "careful-manual"
 
 
 @pytest.fixture(scope="module")
 def airflow(home, tiny_model, mlflow_server, tmp_path_factory):
     doc = yaml.safe_load(TEST_CUSTOMERS.read_text())
-    doc["customers"] = [{"id": CUSTOMER, "name": "Acme Corp", "trigger_min_examples": 50, "trigger_poll_seconds": 2}]
+    doc["customers"] = [
+        {"id": CUSTOMER, "name": "Acme Corp", "trigger_min_examples": 50, "trigger_poll_seconds": 2},
+        {"id": MANUAL, "name": "Careful Co", "promote": "manual", "trigger_min_examples": None},
+    ]
     path = tmp_path_factory.mktemp("scheduler") / "customers.yaml"
     path.write_text(yaml.safe_dump(doc))
     old = os.environ["FTOPS_CUSTOMERS"]
@@ -46,10 +50,10 @@ def runs(http: httpx.Client) -> list[dict]:
     return http.get(f"/dags/{DAG}/dagRuns").json()["dag_runs"]
 
 
-def wait_finished(http: httpx.Client, run_id: str, timeout: float = 420) -> str:
+def wait_finished(http: httpx.Client, run_id: str, timeout: float = 420, dag: str = DAG) -> str:
     deadline = time.time() + timeout
     while time.time() < deadline:
-        state = http.get(f"/dags/{DAG}/dagRuns/{run_id}").json()["state"]
+        state = http.get(f"/dags/{dag}/dagRuns/{run_id}").json()["state"]
         if state in ("success", "failed"):
             return state
         time.sleep(2)
@@ -92,3 +96,24 @@ def test_manual_trigger_with_params_through_the_rest_api(airflow):
         for t in airflow.get(f"/dags/{DAG}/dagRuns/{run_id}/taskInstances").json()["task_instances"]
     }
     assert tis["snapshot"] == "success" and tis["train"] == "skipped" and tis["promote"] == "skipped"
+
+
+def test_manual_approval_customer_waits_then_promotes_on_approval(airflow, home):
+    dag = f"finetune_{MANUAL}"
+    write_batch("sterling-law", home / "storage" / MANUAL / "inbox", n=60, dirty=False)
+    r = airflow.post(f"/dags/{dag}/dagRuns", json={"logical_date": None, "conf": {}})
+    assert r.status_code == 200, r.text
+    run_id = r.json()["dag_run_id"]
+    ti = f"/dags/{dag}/dagRuns/{run_id}/taskInstances/approve"
+    deadline = time.time() + 420
+    while airflow.get(ti).json().get("state") not in ("awaiting_input", "deferred"):  # no worker slot held
+        state = airflow.get(f"/dags/{dag}/dagRuns/{run_id}").json()["state"]
+        assert time.time() < deadline and state in ("queued", "running"), state
+        time.sleep(2)
+    reg = Registry(os.environ["MLFLOW_TRACKING_URI"])
+    assert reg.by_alias(MANUAL, "tiny", "production") is None
+    assert reg.versions(MANUAL, "tiny")[-1].tags["gate.decision"] == "passed"
+    r = airflow.patch(f"{ti}/-1/hitlDetails", json={"chosen_options": ["Approve"]})
+    assert r.status_code == 200, r.text
+    assert wait_finished(airflow, run_id, dag=dag) == "success"
+    assert reg.by_alias(MANUAL, "tiny", "production").tags["airflow.run_id"] == run_id

@@ -74,3 +74,30 @@ def test_data_stage_on_s3_inbox_and_versions(s3_server, monkeypatch):
     assert pipeline.snapshot(run) == snap
     # Customer isolation: nothing was written outside the customer's prefix.
     assert all(k.startswith("brightdesk/") for k in store.list(""))
+
+
+def test_mlflow_with_its_artifacts_on_s3_registers_and_serves_an_adapter(s3_server, tmp_path):
+    """MLflow's artifact store on the S3 server: an adapter logged by a run, registered, read back intact."""
+    from mlflow import MlflowClient
+
+    from conftest import _service
+
+    extra = {
+        "MLFLOW_ARTIFACTS": "s3://mlflow/artifacts",
+        "MLFLOW_S3_ENDPOINT_URL": s3_server.url,
+        "MLFLOW_BACKEND": f"sqlite:///{tmp_path / 'mlflow.db'}",
+    }
+    for svc in _service("mlflow", extra, "MLFLOW_PORT"):
+        client = MlflowClient(svc.url, svc.url)
+        run = client.create_run(client.create_experiment("s3-artifacts"))
+        adapter = tmp_path / "adapter"
+        adapter.mkdir()
+        (adapter / "adapter_model.safetensors").write_bytes(b"\x01\x02" * 1000)
+        client.log_artifacts(run.info.run_id, str(adapter), "adapter")
+        client.create_registered_model("ftops-acme-tiny")
+        mv = client.create_model_version("ftops-acme-tiny", f"{run.info.artifact_uri}/adapter", run.info.run_id)
+        assert mv.version == "1"
+        keys = Store("s3://mlflow/artifacts").list("")
+        assert any(k.endswith("adapter/adapter_model.safetensors") for k in keys)  # it really lives on S3
+        out = client.download_artifacts(run.info.run_id, "adapter", str(tmp_path / "back"))
+        assert (Path(out) / "adapter_model.safetensors").read_bytes() == b"\x01\x02" * 1000
