@@ -18,6 +18,8 @@ export AIRFLOW__CORE__EXECUTION_API_SERVER_URL=${AIRFLOW__CORE__EXECUTION_API_SE
 # manager (see docker-compose.yaml).
 export AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS=${AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS:-True}
 export PATH="$ROOT/.venv/bin:$PATH"
+# SQLite waits up to 30 s for a lock instead of failing a request (standalone runs several writers).
+export AIRFLOW__DATABASE__SQL_ALCHEMY_CONN=${AIRFLOW__DATABASE__SQL_ALCHEMY_CONN:-sqlite:///$AIRFLOW_HOME/airflow.db?timeout=30}
 mkdir -p "$AIRFLOW_HOME"
 if [[ ! -f "$AIRFLOW_HOME/.migrated" ]]; then
   airflow db migrate >"$AIRFLOW_HOME/migrate.log" 2>&1 || { tail -n 30 "$AIRFLOW_HOME/migrate.log" >&2; exit 1; }
