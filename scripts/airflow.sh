@@ -25,6 +25,12 @@ if [[ ! -f "$AIRFLOW_HOME/.migrated" ]]; then
   airflow db migrate >"$AIRFLOW_HOME/migrate.log" 2>&1 || { tail -n 30 "$AIRFLOW_HOME/migrate.log" >&2; exit 1; }
   touch "$AIRFLOW_HOME/.migrated"
 fi
+if [[ $AIRFLOW__DATABASE__SQL_ALCHEMY_CONN == "sqlite:///$AIRFLOW_HOME/airflow.db"* ]]; then
+  # Write-ahead log: readers stop waiting on the writer. Standalone runs the scheduler, dag-processor,
+  # triggerer and API server on this one file; with the default rollback journal a reader could stall the API for 30 s.
+  python -c "import sqlite3, sys; sqlite3.connect(sys.argv[1]).execute('PRAGMA journal_mode=WAL')" \
+    "$AIRFLOW_HOME/airflow.db"
+fi
 if [[ ! -f "$AIRFLOW_HOME/.pools" ]]; then
   # Trainings take slots of the `gpu` pool: it caps how many run at once (one per GPU in production).
   airflow pools set gpu "${FTOPS_TRAIN_SLOTS:-1}" "concurrent trainings" >>"$AIRFLOW_HOME/migrate.log" 2>&1

@@ -55,6 +55,20 @@ def test_customer_dag_reads_as_the_pipeline(dagbag):
     assert {"force", "dry_run", "promote"} <= set(dag.params)
 
 
+def test_every_task_sees_the_run_params_and_defaults_are_valid(dagbag):
+    """The params join each DAG after its tasks (a parse-time saving): every task must still get them."""
+    from airflow.sdk.definitions.param import ParamValidationError, process_params
+
+    for dag_id, dag in dagbag.dags.items():
+        if not dag_id.startswith("finetune_"):
+            continue
+        assert dag.params.validate()["dry_run"] is False, dag_id  # the form's defaults pass their own schemas
+        for t in dag.tasks:
+            assert process_params(dag, t, {"dry_run": True}, suppress_exception=False)["dry_run"] is True, t
+        with pytest.raises(ParamValidationError, match="max_steps"):
+            process_params(dag, dag.get_task("train"), {"max_steps": 0}, suppress_exception=False)
+
+
 def test_staggered_weekly_schedules_plus_data_volume_trigger(dagbag):
     customers = {d_id: d for d_id, d in dagbag.dags.items() if d_id.startswith("finetune_")}
     crons = [d.timetable.timetable.expression for d in customers.values()]  # weekly, inside AssetOrTimeSchedule

@@ -41,13 +41,13 @@ def airflow(home, tiny_model, mlflow_server, customers_file):
     extra = {
         "AIRFLOW_HOME": str(home / "airflow-standalone"),
         # Test-only: re-parse and retire removed DAGs within seconds (defaults 30, 50, 60 s).
-        "AIRFLOW__DAG_PROCESSOR__MIN_FILE_PROCESS_INTERVAL": "5",
+        "AIRFLOW__DAG_PROCESSOR__MIN_FILE_PROCESS_INTERVAL": "10",
         "AIRFLOW__DAG_PROCESSOR__STALE_DAG_THRESHOLD": "10",
-        "AIRFLOW__SCHEDULER__PARSING_CLEANUP_INTERVAL": "5",
+        "AIRFLOW__SCHEDULER__PARSING_CLEANUP_INTERVAL": "10",
     }
     try:
         for svc in _service("airflow", extra, "AIRFLOW_PORT"):
-            http = httpx.Client(base_url=f"{svc.url}/api/v2", timeout=30)
+            http = httpx.Client(base_url=f"{svc.url}/api/v2", timeout=90)  # past SQLite's 30 s busy wait
             deadline = time.time() + 120
             while http.get(f"/dags/{DAG}").status_code != 200:  # parsed and serialised by the dag-processor
                 assert time.time() < deadline, "the DAG never appeared"

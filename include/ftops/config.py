@@ -148,7 +148,8 @@ def _describe(err: ValidationError) -> str:
 def load_platform(path: str | Path | None = None) -> Platform:
     path = Path(path or settings().customers_file)
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        # libyaml's loader when present: 10x faster, and every DAG parse reads this file.
+        raw = yaml.load(path.read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader)) or {}
         doc = CustomersFile.model_validate(raw)
     except (OSError, yaml.YAMLError) as exc:
         raise ConfigError(f"{path}: cannot read customers file: {exc}") from exc
