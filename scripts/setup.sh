@@ -36,6 +36,13 @@ if ! .venv-vllm/bin/python -c 'import vllm' 2>/dev/null; then
   $UV pip uninstall -q --python .venv-vllm/bin/python torchvision torchaudio torchcodec
 fi
 
+# PostgreSQL server programs, for the throwaway cluster the scheduler tests run Airflow on (Debian package).
+if ! command -v initdb >/dev/null && ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then
+  if [[ $(id -u) == 0 ]]; then
+    echo "== postgresql (apt)"; apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null
+  else echo "note: PostgreSQL is not installed; tests/test_scheduler.py needs it (apt-get install postgresql)" >&2; fi
+fi
+
 echo "== models ($FTOPS_HOME/models)"
 FTOPS_HOME=$FTOPS_HOME .venv/bin/ftops models convert-smollm2 "$FTOPS_HOME/models/smollm2-135m-instruct" >/dev/null
 echo "setup done"
