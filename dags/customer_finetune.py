@@ -43,7 +43,7 @@ DOC = """
 **gate** → **register** (MLflow, lineage tags) → **promote** (`production` alias; mode `{promote}`).
 
 Trigger by hand with *Trigger DAG w/ config* to force a run with no new data, stop before training
-(`dry_run`), override steps or learning rate, or the promotion mode. Runs weekly on its own staggered slot
+(`dry_run`), override epochs, steps or learning rate, or the promotion mode. Runs weekly on its own staggered slot
 `{cron}` (UTC), and as soon as {trigger} new examples wait in the inbox.
 """
 
@@ -70,6 +70,9 @@ def run_params(c: CustomerConfig) -> dict[str, Param]:
         "force": Param(False, type="boolean", description="Train even when no new examples arrived"),
         "dry_run": Param(False, type="boolean", description="Prepare and snapshot the data, stop before training"),
         "promote": Param(c.promote, enum=["auto", "manual"], description="Promotion mode for this run"),
+        "epochs": Param(
+            None, type=["null", "number"], exclusiveMinimum=0, maximum=100, description="Override epochs for this run"
+        ),
         "max_steps": Param(
             None, type=["null", "integer"], minimum=1, description="Override training steps for this run"
         ),
@@ -141,7 +144,7 @@ def train(_: dict) -> dict:
     if params["dry_run"]:
         raise AirflowSkipException("dry run: stopping before training")
     try:
-        overrides = {k: params[k] for k in ("max_steps", "learning_rate") if params.get(k) is not None}
+        overrides = {k: params[k] for k in ("epochs", "max_steps", "learning_rate") if params.get(k) is not None}
         return pipeline.train(run(), force=params["force"], overrides=overrides)
     except pipeline.NothingToTrain as exc:
         raise AirflowSkipException(str(exc)) from exc

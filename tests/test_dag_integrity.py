@@ -52,7 +52,8 @@ def test_customer_dag_reads_as_the_pipeline(dagbag):
     order = ["ingest", "validate", "clean", "dedupe", "snapshot", "train", "evaluate", "gate", "register", "promote"]
     for up, down in zip(order, order[1:], strict=False):
         assert down in dag.get_task(up).downstream_task_ids, (up, down)
-    assert {"force", "dry_run", "promote"} <= set(dag.params)
+    assert {"force", "dry_run", "promote", "epochs", "max_steps", "learning_rate"} <= set(dag.params)
+    assert all(dag.params.get_param(k).description for k in dag.params)  # the UI form explains each field
 
 
 def test_every_task_sees_the_run_params_and_defaults_are_valid(dagbag):

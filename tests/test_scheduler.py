@@ -97,6 +97,7 @@ def test_bad_param_is_refused_with_400(airflow):
     r = trigger(airflow, DAG, {"max_steps": -5})
     assert r.status_code == 400 and "max_steps" in r.text
     assert trigger(airflow, DAG, {"promote": "sometimes"}).status_code == 400
+    assert trigger(airflow, DAG, {"epochs": 0}).status_code == 400
 
 
 def test_enough_new_examples_start_one_run_by_themselves(airflow, home):

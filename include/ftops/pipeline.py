@@ -194,7 +194,10 @@ def train(run: Run, force: bool = False, overrides: dict | None = None) -> dict:
         raise NothingToTrain(f"{run.id}: no new examples since production's dataset {trained_upto or '(none)'}")
     if not new:
         new, old = [m["version"] for m in manifests], []
-    t = run.customer.training.model_copy(update=overrides or {})
+    overrides = dict(overrides or {})
+    if "epochs" in overrides:  # an epochs override means epochs, not the configured step cap
+        overrides.setdefault("max_steps", -1)
+    t = run.customer.training.model_copy(update=overrides)
     rows, val, replayed = snap.training_mix(run.store, run.id, new, old, t.replay_fraction, t.seed)
     run.workdir.mkdir(parents=True, exist_ok=True)
     (run.workdir / "train.jsonl").write_bytes(snap._jsonl(rows))
@@ -208,7 +211,6 @@ def train(run: Run, force: bool = False, overrides: dict | None = None) -> dict:
     dataset_dir.mkdir(exist_ok=True)
     for name in ("manifest.json", "validation.json", "validation.html"):
         (dataset_dir / name).write_bytes(run.store.get(f"{run.id}/datasets/{dataset_version}/{name}"))
-    lora = run.customer.lora
     args = TrainArgs(
         customer=run.id,
         base_model=str(run.base_path),
@@ -218,22 +220,10 @@ def train(run: Run, force: bool = False, overrides: dict | None = None) -> dict:
         val_file=str(run.workdir / "val.jsonl"),
         output_dir=str(run.workdir / "train"),
         storage_root=run.env.storage_root,
-        r=lora.r,
-        alpha=lora.alpha,
-        dropout=lora.dropout,
-        target_modules=lora.target_modules,
-        epochs=t.epochs,
-        max_steps=t.max_steps,
-        learning_rate=t.learning_rate,
-        batch_size=t.batch_size,
-        gradient_accumulation_steps=t.gradient_accumulation_steps,
-        max_length=t.max_length,
-        seed=t.seed,
+        **run.customer.lora.model_dump(),
+        # The customer's trainer settings carry over by name; replay and init are decided above.
+        **t.model_dump(exclude={"replay_fraction", "init"}),
         init_adapter=init_adapter,
-        save_steps=t.save_steps,
-        dpo_max_steps=t.dpo_max_steps,
-        dpo_beta=t.dpo_beta,
-        dpo_learning_rate=t.dpo_learning_rate,
         checkpoint_prefix=f"{run.scratch}/checkpoints",
         mlflow_uri=run.env.mlflow_uri,
         mlflow_experiment=f"ftops-{run.id}",
@@ -262,7 +252,7 @@ def train(run: Run, force: bool = False, overrides: dict | None = None) -> dict:
         "replayed": len(replayed),
         "train_examples": len(rows),
         "val_examples": len(val),
-        "lora": lora.model_dump(),
+        "lora": run.customer.lora.model_dump(),
         "training": t.model_dump(),
     }
     run.save("train.json", json.dumps(out).encode())
