@@ -67,3 +67,17 @@ def test_shipped_customers_files_are_valid():
 
     assert len(load_platform(ROOT / "include" / "customers.yaml").customers) >= 3
     assert load_platform(TEST_CUSTOMERS).customers
+
+
+def test_run_overrides_are_validated_and_epochs_lift_the_step_cap():
+    from pydantic import ValidationError
+
+    from ftops.config import TrainingSettings
+
+    capped = TrainingSettings(max_steps=36, epochs=3)
+    by_epochs = capped.overridden({"epochs": 2})
+    assert (by_epochs.epochs, by_epochs.max_steps) == (2, -1)
+    assert capped.overridden({"epochs": 2, "max_steps": 5}).max_steps == 5
+    assert capped.overridden({"learning_rate": 1e-3}).max_steps == 36
+    with pytest.raises(ValidationError):
+        capped.overridden({"learning_rate": -1})

@@ -61,6 +61,12 @@ class TrainingSettings(_Strict):
     dpo_beta: float = Field(0.1, gt=0)
     dpo_learning_rate: float = Field(5e-5, gt=0)
 
+    def overridden(self, overrides: dict) -> TrainingSettings:
+        """These settings with a manual run's overrides, validated; an epochs override lifts the step cap."""
+        if "epochs" in overrides:
+            overrides = {"max_steps": -1, **overrides}
+        return TrainingSettings.model_validate(self.model_dump() | overrides)
+
 
 class DataPolicy(_Strict):
     pii: Literal["redact", "drop"] = "redact"

@@ -194,10 +194,7 @@ def train(run: Run, force: bool = False, overrides: dict | None = None) -> dict:
         raise NothingToTrain(f"{run.id}: no new examples since production's dataset {trained_upto or '(none)'}")
     if not new:
         new, old = [m["version"] for m in manifests], []
-    overrides = dict(overrides or {})
-    if "epochs" in overrides:  # an epochs override means epochs, not the configured step cap
-        overrides.setdefault("max_steps", -1)
-    t = run.customer.training.model_copy(update=overrides)
+    t = run.customer.training.overridden(overrides or {})
     rows, val, replayed = snap.training_mix(run.store, run.id, new, old, t.replay_fraction, t.seed)
     run.workdir.mkdir(parents=True, exist_ok=True)
     (run.workdir / "train.jsonl").write_bytes(snap._jsonl(rows))
