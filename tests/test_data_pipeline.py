@@ -322,3 +322,9 @@ def test_inbox_counter_counts_records_of_files_not_yet_ingested(tmp_path):
     batch, keys, sigs = dedupe(ingest(str(upload), set()), History())
     snap.write(store, "acme", batch, keys, sigs, {}, "", None, 0.2)  # a run ingested a.jsonl
     assert fresh.pending()[0] == 20
+    reads = []
+    fresh.inbox.get = lambda key, get=fresh.inbox.get: reads.append(key) or get(key)
+    fresh.store.get = lambda key, get=fresh.store.get: reads.append(key) or get(key)
+    assert fresh.pending()[0] == 20 and reads == []  # nothing changed: the next poll reads no object
+    store.put("acme/inbox/c.jsonl", lines(chat("New question?", "New answer.")))
+    assert fresh.pending()[0] == 21 and reads == ["c.jsonl"]  # only the new file

@@ -34,6 +34,21 @@ def test_write_once_list_get(store):
         store.get("acme/nothing")
 
 
+def test_listing_tells_what_changed_without_reading(store):
+    """What the inbox trigger polls with: one level of names, and a token per object that moves on change."""
+    store.put("acme/inbox/a.jsonl", b"one")
+    store.put("acme/inbox/deep/b.jsonl", b"two")
+    store.put("acme/datasets/v1/manifest.json", b"{}")
+    store.put("acme/datasets/v2/train.jsonl", b"")
+    assert store.children("acme/datasets") == ["v1", "v2"] and store.children("acme/none") == []
+    before = store.list_info("acme/inbox")
+    assert sorted(before) == ["acme/inbox/a.jsonl", "acme/inbox/deep/b.jsonl"]
+    store.put("acme/inbox/a.jsonl", b"one, longer", overwrite=True)  # a customer re-uploads a file
+    after = store.list_info("acme/inbox")
+    assert after["acme/inbox/a.jsonl"] != before["acme/inbox/a.jsonl"]
+    assert after["acme/inbox/deep/b.jsonl"] == before["acme/inbox/deep/b.jsonl"]
+
+
 def test_upload_dir_is_write_once_and_download_is_atomic(store, tmp_path):
     src = tmp_path / "adapter"
     (src / "sub").mkdir(parents=True)

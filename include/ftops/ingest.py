@@ -261,31 +261,46 @@ def ingest(inbox_uri: str, already_ingested: set[str], progress=None) -> Batch:
 
 
 class InboxCounter:
-    """Counts records in an inbox's files not yet ingested (what the data-volume trigger watches)."""
+    """Counts records in an inbox's files not yet ingested (what the data-volume trigger watches).
+
+    It polls every customer every minute or so, 500 customers at once in one triggerer, so a poll reads
+    only what changed: the inbox is listed with change tokens and a file is read again only when its
+    token moves; dataset manifests are write-once, so each is read once.
+    """
 
     def __init__(self, storage_root: str, customer: str):
-        self.root, self.customer = storage_root, customer
+        self.customer = customer
+        self.store, self.inbox = Store(storage_root), Store(f"{storage_root}/{customer}/inbox")
         self.signalled: set[str] = set()  # file hashes already reported
-        self._seen: dict[str, tuple[int, str, int]] = {}  # key -> (size, sha256, records)
+        self._seen: dict[str, tuple[str, str, int]] = {}  # key -> (change token, sha256, records)
+        self._ingested: dict[str, set[str]] = {}  # complete dataset version -> hashes of files it ingested
 
-    def pending(self) -> tuple[int, set[str]]:
+    def ingested(self) -> set[str]:
         from ftops.snapshot import ingested_files
 
-        inbox = Store(f"{self.root}/{self.customer}/inbox")
-        done = ingested_files(Store(self.root), self.customer) | self.signalled
+        for version in self.store.children(f"{self.customer}/datasets"):
+            if version not in self._ingested:
+                try:
+                    manifest = json.loads(self.store.get(f"{self.customer}/datasets/{version}/manifest.json"))
+                except (FileNotFoundError, NotADirectoryError):
+                    continue  # still being written (its manifest comes last), or not a version
+                self._ingested[version] = ingested_files(self.store, self.customer, [manifest])
+        return set().union(*self._ingested.values())
+
+    def pending(self) -> tuple[int, set[str]]:
+        done = self.ingested() | self.signalled
         count, files = 0, set()
-        for key in inbox.list(""):
+        for key, token in self.inbox.list_info("").items():
             if not key.endswith((".jsonl", ".jsonl.gz", ".json", ".ndjson")):
                 continue
-            data = inbox.get(key)
             cached = self._seen.get(key)
-            if cached is None or cached[0] != len(data):
-                digest = hashlib.sha256(data).hexdigest()
+            if cached is None or cached[0] != token:
+                data = self.inbox.get(key)
                 try:
                     records = sum(1 for _ in read_lines(key, data))
                 except (OSError, EOFError):
                     records = 0
-                self._seen[key] = cached = (len(data), digest, records)
+                self._seen[key] = cached = (token, hashlib.sha256(data).hexdigest(), records)
             _, digest, records = cached
             if digest not in done and digest not in files:
                 count += records

@@ -101,6 +101,37 @@ class Store:
             if p.is_file() and not p.name.startswith(".tmp-")
         )
 
+    def list_info(self, prefix: str) -> dict[str, str]:
+        """Keys under a prefix (recursive), each with a token that changes when the object does (S3: the
+        ETag and size; local: size and mtime): enough to tell what to re-read without reading it."""
+        prefix = prefix.strip("/")
+        if self.is_s3:
+            out: dict[str, str] = {}
+            full = self._s3key(prefix) + "/" if prefix else (self.prefix + "/" if self.prefix else "")
+            for page in self.s3.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=full):
+                for o in page.get("Contents", []):
+                    out[o["Key"][len(self._s3key("")) :].lstrip("/")] = f"{o['Size']}-{o['ETag']}"
+            return out
+        out = {}
+        for key in self.list(prefix):
+            st = (self.base / key).stat()
+            out[key] = f"{st.st_size}-{st.st_mtime_ns}"
+        return out
+
+    def children(self, prefix: str) -> list[str]:
+        """Names directly under a prefix (one level, like `ls`), sorted; no object is read."""
+        prefix = prefix.strip("/")
+        if self.is_s3:
+            full = self._s3key(prefix) + "/" if prefix else (self.prefix + "/" if self.prefix else "")
+            names: set[str] = set()
+            pages = self.s3.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=full, Delimiter="/")
+            for page in pages:
+                names |= {c["Prefix"][len(full) :].strip("/") for c in page.get("CommonPrefixes", [])}
+                names |= {o["Key"][len(full) :] for o in page.get("Contents", [])}
+            return sorted(names)
+        top = self.base / prefix
+        return sorted(p.name for p in top.iterdir() if not p.name.startswith(".tmp-")) if top.is_dir() else []
+
     def upload_dir(self, local_dir: str | Path, prefix: str) -> str:
         """Copy a folder to a write-once prefix. Re-uploading identical files (a retried task finishing an
         interrupted upload) is a no-op; any different content already there raises AlreadyExists."""
