@@ -10,6 +10,7 @@ active run at a time) consumes queued events in one run.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 from typing import Any
 
 from airflow.triggers.base import BaseEventTrigger, TriggerEvent
@@ -36,6 +37,10 @@ class InboxVolumeTrigger(BaseEventTrigger):
         from ftops.ingest import InboxCounter
 
         counter = InboxCounter(self.storage_root, self.customer)
+        # A triggerer (re)start begins every customer's watcher at once: spread the first, full polls
+        # over one interval, at a stable offset per customer.
+        offset = int(hashlib.sha256(self.customer.encode()).hexdigest(), 16) % 1000 / 1000
+        await asyncio.sleep(self.poll_interval * offset)
         while True:
             pending, files = await asyncio.to_thread(counter.pending)
             if pending >= self.threshold:
