@@ -27,7 +27,7 @@ if [[ ! -f "$AIRFLOW_HOME/.migrated" ]]; then
 fi
 if [[ $AIRFLOW__DATABASE__SQL_ALCHEMY_CONN == "sqlite:///$AIRFLOW_HOME/airflow.db"* ]]; then
   # Write-ahead log: readers stop waiting on the writer. Standalone runs the scheduler, dag-processor,
-  # triggerer and API server on this one file; with the default rollback journal a reader could stall the API for 30 s.
+  # triggerer and API server on this one file; with the default journal the API stalled for 30 s.
   python -c "import sqlite3, sys; sqlite3.connect(sys.argv[1]).execute('PRAGMA journal_mode=WAL')" \
     "$AIRFLOW_HOME/airflow.db"
 fi
