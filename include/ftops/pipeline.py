@@ -15,6 +15,7 @@ import json
 import os
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
 
@@ -292,14 +293,20 @@ def evaluate(run: Run, trained: dict) -> dict:
     )
     config = run.workdir / "eval_args.json"
     config.write_text(json.dumps(asdict(args), indent=2))
-    _ftops("evaluate", "--config", str(config))
-    metrics = json.loads(Path(args.output_file).read_text())
-    if replica is not None:
-        tag = f"eval-{run.id}-{run.key[:8]}"
-        metrics["base"]["answers"] = answers_from(replica, "", None, prompts)
-        metrics["candidate"]["answers"] = answers_from(replica, f"{tag}-candidate", candidate, prompts)
-        if production:
-            metrics["production"]["answers"] = answers_from(replica, f"{tag}-production", production, prompts)
+    tag = f"eval-{run.id}-{run.key[:8]}"
+    served = {"base": ("", None), "candidate": (f"{tag}-candidate", candidate)}
+    if production:
+        served["production"] = (f"{tag}-production", production)
+    # The replica answers while the subprocess computes held-out losses: most of its time is imports and
+    # model loads, which leave the CPU to vLLM.
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        answers = (
+            pool.submit(lambda: {k: answers_from(replica, *v, prompts) for k, v in served.items()}) if replica else None
+        )
+        _ftops("evaluate", "--config", str(config))
+        metrics = json.loads(Path(args.output_file).read_text())
+        for name, texts in (answers.result() if answers else {}).items():
+            metrics[name]["answers"] = texts
     others = [n for c in run.platform.customers.values() if c.id != run.id for n in (c.name, c.id)]
     for name in ("base", "production", "candidate"):
         if name in metrics:
