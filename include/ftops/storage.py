@@ -83,15 +83,24 @@ class Store:
                 return False
         return (self.base / key).is_file()
 
+    def _s3_pages(self, prefix: str, **kwargs):
+        """Pages of `list_objects_v2` under a prefix of ours, and the full S3 prefix they start with."""
+        full = self._s3key(prefix) + "/" if prefix else (self.prefix + "/" if self.prefix else "")
+        pages = self.s3.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=full, **kwargs)
+        return full, pages
+
+    def _s3_objects(self, prefix: str):
+        """(key, object) for every object under a prefix, keys relative to our root."""
+        _, pages = self._s3_pages(prefix)
+        for page in pages:
+            for o in page.get("Contents", []):
+                yield o["Key"][len(self._s3key("")) :].lstrip("/"), o
+
     def list(self, prefix: str) -> list[str]:
         """Keys under a prefix (recursive), sorted."""
         prefix = prefix.strip("/")
         if self.is_s3:
-            keys: list[str] = []
-            full = self._s3key(prefix) + "/" if prefix else (self.prefix + "/" if self.prefix else "")
-            for page in self.s3.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=full):
-                keys += [o["Key"][len(self._s3key("")) :].lstrip("/") for o in page.get("Contents", [])]
-            return sorted(keys)
+            return sorted(key for key, _ in self._s3_objects(prefix))
         top = self.base / prefix
         if not top.is_dir():
             return []
@@ -106,12 +115,7 @@ class Store:
         ETag and size; local: size and mtime): enough to tell what to re-read without reading it."""
         prefix = prefix.strip("/")
         if self.is_s3:
-            out: dict[str, str] = {}
-            full = self._s3key(prefix) + "/" if prefix else (self.prefix + "/" if self.prefix else "")
-            for page in self.s3.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=full):
-                for o in page.get("Contents", []):
-                    out[o["Key"][len(self._s3key("")) :].lstrip("/")] = f"{o['Size']}-{o['ETag']}"
-            return out
+            return {key: f"{o['Size']}-{o['ETag']}" for key, o in self._s3_objects(prefix)}
         out = {}
         for key in self.list(prefix):
             st = (self.base / key).stat()
@@ -122,9 +126,8 @@ class Store:
         """Names directly under a prefix (one level, like `ls`), sorted; no object is read."""
         prefix = prefix.strip("/")
         if self.is_s3:
-            full = self._s3key(prefix) + "/" if prefix else (self.prefix + "/" if self.prefix else "")
+            full, pages = self._s3_pages(prefix, Delimiter="/")
             names: set[str] = set()
-            pages = self.s3.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=full, Delimiter="/")
             for page in pages:
                 names |= {c["Prefix"][len(full) :].strip("/") for c in page.get("CommonPrefixes", [])}
                 names |= {o["Key"][len(full) :] for o in page.get("Contents", [])}
