@@ -34,47 +34,12 @@ def free_port() -> int:
 
 
 def two_versions(home: Path, base: Path, mlflow_uri: str) -> list[str]:
-    from ftops.config import settings
-    from ftops.demo_data import write_batch
-    from ftops.ingest import ingest
-    from ftops.registry import Registry
-    from ftops.snapshot import _jsonl
-    from ftops.train import TrainArgs, train
+    from ftops.demo_data import registered_style_version
 
-    reg, versions = Registry(mlflow_uri), []
-    for i, style in enumerate(["brightdesk", "sterling-law"]):
-        batch = ingest(str(write_batch(style, home / f"in{i}", n=40, batch=i, dirty=False).parent), set())
-        (home / f"t{i}.jsonl").write_bytes(_jsonl({"messages": e.messages} for e in batch.examples))
-        args = TrainArgs(
-            customer=CUSTOMER,
-            base_model=str(base),
-            base_model_slug=BASE,
-            adapter_version=f"v{i + 1}",
-            train_file=str(home / f"t{i}.jsonl"),
-            val_file=str(home / f"t{i}.jsonl"),
-            output_dir=str(home / f"o{i}"),
-            storage_root=settings().storage_root,
-            max_steps=10,
-            learning_rate=5e-3,
-            batch_size=8,
-            max_length=128,
-            mlflow_uri=mlflow_uri,
-        )
-        result = train(args)
-        v = reg.register(
-            CUSTOMER,
-            BASE,
-            result["adapter_artifact_uri"],
-            result["mlflow_run_id"],
-            {
-                "adapter.version": args.adapter_version,
-                "gate.decision": "passed",
-                "lora.r": "8",
-                "adapter.prefix": f"{CUSTOMER}/adapters/{BASE}/{args.adapter_version}",
-            },
-        )
-        versions.append(v.version)
-    return versions
+    return [
+        registered_style_version(CUSTOMER, style, i, base, BASE, home, f"v{i + 1}", mlflow_uri, n=40, max_steps=10)
+        for i, style in enumerate(["brightdesk", "sterling-law"])
+    ]
 
 
 def served_by(vllm: str, adapter_version: str, deadline: float) -> float:

@@ -35,52 +35,13 @@ def second_replica(home, tiny_model, vllm_server):
 @pytest.fixture(scope="module")
 def versions(home, tiny_model, mlflow_server, tmp_path_factory):
     """Two registered adapter versions of one customer, trained for real on different data."""
-    from ftops import snapshot as snap
-    from ftops.dedupe import History, dedupe
-    from ftops.demo_data import write_batch
-    from ftops.ingest import ingest
-    from ftops.storage import Store
-    from ftops.train import TrainArgs, train
+    from ftops.demo_data import registered_style_version
 
     tmp = tmp_path_factory.mktemp("serving")
-    store = Store(settings().storage_root)
-    reg = Registry(mlflow_server.url)
-    out = []
-    for i, style in enumerate(["brightdesk", "sterling-law"]):  # v2 answers in another voice: visibly new
-        b = ingest(str(write_batch(style, tmp / f"in{i}", n=60, batch=i, dirty=False).parent), set())
-        b, keys, sigs = dedupe(b, History())
-        rows = [{"messages": e.messages} for e in b.examples]
-        (tmp / f"t{i}.jsonl").write_bytes(snap._jsonl(rows))
-        args = TrainArgs(
-            customer=CUSTOMER,
-            base_model=str(tiny_model),
-            base_model_slug=BASE,
-            adapter_version=f"serving-v{i + 1}",
-            train_file=str(tmp / f"t{i}.jsonl"),
-            val_file=str(tmp / f"t{i}.jsonl"),
-            output_dir=str(tmp / f"o{i}"),
-            storage_root=store.root,
-            learning_rate=5e-3,
-            batch_size=8,
-            max_length=128,
-            max_steps=40,
-            mlflow_uri=mlflow_server.url,
-        )
-        result = train(args)
-        v = reg.register(
-            CUSTOMER,
-            BASE,
-            result["adapter_artifact_uri"],
-            result["mlflow_run_id"],
-            {
-                "adapter.version": args.adapter_version,
-                "adapter.prefix": f"{CUSTOMER}/adapters/{BASE}/{args.adapter_version}",
-                "gate.decision": "passed",
-                "lora.r": "8",
-            },
-        )
-        out.append(v.version)
-    return out
+    return [  # v2 answers in another voice: visibly new
+        registered_style_version(CUSTOMER, style, i, tiny_model, BASE, tmp, f"serving-v{i + 1}", mlflow_server.url)
+        for i, style in enumerate(["brightdesk", "sterling-law"])
+    ]
 
 
 def served(url: str) -> dict[str, str]:

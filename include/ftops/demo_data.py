@@ -188,3 +188,58 @@ def tokenizer_corpus() -> list[str]:
             texts += list(example(customer, rng))
     texts += ["The quick brown fox jumps over the lazy dog. Hello, how can I help you today?"] * 5
     return texts
+
+
+def registered_style_version(
+    customer: str,
+    style: str,
+    batch: int,
+    base_model: Path,
+    base_slug: str,
+    workdir: Path,
+    adapter_version: str,
+    mlflow_uri: str,
+    n: int = 60,
+    max_steps: int = 40,
+) -> str:
+    """Train a small adapter on a fresh batch in `style`'s voice and register it as a passed version; returns
+    the registry version. For tests and benchmarks that need real versions without a whole DAG run."""
+    from ftops import snapshot as snap
+    from ftops.config import settings
+    from ftops.dedupe import History, dedupe
+    from ftops.ingest import ingest
+    from ftops.registry import Registry
+    from ftops.train import TrainArgs, train
+
+    examples, _, _ = dedupe(
+        ingest(str(write_batch(style, workdir / f"in{batch}", n, batch, dirty=False).parent), set()), History()
+    )
+    data = workdir / f"t{batch}.jsonl"
+    data.write_bytes(snap._jsonl({"messages": e.messages} for e in examples.examples))
+    args = TrainArgs(
+        customer=customer,
+        base_model=str(base_model),
+        base_model_slug=base_slug,
+        adapter_version=adapter_version,
+        train_file=str(data),
+        val_file=str(data),
+        output_dir=str(workdir / f"o{batch}"),
+        storage_root=settings().storage_root,
+        learning_rate=5e-3,
+        batch_size=8,
+        max_length=128,
+        max_steps=max_steps,
+        mlflow_uri=mlflow_uri,
+    )
+    result = train(args)
+    tags = {
+        "adapter.version": adapter_version,
+        "adapter.prefix": f"{customer}/adapters/{base_slug}/{adapter_version}",
+        "gate.decision": "passed",
+        "lora.r": "8",
+    }
+    return (
+        Registry(mlflow_uri)
+        .register(customer, base_slug, result["adapter_artifact_uri"], result["mlflow_run_id"], tags)
+        .version
+    )
