@@ -182,10 +182,11 @@ def promote(registered: dict, decision: dict) -> dict:
     from ftops import pipeline
 
     ctx = get_current_context()
+    r = run()
     # After an approval step, reaching here means an operator approved in the UI.
-    mode = "auto" if "approve" in ctx["dag"].task_ids else ctx["params"]["promote"]
+    mode = pipeline.promotion_mode(r, ctx["params"]["promote"], approved="approve" in ctx["dag"].task_ids)
     try:
-        return pipeline.promote(run(), registered, decision, mode)
+        return pipeline.promote(r, registered, decision, mode)
     except pipeline.GateFailed as exc:
         raise AirflowFailException(str(exc)) from exc
 

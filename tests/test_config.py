@@ -22,8 +22,15 @@ def write(tmp_path, customers: str):
     return path
 
 
+def strict(path):
+    """Load and fail on any invalid entry, as `ftops customers check` does."""
+    platform = load_platform(path)
+    platform.check()
+    return platform
+
+
 def test_defaults_apply_and_customers_override_field_by_field(tmp_path):
-    p = load_platform(write(tmp_path, "  - {id: acme, name: Acme, training: {learning_rate: 0.01}}\n"))
+    p = strict(write(tmp_path, "  - {id: acme, name: Acme, training: {learning_rate: 0.01}}\n"))
     acme = p.customer("acme")
     assert acme.training.epochs == 1 and acme.training.learning_rate == 0.01
     assert acme.lora.r == 8  # built-in default
@@ -32,28 +39,28 @@ def test_defaults_apply_and_customers_override_field_by_field(tmp_path):
 @pytest.mark.parametrize("bad", ["Acme", "a", "../etc", "acme_co", "-acme", "x" * 64])
 def test_bad_customer_id_is_rejected_naming_it(tmp_path, bad):
     with pytest.raises(ConfigError, match="invalid customer id"):
-        load_platform(write(tmp_path, f"  - {{id: '{bad}', name: X}}\n"))
+        strict(write(tmp_path, f"  - {{id: '{bad}', name: X}}\n"))
     with pytest.raises(ConfigError):
         check_customer_id(bad)
 
 
 def test_missing_field_names_customer_and_field(tmp_path):
     with pytest.raises(ConfigError, match=r"customer acme: name: Field required"):
-        load_platform(write(tmp_path, "  - {id: acme}\n"))
+        strict(write(tmp_path, "  - {id: acme}\n"))
 
 
 def test_wrong_type_and_unknown_field_are_errors(tmp_path):
     with pytest.raises(ConfigError, match=r"customer acme: lora.r"):
-        load_platform(write(tmp_path, "  - {id: acme, name: A, lora: {r: many}}\n"))
+        strict(write(tmp_path, "  - {id: acme, name: A, lora: {r: many}}\n"))
     with pytest.raises(ConfigError, match=r"customer acme: colour"):
-        load_platform(write(tmp_path, "  - {id: acme, name: A, colour: red}\n"))
+        strict(write(tmp_path, "  - {id: acme, name: A, colour: red}\n"))
 
 
 def test_unknown_base_model_and_duplicates_are_errors(tmp_path):
     with pytest.raises(ConfigError, match="base_model 'huge' is not in base_models"):
-        load_platform(write(tmp_path, "  - {id: acme, name: A, base_model: huge}\n"))
+        strict(write(tmp_path, "  - {id: acme, name: A, base_model: huge}\n"))
     with pytest.raises(ConfigError, match="listed twice"):
-        load_platform(write(tmp_path, "  - {id: acme, name: A}\n  - {id: acme, name: B}\n"))
+        strict(write(tmp_path, "  - {id: acme, name: A}\n  - {id: acme, name: B}\n"))
 
 
 def test_unknown_customer_lookup_is_a_clear_error(tmp_path):
@@ -62,11 +69,49 @@ def test_unknown_customer_lookup_is_a_clear_error(tmp_path):
         p.customer("globex")
 
 
+def test_one_bad_entry_leaves_the_others_and_is_named(tmp_path):
+    p = load_platform(
+        write(
+            tmp_path,
+            "  - {id: acme, name: A}\n"
+            "  - {id: globex, name: G, lora: {r: many}}\n"
+            "  - {id: Bad_Id, name: X}\n"
+            "  - 42\n"
+            "  - {id: initech, name: I}\n"
+            "  - {id: initech, name: I2}\n",
+        )
+    )
+    assert sorted(p.customers) == ["acme"]  # initech listed twice: neither entry is trusted
+    assert sorted(p.invalid) == ["#2", "#3", "globex", "initech"]
+    assert "lora.r" in p.invalid["globex"] and "listed twice" in p.invalid["initech"]
+    with pytest.raises(ConfigError, match="'globex' has an invalid entry"):
+        p.customer("globex")
+    with pytest.raises(ConfigError, match=r"globex: .*lora.r"):
+        p.check()
+
+
+@pytest.mark.parametrize("bad", ["Tiny", "../x", "a/b", "a..b", ""])
+def test_bad_base_model_name_is_rejected(tmp_path, bad):
+    path = tmp_path / "customers.yaml"
+    path.write_text(f"base_models:\n  '{bad}': {{path: x}}\ncustomers: []\n")
+    with pytest.raises(ConfigError, match="invalid base model name"):
+        load_platform(path)
+
+
+def test_registered_model_names_cannot_collide():
+    from ftops.registry import model_name
+
+    pairs = [("acme", "x-y"), ("acme-x", "y"), ("acme", "x.y"), ("acme-x", "y.z"), ("acme-x-y", "z")]
+    names = [model_name(c, b) for c, b in pairs]
+    assert len(set(names)) == len(names)
+    assert model_name("acme", "x-y") == "ftops.acme.x-y"  # readable: customer, then base model
+
+
 def test_shipped_customers_files_are_valid():
     from conftest import ROOT, TEST_CUSTOMERS
 
-    assert len(load_platform(ROOT / "include" / "customers.yaml").customers) >= 3
-    assert load_platform(TEST_CUSTOMERS).customers
+    assert len(strict(ROOT / "include" / "customers.yaml").customers) >= 3
+    assert strict(TEST_CUSTOMERS).customers
 
 
 def test_run_overrides_are_validated_and_epochs_lift_the_step_cap():

@@ -47,6 +47,22 @@ def test_tags_retries_and_no_catchup(dagbag):
         assert all(t.execution_timeout is not None for t in dag.tasks), dag_id
 
 
+def test_one_invalid_customer_keeps_the_other_dags_and_is_an_import_error(tmp_path, monkeypatch):
+    import yaml
+    from airflow.dag_processing.dagbag import DagBag
+
+    doc = yaml.safe_load((ROOT / "include" / "customers.yaml").read_text())
+    valid = [c["id"] for c in doc["customers"]]
+    doc["customers"].append({"id": "globex", "name": "Globex", "lora": {"r": "many"}})
+    path = tmp_path / "customers.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    monkeypatch.setenv("FTOPS_CUSTOMERS", str(path))
+    bag = DagBag(dag_folder=str(DAGS))
+    assert {f"finetune_{c}" for c in valid} <= set(bag.dag_ids) and "finetune_globex" not in bag.dag_ids
+    [(file, error)] = bag.import_errors.items()
+    assert file.endswith("customers_check.py") and "globex" in error and "lora.r" in error
+
+
 def test_customer_dag_reads_as_the_pipeline(dagbag):
     dag = dagbag.dags["finetune_brightdesk"]
     order = ["ingest", "validate", "clean", "dedupe", "snapshot", "train", "evaluate", "gate", "register", "promote"]

@@ -95,3 +95,24 @@ def test_production_is_compared_on_data_it_knows():
     m = metrics({"val_loss": 1.0, "val_loss_history": 2.0}, prod={"val_loss": 3.0, "val_loss_history": 1.0})
     d = decide(m, GatePolicy(max_regression=0.05))
     assert not d.passed and any("val_loss_history" in r and r.startswith("FAIL") for r in d.reasons)
+
+
+def test_a_non_finite_loss_fails_and_every_other_rule_is_still_evaluated():
+    for bad in (float("nan"), float("inf"), None):
+        m = metrics({"val_loss": bad, "canary_leaks": 1, "golden_chrf": 10.0}, prod={})
+        d = decide(m, GatePolicy(min_golden_chrf=50))
+        assert not d.passed, bad
+        failed_groups = {r.split("]")[0].removeprefix("FAIL [") for r in d.reasons if r.startswith("FAIL")}
+        assert failed_groups == {"val_loss", "golden", "safety"}, d.reasons
+    d = decide(metrics({}, base={"val_loss": float("nan")}), GatePolicy())
+    assert not d.passed and any("base model val_loss is not usable" in r for r in d.reasons)
+
+
+def test_a_malformed_hand_off_is_an_error_not_a_missing_comparison():
+    import pytest
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError):
+        decide({"base": {"val_loss": 3.0}}, GatePolicy())  # no candidate
+    with pytest.raises(ValidationError):
+        decide(metrics({}) | {"production": "v3"}, GatePolicy())  # production must be scores, not a name

@@ -18,10 +18,12 @@ data_app = typer.Typer(help="Data pipeline stages.", no_args_is_help=True)
 adapters_app = typer.Typer(help="The adapter registry (MLflow).", no_args_is_help=True)
 serving_app = typer.Typer(help="vLLM serving.", no_args_is_help=True)
 models_app = typer.Typer(help="Local base models (nothing is downloaded).", no_args_is_help=True)
+customers_app = typer.Typer(help="The customers file.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 app.add_typer(adapters_app, name="adapters")
 app.add_typer(serving_app, name="serving")
 app.add_typer(models_app, name="models")
+app.add_typer(customers_app, name="customers")
 console = Console()
 
 
@@ -152,6 +154,26 @@ def models_convert_smollm2(out: Path) -> None:
     print(convert_smollm2(out))
 
 
+def _platform():
+    """The customers file; invalid entries are named on stderr (the valid customers still work)."""
+    try:
+        platform = load_platform()
+    except ConfigError as exc:
+        _fail(str(exc))
+    for error in platform.invalid.values():
+        Console(stderr=True).print(f"[yellow]warning:[/yellow] skipped an invalid entry: {error}")
+    return platform
+
+
+@customers_app.command("check")
+def customers_check() -> None:
+    """Validate the customers file: exit 2 naming every invalid entry."""
+    platform = _platform()
+    if platform.invalid:
+        _fail(f"{len(platform.invalid)} invalid customer entr{'y' if len(platform.invalid) == 1 else 'ies'}")
+    console.print(f"{len(platform.customers)} customers, all valid")
+
+
 def _registry_and_customer(customer: str):
     from ftops.registry import Registry
 
@@ -165,11 +187,17 @@ def _registry_and_customer(customer: str):
 @adapters_app.command("list")
 def adapters_list(customer: str) -> None:
     """Every registered adapter version of a customer, newest first."""
+    from ftops.registry import RegistryError
+
     reg, c = _registry_and_customer(customer)
     table = Table(title=f"{customer} on {c.base_model}")
     for col in ("version", "aliases", "adapter", "dataset", "val loss", "gate"):
         table.add_column(col)
-    for v in reversed(reg.versions(customer, c.base_model)):
+    try:
+        versions = reg.versions(customer, c.base_model)
+    except RegistryError as exc:
+        _fail(str(exc))
+    for v in reversed(versions):
         table.add_row(
             v.version,
             ",".join(v.aliases),
@@ -226,6 +254,21 @@ def adapters_rollback(
     _announce(customer, v.version)
 
 
+@adapters_app.command("migrate-names")
+def adapters_migrate_names() -> None:
+    """Rename registered models from the old `ftops-<customer>-<base>` scheme (which two pairs could share) to
+    `ftops.<customer>.<base>`, from each model's own `customer`/`base_model` tags; versions and aliases stay."""
+    from ftops.registry import Registry, RegistryError
+
+    try:
+        moved = Registry(settings().mlflow_uri).migrate_names()
+    except RegistryError as exc:
+        _fail(str(exc))
+    for old, new in moved:
+        console.print(f"{old} -> {new}")
+    console.print(f"{len(moved)} registered model(s) renamed")
+
+
 def _announce(customer: str, version: str) -> None:
     from ftops.notify import production_changed
 
@@ -237,10 +280,20 @@ def _announce(customer: str, version: str) -> None:
 
 @serving_app.command("sync")
 def serving_sync() -> None:
-    """Reconcile every vLLM replica with the registry once."""
+    """Reconcile every vLLM replica with the registry once (exit 1 on any error, after doing what could be done;
+    nothing is unloaded unless its removal is explicit)."""
     from ftops.pipeline import sync_serving
+    from ftops.registry import RegistryUnavailable
+    from ftops.serving import ReconcileIncomplete
 
-    console.print_json(json.dumps(sync_serving()))
+    try:
+        console.print_json(json.dumps(sync_serving()))
+    except RegistryUnavailable as exc:
+        Console(stderr=True).print(f"[red]error:[/red] {exc}\nNothing was changed: every replica serves what it did.")
+        raise typer.Exit(1) from exc
+    except ReconcileIncomplete as exc:
+        Console(stderr=True).print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(1) from exc
 
 
 @serving_app.command("capacity")
@@ -263,25 +316,34 @@ def serving_status() -> None:
     """Per customer and replica: desired version, served version, drift."""
     import httpx
 
-    from ftops.registry import Registry
+    from ftops.registry import Registry, RegistryError
     from ftops.serving import Replica
 
     env = settings()
-    platform = load_platform()
+    platform = _platform()
     reg = Registry(env.mlflow_uri)
     table = Table()
     for col in ("customer", "replica", "desired", "served", "state"):
         table.add_column(col)
+    wanted = {}
+    for c in platform.customers.values():
+        try:
+            v = reg.by_alias(c.id, c.base_model, "production")
+            wanted[c.id] = v.adapter_version if v else "-"
+        except RegistryError as exc:
+            wanted[c.id] = "unknown"
+            Console(stderr=True).print(f"[red]{c.id}:[/red] {exc}")
     for url in env.vllm_urls:
         try:
             loaded = Replica(url).adapters()
         except httpx.HTTPError:
             loaded = None
         for c in platform.customers.values():
-            v = reg.by_alias(c.id, c.base_model, "production")
-            want = v.adapter_version if v else "-"
+            want = wanted[c.id]
             served = Path(loaded[c.id]).name if loaded and c.id in loaded else "-"
-            state = "down" if loaded is None else ("ok" if want == served else "DRIFT")
+            state = (
+                "down" if loaded is None else "unknown" if want == "unknown" else ("ok" if want == served else "DRIFT")
+            )
             table.add_row(c.id, url, want, served, state)
     console.print(table)
 
@@ -293,7 +355,7 @@ def report(prompt: str = typer.Option(None, help="ask every customer this instea
     from ftops.serving import Replica
 
     env = settings()
-    platform = load_platform()
+    platform = _platform()
     reg = Registry(env.mlflow_uri)
     replica = Replica(env.vllm_urls[0], timeout=180)
     base = replica.base_model()

@@ -20,6 +20,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 # Asset that a promotion or rollback emits; the serving sync DAG is scheduled on it.
 PRODUCTION_ASSET_URI = "ftops://registry/production"
 CUSTOMER_ID_RE = re.compile(r"^[a-z0-9][a-z0-9-]{1,62}$")
+BASE_SLUG_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
 
 
 class ConfigError(ValueError):
@@ -31,6 +32,12 @@ def check_customer_id(customer_id: str) -> str:
     if not isinstance(customer_id, str) or not CUSTOMER_ID_RE.fullmatch(customer_id):
         raise ConfigError(f"invalid customer id {customer_id!r}: expected a lowercase slug [a-z0-9][a-z0-9-]{{1,62}}")
     return customer_id
+
+
+def check_base_slug(slug: str) -> str:
+    if not isinstance(slug, str) or not BASE_SLUG_RE.fullmatch(slug) or ".." in slug:
+        raise ConfigError(f"invalid base model name {slug!r}: expected a lowercase slug [a-z0-9][a-z0-9._-]{{0,62}}")
+    return slug
 
 
 class _Strict(BaseModel):
@@ -123,7 +130,14 @@ class BaseModelConfig(_Strict):
 class CustomersFile(_Strict):
     base_models: dict[str, BaseModelConfig]
     defaults: dict = {}
-    customers: list[dict]
+    customers: list
+
+    @field_validator("base_models")
+    @classmethod
+    def _slugs(cls, v: dict) -> dict:
+        for slug in v:
+            check_base_slug(slug)
+        return v
 
 
 def _merge(base: dict, override: dict) -> dict:
@@ -139,12 +153,22 @@ class Platform:
 
     base_models: dict[str, BaseModelConfig]
     customers: dict[str, CustomerConfig] = field(default_factory=dict)
+    # Entries that failed validation: label (the id when it is a valid one, else `#<index>`) -> the error.
+    # The other customers keep working; whatever concerns these is left as it is, never removed.
+    invalid: dict[str, str] = field(default_factory=dict)
 
     def customer(self, customer_id: str) -> CustomerConfig:
         check_customer_id(customer_id)
+        if customer_id in self.invalid:
+            raise ConfigError(f"customer {customer_id!r} has an invalid entry: {self.invalid[customer_id]}")
         if customer_id not in self.customers:
             raise ConfigError(f"unknown customer {customer_id!r}; known: {', '.join(sorted(self.customers))}")
         return self.customers[customer_id]
+
+    def check(self) -> None:
+        """Raise ConfigError naming every invalid entry (the CLI's `customers check`, the DAG folder's check)."""
+        if self.invalid:
+            raise ConfigError("invalid customer entries: " + "; ".join(f"{k}: {v}" for k, v in self.invalid.items()))
 
 
 def _describe(err: ValidationError) -> str:
@@ -161,23 +185,31 @@ def load_platform(path: str | Path | None = None) -> Platform:
         raise ConfigError(f"{path}: cannot read customers file: {exc}") from exc
     except ValidationError as exc:
         raise ConfigError(f"{path}: {_describe(exc)}") from exc
+    # One bad entry must not take every customer's DAG down: it is set aside with its error, the rest load.
     customers: dict[str, CustomerConfig] = {}
+    invalid: dict[str, str] = {}
     for i, entry in enumerate(doc.customers):
-        label = entry.get("id", f"#{i}") if isinstance(entry, dict) else f"#{i}"
+        raw_id = entry.get("id") if isinstance(entry, dict) else None
+        label = raw_id if isinstance(raw_id, str) and CUSTOMER_ID_RE.fullmatch(raw_id) else f"#{i}"
         try:
+            if not isinstance(entry, dict):
+                raise ConfigError(f"expected a mapping, got {type(entry).__name__}")
             customer = CustomerConfig.model_validate(_merge(doc.defaults, entry))
+            if customer.base_model not in doc.base_models:
+                raise ConfigError(f"base_model {customer.base_model!r} is not in base_models")
         except ValidationError as exc:
-            raise ConfigError(f"{path}: customer {label}: {_describe(exc)}") from exc
+            invalid[label] = f"{path}: customer {label}: {_describe(exc)}"
+            continue
         except ConfigError as exc:
-            raise ConfigError(f"{path}: customer {label}: {exc}") from exc
-        if customer.id in customers:
-            raise ConfigError(f"{path}: customer {customer.id}: listed twice")
-        if customer.base_model not in doc.base_models:
-            raise ConfigError(
-                f"{path}: customer {customer.id}: base_model {customer.base_model!r} is not in base_models"
-            )
+            invalid[label] = f"{path}: customer {label}: {exc}"
+            continue
+        if customer.id in customers or customer.id in invalid:
+            # Which of the two is meant is unknown: neither is trusted.
+            customers.pop(customer.id, None)
+            invalid[customer.id] = f"{path}: customer {customer.id}: listed twice"
+            continue
         customers[customer.id] = customer
-    return Platform(base_models=doc.base_models, customers=customers)
+    return Platform(base_models=doc.base_models, customers=customers, invalid=invalid)
 
 
 @dataclass(frozen=True)

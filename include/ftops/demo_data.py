@@ -8,6 +8,7 @@ exact duplicate, a near duplicate, a malformed line.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 from pathlib import Path
@@ -209,6 +210,7 @@ def registered_style_version(
     from ftops.dedupe import History, dedupe
     from ftops.ingest import ingest
     from ftops.registry import Registry
+    from ftops.storage import Store
     from ftops.train import TrainArgs, train
 
     examples, _, _ = dedupe(
@@ -232,9 +234,12 @@ def registered_style_version(
         mlflow_uri=mlflow_uri,
     )
     result = train(args)
+    prefix = f"{customer}/adapters/{base_slug}/{adapter_version}"
+    weights = Store(settings().storage_root).get(f"{prefix}/adapter_model.safetensors")
     tags = {
         "adapter.version": adapter_version,
-        "adapter.prefix": f"{customer}/adapters/{base_slug}/{adapter_version}",
+        "adapter.prefix": prefix,
+        "adapter.sha256": hashlib.sha256(weights).hexdigest(),
         "gate.decision": "passed",
         "lora.r": "8",
     }

@@ -23,7 +23,10 @@ import numpy as np
 
 from ftops import snapshot as snap
 from ftops.config import CustomerConfig, Platform, Settings, load_platform, settings
+from ftops.handoffs import Decision, Metrics, Promotion, Registration
 from ftops.ingest import Batch
+from ftops.registry import AdapterVersion, RegistryError, model_name
+from ftops.serving import Desired, Plan
 from ftops.storage import Store
 
 
@@ -187,8 +190,14 @@ def train(run: Run, force: bool = False, overrides: dict | None = None) -> dict:
     if run.store.exists(f"{run.scratch}/train.json"):
         return json.loads(run.load("train.json"))
     manifests = [m for m in snap.versions(run.store, run.id) if m["counts"]["kept"] > 0]
-    prod = run.registry().by_alias(run.id, run.base_slug, "production")
+    # RegistryUnavailable propagates: the task retries, then fails, rather than train without replay.
+    prod = production(run)
     trained_upto = prod.tags.get("dataset.version", "") if prod else ""
+    if prod and trained_upto not in {m["version"] for m in manifests}:
+        raise RegistryError(
+            f"{run.id}: production v{prod.version} names dataset {trained_upto[:80]!r}, which is not one of this "
+            "customer's dataset versions; refusing to guess what it was trained on"
+        )
     new = [m["version"] for m in manifests if m["version"] > trained_upto]
     old = [m["version"] for m in manifests if m["version"] <= trained_upto]
     if not new and not force:
@@ -203,7 +212,7 @@ def train(run: Run, force: bool = False, overrides: dict | None = None) -> dict:
     run.save("replayed.txt", "\n".join(replayed).encode())
     init_adapter = ""
     if t.init == "production" and prod is not None:
-        init_adapter = str(run.store.download_dir(prod.adapter_prefix, run.workdir / "init" / prod.adapter_version))
+        init_adapter = str(production_copy(run, prod, run.workdir / "init"))
     dataset_version = new[-1]
     dataset_dir = run.workdir / "dataset"
     dataset_dir.mkdir(exist_ok=True)
@@ -257,6 +266,26 @@ def train(run: Run, force: bool = False, overrides: dict | None = None) -> dict:
     return out
 
 
+def production(run: Run) -> AdapterVersion | None:
+    """The customer's production version, its values checked; None only when the registry answered that
+    there is none. An unreadable registry (RegistryUnavailable) or a refused version (UntrustedVersion)
+    raises: training without replay or an evaluation without the comparison is never the fallback."""
+    from ftops.registry import PRODUCTION
+
+    v = run.registry().by_alias(run.id, run.base_slug, PRODUCTION)
+    return v.checked(run.base_slug) if v else None
+
+
+def production_copy(run: Run, prod: AdapterVersion, parent: Path) -> Path:
+    """A local copy of production's adapter, verified against the sha256 recorded at its registration."""
+    from ftops.serving import verified_copy
+
+    label = f"{run.id}: production v{prod.version}"
+    return verified_copy(
+        run.store, prod.adapter_prefix, parent / prod.adapter_version, prod.tags["adapter.sha256"], label
+    )
+
+
 def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -264,14 +293,13 @@ def _sha256(path: Path) -> str:
 def evaluate(run: Run, trained: dict) -> dict:
     """Loss, golden set and safety probes for base, production and candidate, on the serving engine if any."""
     from ftops.evaluate import EvalArgs, golden_set, redteam_set, regurgitation_probes, score_answers
-    from ftops.serving import answers_from, engine_for
+    from ftops.serving import answers_from, engine_for, eval_name
 
     adapters = run.workdir / "adapters"
     candidate = run.store.download_dir(trained["adapter_prefix"], adapters / "candidate" / trained["adapter_version"])
-    prod = run.registry().by_alias(run.id, run.base_slug, "production")
-    production = (
-        run.store.download_dir(prod.adapter_prefix, adapters / "production" / prod.adapter_version) if prod else None
-    )
+    # Never skips the comparison: an unreadable registry or a refused production version fails the task.
+    prod = production(run)
+    prod_dir = production_copy(run, prod, adapters / "production") if prod else None
     # The artifact scored must be the one registered and served, byte for byte.
     weights = "adapter_model.safetensors"
     stored = hashlib.sha256(run.store.get(f"{trained['adapter_prefix']}/{weights}")).hexdigest()
@@ -284,7 +312,7 @@ def evaluate(run: Run, trained: dict) -> dict:
     args = EvalArgs(
         base_model=str(run.base_path),
         candidate_dir=str(candidate),
-        production_dir=str(production) if production else None,
+        production_dir=str(prod_dir) if prod_dir else None,
         val_file=str(run.workdir / "val.jsonl"),
         output_file=str(run.workdir / "eval.json"),
         prompts=prompts,
@@ -293,10 +321,9 @@ def evaluate(run: Run, trained: dict) -> dict:
     )
     config = run.workdir / "eval_args.json"
     config.write_text(json.dumps(asdict(args), indent=2))
-    tag = f"eval-{run.id}-{run.key[:8]}"
-    served = {"base": ("", None), "candidate": (f"{tag}-candidate", candidate)}
-    if production:
-        served["production"] = (f"{tag}-production", production)
+    served = {"base": ("", None), "candidate": (eval_name(run.id, run.key[:8], "candidate"), candidate)}
+    if prod_dir:
+        served["production"] = (eval_name(run.id, run.key[:8], "production"), prod_dir)
     # The replica answers while the subprocess computes held-out losses: most of its time is imports and
     # model loads, which leave the CPU to vLLM.
     with ThreadPoolExecutor(max_workers=1) as pool:
@@ -319,32 +346,28 @@ def evaluate(run: Run, trained: dict) -> dict:
         "safety_probes": len(probes),
     }
     run.save("eval.json", json.dumps(metrics).encode())
-    # The XCom keeps the figures; answers and findings stay in the scratch file and the report.
-    bulky = ("answers", "safety_findings", "checks_failed")
-    return {
-        k: ({kk: vv for kk, vv in v.items() if kk not in bulky} if isinstance(v, dict) else v)
-        for k, v in metrics.items()
-    }
+    # The XCom keeps the figures (typed); answers and findings stay in the scratch file and the report.
+    return Metrics.model_validate(metrics).model_dump(mode="json")
 
 
 def gate(run: Run, metrics: dict) -> dict:
     from ftops.gate import decide
 
-    d = decide(metrics, run.customer.gate)
-    return {"passed": d.passed, "reasons": d.reasons, "warnings": d.warnings, "tags": d.as_tags()}
+    return decide(Metrics.model_validate(metrics), run.customer.gate).model_dump()
 
 
 def register(run: Run, trained: dict, metrics: dict, decision: dict) -> dict:
     """Register the candidate with its lineage (once per training run), record the gate's decision and report."""
-    cand = metrics["candidate"]
+    m, d = Metrics.model_validate(metrics), Decision.model_validate(decision)
+    cand = m.candidate
     tags = (
         run.lineage()
-        | decision["tags"]
+        | d.as_tags()
         | {
             "adapter.version": trained["adapter_version"],
             "adapter.prefix": trained["adapter_prefix"],
             "adapter.uri": trained["adapter_uri"],
-            "adapter.sha256": metrics["candidate_sha256"],
+            "adapter.sha256": m.candidate_sha256,
             "dataset.version": trained["dataset_version"],
             "dataset.new_versions": ",".join(trained["new_versions"]),
             "replay.examples": trained["replayed"],
@@ -353,19 +376,19 @@ def register(run: Run, trained: dict, metrics: dict, decision: dict) -> dict:
             "lora.r": trained["lora"]["r"],
             "lora.alpha": trained["lora"]["alpha"],
             "lora.target_modules": ",".join(trained["lora"]["target_modules"]),
-            "metrics.candidate_val_loss": cand["val_loss"],
-            "metrics.base_val_loss": metrics["base"]["val_loss"],
-            "metrics.production_val_loss": metrics.get("production", {}).get("val_loss", ""),
-            "metrics.val_examples": metrics["val_examples"],
-            "metrics.candidate_golden_chrf": cand.get("golden_chrf", ""),
-            "metrics.candidate_checks_pass_rate": cand.get("checks_pass_rate", ""),
-            "metrics.candidate_canary_leaks": cand.get("canary_leaks", ""),
-            "eval.engine": metrics["engine"],
+            "metrics.candidate_val_loss": _tag(cand.val_loss),
+            "metrics.base_val_loss": _tag(m.base.val_loss),
+            "metrics.production_val_loss": _tag(m.production.val_loss if m.production else None),
+            "metrics.val_examples": m.val_examples,
+            "metrics.candidate_golden_chrf": _tag(cand.golden_chrf),
+            "metrics.candidate_checks_pass_rate": _tag(cand.checks_pass_rate),
+            "metrics.candidate_canary_leaks": _tag(cand.canary_leaks),
+            "eval.engine": m.engine,
         }
         # What the serving engine answered at the gate: the reconciler checks a swap reproduces it.
         | (
-            {"probe.prompt": cand["sample"]["prompt"], "probe.answer": cand["sample"]["answer"][:200]}
-            if metrics["engine"].startswith("vllm") and cand.get("sample")
+            {"probe.prompt": cand.sample["prompt"], "probe.answer": cand.sample["answer"][:200]}
+            if m.engine.startswith("vllm") and cand.sample
             else {}
         )
     )
@@ -376,11 +399,15 @@ def register(run: Run, trained: dict, metrics: dict, decision: dict) -> dict:
         trained["adapter_artifact_uri"],
         trained["mlflow_run_id"],
         tags,
-        description="; ".join(decision["reasons"]),
+        description="; ".join(d.reasons),
     )
-    reg.set_tags(run.id, run.base_slug, v.version, decision["tags"])
+    reg.set_tags(run.id, run.base_slug, v.version, d.as_tags())
     _log_report(run, trained["mlflow_run_id"], v.version, decision)
-    return {"registry_version": v.version, "model": f"ftops-{run.id}-{run.base_slug}"}
+    return Registration(registry_version=v.version, model=model_name(run.id, run.base_slug)).model_dump()
+
+
+def _tag(x: float | int | None) -> str:
+    return "" if x is None else str(x)
 
 
 def _log_report(run: Run, mlflow_run_id: str, version: str, decision: dict) -> None:
@@ -397,46 +424,95 @@ def _log_report(run: Run, mlflow_run_id: str, version: str, decision: dict) -> N
     run.registry().client.log_artifacts(mlflow_run_id, str(reports), artifact_path="gate")
 
 
-def promote(run: Run, registered: dict, decision: dict, mode: str | None = None) -> dict:
+def promotion_mode(run: Run, requested: str | None, approved: bool = False) -> str:
+    """The one place the promotion mode is decided. An operator's approval in the UI (the DAG's `approve`
+    step, built for `promote: manual` customers) makes it `auto`; otherwise the run's form value, else the
+    customer's setting. `manual` leaves the passed candidate for an operator (UI action or CLI)."""
+    if approved:
+        return "auto"
+    return requested or run.customer.promote
+
+
+def promote(run: Run, registered: dict, decision: dict, mode: str) -> dict:
     """Move `production` to the candidate if the gate passed; a failed gate fails the run visibly."""
-    if not decision["passed"]:
+    r, d = Registration.model_validate(registered), Decision.model_validate(decision)
+    if not d.passed:
         raise GateFailed(
-            f"{run.id}: version {registered['registry_version']} failed the gate: "
-            f"{'; '.join(decision['reasons'])}. Production is unchanged."
+            f"{run.id}: version {r.registry_version} failed the gate: {'; '.join(d.reasons)}. Production is unchanged."
         )
-    if (mode or run.customer.promote) == "manual":
-        return {"promoted": False, "waiting_for": "manual approval", **registered}
-    v = run.registry().promote(run.id, run.base_slug, registered["registry_version"])
-    return {"promoted": True, "production": v.version, "adapter_version": v.adapter_version}
+    if mode == "manual":
+        out = Promotion(promoted=False, mode=mode, registry_version=r.registry_version, waiting_for="manual approval")
+        return out.model_dump()
+    v = run.registry().promote(run.id, run.base_slug, r.registry_version)
+    out = Promotion(
+        promoted=True,
+        mode="auto",
+        registry_version=r.registry_version,
+        production=v.version,
+        adapter_version=v.adapter_version,
+    )
+    return out.model_dump()
 
 
 # --- serving --------------------------------------------------------------------------------------------
 
 
+def plan_serving(platform: Platform, registry) -> Plan:
+    """What every replica should serve, from the customers file and the registry. The registry being
+    unreadable raises RegistryUnavailable before anything is decided (unknown is not absent); a version
+    whose values fail the checks leaves its customer as served."""
+    from ftops.registry import PRODUCTION, UntrustedVersion
+
+    plan = Plan(customers=set(platform.customers))
+    for label, error in platform.invalid.items():
+        plan.keep[label] = f"invalid entry in the customers file ({error})"
+    if platform.invalid:
+        plan.removal_blocked = "the customers file has invalid entries (removals wait until it is fixed)"
+    for c in platform.customers.values():
+        v, absent = registry.lookup(c.id, c.base_model, PRODUCTION)
+        if v is None:
+            if absent == "no_alias":  # the registry answered: production was deleted, an explicit removal
+                plan.remove.add(c.id)
+            else:  # no registered model: a new customer, unless a replica serves it (then: never on that basis)
+                plan.unregistered.add(c.id)
+            continue
+        try:
+            v.checked(c.base_model)
+        except UntrustedVersion as exc:
+            plan.keep[c.id] = str(exc)
+            continue
+        plan.serve.append(
+            Desired(
+                c.id,
+                v.version,
+                v.adapter_version,
+                v.adapter_prefix,
+                v.tags["adapter.sha256"],
+                rank=int(v.tags["lora.r"]) if v.tags.get("lora.r", "").isdigit() else 0,
+                probe_prompt=v.tags.get("probe.prompt", ""),
+                probe_answer=v.tags.get("probe.answer", ""),
+            )
+        )
+    return plan
+
+
 def sync_serving(env: Settings | None = None) -> dict:
+    """Reconcile every replica with the registry once; raises (the DAG run fails) on any error, after doing
+    what could be done."""
     from ftops.registry import Registry
-    from ftops.serving import Desired, reconcile
+    from ftops.serving import ReconcileIncomplete, reconcile
 
     env = env or settings()
     platform = load_platform(env.customers_file)
-    reg = Registry(env.mlflow_uri)
-    desired = []
-    for c in platform.customers.values():
-        v = reg.by_alias(c.id, c.base_model, "production")
-        if v:
-            desired.append(
-                Desired(
-                    c.id,
-                    v.version,
-                    v.adapter_version,
-                    v.adapter_prefix,
-                    rank=int(v.tags.get("lora.r", 0) or 0),
-                    probe_prompt=v.tags.get("probe.prompt", ""),
-                    probe_answer=v.tags.get("probe.answer", ""),
-                )
-            )
+    plan = plan_serving(platform, Registry(env.mlflow_uri))
     max_rank = int(os.environ["FTOPS_VLLM_MAX_LORA_RANK"]) if os.environ.get("FTOPS_VLLM_MAX_LORA_RANK") else None
-    report = reconcile(desired, list(env.vllm_urls), env.vllm_adapter_dir, Store(env.storage_root), max_rank)
+    report = reconcile(plan, list(env.vllm_urls), env.vllm_adapter_dir, Store(env.storage_root), max_rank)
+    result = {
+        "desired": {d.customer: d.registry_version for d in plan.serve},
+        "removed": sorted(plan.remove),
+        "actions": report.actions,
+        "errors": report.errors,
+    }
     if report.errors:
-        raise RuntimeError("serving reconcile incomplete: " + "; ".join(report.errors))
-    return {"desired": {d.customer: d.registry_version for d in desired}, "actions": report.actions}
+        raise ReconcileIncomplete("serving reconcile incomplete: " + "; ".join(report.errors))
+    return result

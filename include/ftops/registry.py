@@ -9,17 +9,60 @@ for a version whose gate passed.
 
 from __future__ import annotations
 
+import re
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
+
+from ftops.config import check_base_slug, check_customer_id
 
 PRODUCTION, PREVIOUS, CANDIDATE = "production", "previous", "candidate"
+T = TypeVar("T")
+# What a registered adapter's values must look like before anything acts on them (tags are input: anyone
+# with write access to MLflow can set them).
+ADAPTER_VERSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 
 
 class RegistryError(RuntimeError):
     """An unknown customer/version, or a move the rules forbid; the message says which."""
 
 
+class RegistryUnavailable(RegistryError):
+    """The registry could not be read (down, timing out, answering 5xx): unknown, which is not absent.
+    Callers must change nothing and fail loudly."""
+
+
+class UntrustedVersion(RegistryError):
+    """A registry version whose values fail validation (path traversal, another customer's prefix, bad
+    hash): it is refused and the customer keeps what it has."""
+
+
 def model_name(customer: str, base_slug: str) -> str:
-    return f"ftops-{customer}-{base_slug}"
+    """`ftops.<customer>.<base>`: a customer id cannot hold a dot, so every (customer, base) pair gets its
+    own name (with `-` as separator, `acme` on `x-y` and `acme-x` on `y` shared one)."""
+    return f"ftops.{check_customer_id(customer)}.{check_base_slug(base_slug)}"
+
+
+def _absent(exc) -> str | None:
+    """'no_model' or 'no_alias' when MLflow answered that the thing does not exist; None for any other
+    failure (connection refused, timeout, 5xx, auth), which means the registry could not be read."""
+    code, text = str(getattr(exc, "error_code", "")), str(exc)
+    if code == "RESOURCE_DOES_NOT_EXIST":
+        return "no_model"
+    if code == "INVALID_PARAMETER_VALUE" and re.search(r"alias \S+ not found", text):
+        return "no_alias"
+    return None
+
+
+def _read(what: str, call: Callable[[], T]) -> T:
+    """Call MLflow; anything but an answer is RegistryUnavailable (absence is the caller's to decide)."""
+    try:
+        return call()
+    except Exception as exc:
+        if _absent(exc):
+            raise
+        raise RegistryUnavailable(f"registry unavailable while reading {what}: {str(exc)[:300]}") from exc
 
 
 @dataclass
@@ -38,6 +81,21 @@ class AdapterVersion:
     @property
     def adapter_prefix(self) -> str:
         return self.tags.get("adapter.prefix", "")
+
+    def checked(self, base_slug: str) -> AdapterVersion:
+        """This version if its adapter values are what the platform itself would have written: a plain
+        version name, the customer's own adapter prefix for that exact version, a sha256; else
+        UntrustedVersion. Whatever copies or loads an adapter goes through here first."""
+        label = f"{self.customer}: registry version {self.version}"
+        av, prefix, sha = self.adapter_version, self.adapter_prefix, self.tags.get("adapter.sha256", "")
+        if not ADAPTER_VERSION_RE.fullmatch(av) or ".." in av:
+            raise UntrustedVersion(f"{label}: refused: adapter.version {av[:80]!r} is not a plain version name")
+        expected = f"{self.customer}/adapters/{base_slug}/{av}"
+        if prefix != expected:
+            raise UntrustedVersion(f"{label}: refused: adapter.prefix {prefix[:120]!r} is not {expected!r}")
+        if not SHA256_RE.fullmatch(sha):
+            raise UntrustedVersion(f"{label}: refused: adapter.sha256 missing or malformed")
+        return self
 
 
 def _client(uri: str):
@@ -71,8 +129,8 @@ class Registry:
             )
         except MlflowException as exc:
             if "RESOURCE_ALREADY_EXISTS" not in str(exc.error_code):
-                raise
-        existing = self.client.search_model_versions(f"name='{name}' and run_id='{run_id}'")
+                raise RegistryUnavailable(f"registry unavailable while creating {name}: {exc}") from exc
+        existing = _read(name, lambda: self.client.search_model_versions(f"name='{name}' and run_id='{run_id}'"))
         if existing:
             return _wrap(customer, existing[0])
         mv = self.client.create_model_version(
@@ -88,21 +146,33 @@ class Registry:
     def get(self, customer: str, base_slug: str, version: str) -> AdapterVersion:
         from mlflow.exceptions import MlflowException
 
+        name = model_name(customer, base_slug)
+        if not str(version).isdigit():
+            raise RegistryError(f"{customer}: no adapter version {version!r} on {base_slug} (versions are numbers)")
         try:
-            return _wrap(customer, self.client.get_model_version(model_name(customer, base_slug), version))
+            return _wrap(customer, _read(f"{name} v{version}", lambda: self.client.get_model_version(name, version)))
         except MlflowException as exc:
             raise RegistryError(f"{customer}: no adapter version {version!r} on {base_slug}") from exc
 
-    def by_alias(self, customer: str, base_slug: str, alias: str) -> AdapterVersion | None:
+    def lookup(self, customer: str, base_slug: str, alias: str) -> tuple[AdapterVersion | None, str]:
+        """(version, '') where the alias is set; (None, 'no_alias' | 'no_model') where the registry answered
+        that it is not; RegistryUnavailable where it could not be read."""
         from mlflow.exceptions import MlflowException
 
+        name = model_name(customer, base_slug)
         try:
-            return _wrap(customer, self.client.get_model_version_by_alias(model_name(customer, base_slug), alias))
-        except MlflowException:
-            return None
+            mv = _read(f"{name}@{alias}", lambda: self.client.get_model_version_by_alias(name, alias))
+        except MlflowException as exc:
+            return None, _absent(exc) or "unknown"
+        return _wrap(customer, mv), ""
+
+    def by_alias(self, customer: str, base_slug: str, alias: str) -> AdapterVersion | None:
+        """The version behind an alias, None if there is none; RegistryUnavailable if it cannot be known."""
+        return self.lookup(customer, base_slug, alias)[0]
 
     def versions(self, customer: str, base_slug: str) -> list[AdapterVersion]:
-        found = self.client.search_model_versions(f"name='{model_name(customer, base_slug)}'")
+        name = model_name(customer, base_slug)
+        found = _read(name, lambda: self.client.search_model_versions(f"name='{name}'"))
         return sorted((_wrap(customer, mv) for mv in found), key=lambda v: int(v.version))
 
     def promote(self, customer: str, base_slug: str, version: str, force: bool = False) -> AdapterVersion:
@@ -130,3 +200,31 @@ class Registry:
                 raise RegistryError(f"{customer}: no previous production version to roll back to")
             to = prev.version
         return self.promote(customer, base_slug, to, force=True)
+
+    def migrate_names(self) -> list[tuple[str, str]]:
+        """Rename models registered under the old `ftops-<customer>-<base>` names (ambiguous: `acme` on `x-y`
+        and `acme-x` on `y` shared one) to `model_name()`, from each model's own tags. A model whose tags do
+        not give a valid pair, or whose new name is taken, is refused with the reason."""
+        from ftops.config import ConfigError
+
+        moved = []
+        models, token = [], None
+        while True:
+            page = _read(
+                "registered models",
+                lambda t=token: self.client.search_registered_models("name LIKE 'ftops-%'", 1000, page_token=t),
+            )
+            models += list(page)
+            if not (token := page.token):
+                break
+        for rm in models:
+            tags = rm.tags or {}
+            try:
+                new = model_name(tags.get("customer", ""), tags.get("base_model", ""))
+            except ConfigError as exc:
+                raise RegistryError(f"{rm.name}: cannot tell its customer and base model from its tags: {exc}") from exc
+            if rm.name != f"ftops-{tags['customer']}-{tags['base_model']}":
+                raise RegistryError(f"{rm.name}: its tags name {new}, which is not what it was registered as")
+            self.client.rename_registered_model(rm.name, new)
+            moved.append((rm.name, new))
+        return moved

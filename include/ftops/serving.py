@@ -1,18 +1,27 @@
 """Serving: keep vLLM replicas in step with the registry (the `sync_vllm_adapters` DAG calls `reconcile`).
 
-Desired state: every customer's `production` alias. Actual state: `GET /v1/models` on each replica
-(a LoRA entry's `root` is its adapter path, `parent` the base model). Adapters are copied from object
-storage to the replicas' adapter folder at an immutable version path (atomically, so a partial copy is
-never loaded), then loaded under the model name `<customer>` with vLLM's runtime LoRA API
-(`load_inplace` swaps a changed version without a gap). Adapters no longer in production are unloaded.
+Desired state: every customer's `production` alias, each version's values checked before use (registry
+tags are input). Actual state: `GET /v1/models` on each replica (a LoRA entry's `root` is its adapter
+path, `parent` the base model). Adapters are copied from object storage to the replicas' adapter folder at
+an immutable version path (atomically, so a partial copy is never loaded), their sha256 checked against
+the registry's, then loaded under the model name `<customer>` with vLLM's runtime LoRA API (`load_inplace`
+swaps a changed version without a gap).
+
+Fail safe: a customer whose state is unknown (its entry invalid, its version refused, its copy failed) is
+left exactly as served; only an explicit removal (gone from the customers file, or its production alias
+deleted while the registry answers) unloads. Names that are not customer ids (evaluation's temporary
+`eval.<customer>.<run>.<model>` adapters) are never touched. Every error is reported; the caller fails.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
+
+log = logging.getLogger(__name__)
 
 
 class ServingError(RuntimeError):
@@ -75,6 +84,12 @@ def engine_for(urls: list[str] | tuple[str, ...], base_model: Path) -> Replica |
     return None
 
 
+def eval_name(customer: str, run_key: str, model: str) -> str:
+    """Evaluation's temporary adapter name: dots keep it from ever being a customer id (which the reconciler
+    manages), so a sync running during an evaluation leaves it alone."""
+    return f"eval.{customer}.{run_key}.{model}"
+
+
 def answers_from(replica: Replica, name: str, adapter_dir: Path | None, prompts: list[str]) -> list[str]:
     """Greedy answers from a replica, through `adapter_dir` loaded under a temporary name (unloaded after).
     Sent concurrently: vLLM batches them, several times faster than one by one."""
@@ -95,7 +110,12 @@ def answers_from(replica: Replica, name: str, adapter_dir: Path | None, prompts:
             raise ServingError(f"{replica.url}: {name} is not served from {adapter_dir}")
         return ask(name)
     finally:
-        replica.unload(name)
+        # Cleanup must never replace the evaluation's own error; a leftover temporary name is harmless
+        # (the reconciler ignores names that are not customer ids), so a failed unload is only logged.
+        try:
+            replica.unload(name)
+        except (ServingError, httpx.HTTPError) as exc:
+            log.warning("could not unload the temporary adapter %s: %s", name, exc)
 
 
 @dataclass
@@ -104,9 +124,22 @@ class Desired:
     registry_version: str
     adapter_version: str
     adapter_prefix: str
+    sha256: str  # of adapter_model.safetensors, recorded at registration: checked before vLLM loads it
     rank: int = 0
     probe_prompt: str = ""  # greedy answer the gate recorded through vLLM: a swap must reproduce it
     probe_answer: str = ""
+
+
+@dataclass
+class Plan:
+    """What the registry and the customers file say, customer by customer."""
+
+    serve: list[Desired] = field(default_factory=list)
+    remove: set[str] = field(default_factory=set)  # production alias deleted while the registry answered
+    keep: dict[str, str] = field(default_factory=dict)  # customer -> why it is left as it is (unknown)
+    unregistered: set[str] = field(default_factory=set)  # the registry answered: no model for this customer
+    customers: set[str] = field(default_factory=set)  # every valid customer of the customers file
+    removal_blocked: str = ""  # why a loaded name missing from the customers file must not be unloaded
 
 
 @dataclass
@@ -115,8 +148,33 @@ class Report:
     errors: list[str] = field(default_factory=list)
 
 
+class ReconcileIncomplete(ServingError):
+    """Some of the reconcile could not be done; what could be done was, and nothing was removed for it."""
+
+
+WEIGHTS = "adapter_model.safetensors"
+
+
 def local_path(adapter_dir: Path, d: Desired) -> Path:
-    return adapter_dir / d.customer / d.adapter_version
+    """The version's folder under `<adapter_dir>/<customer>/`; a name that would leave it is refused."""
+    home = (adapter_dir / d.customer).resolve()
+    path = (home / d.adapter_version).resolve()
+    if path.parent != home:
+        raise ServingError(f"{d.customer}: adapter version {d.adapter_version!r} leaves {home}")
+    return path
+
+
+def verified_copy(store, prefix: str, dest: Path, sha256: str, label: str) -> Path:
+    """A complete local copy of an adapter whose weights hash to `sha256` (recorded at registration)."""
+    import hashlib
+
+    path = store.download_dir(prefix, dest)
+    weights = path / WEIGHTS
+    if not weights.is_file() or weights.is_symlink():
+        raise ServingError(f"{label}: {path} has no {WEIGHTS}")
+    if hashlib.sha256(weights.read_bytes()).hexdigest() != sha256:
+        raise ServingError(f"{label}: refused: {WEIGHTS} does not match the sha256 recorded at registration")
+    return path
 
 
 def capacity(ranks: dict[str, int]) -> dict[str, int]:
@@ -130,21 +188,22 @@ def capacity(ranks: dict[str, int]) -> dict[str, int]:
     }
 
 
-def point_resolver(resolver_dir: Path, desired: list[Desired], adapter_dir: Path) -> None:
+def point_resolver(resolver_dir: Path, ready: list[Desired], adapter_dir: Path, removed: set[str]) -> None:
     """`<resolver_dir>/<customer>` -> the production version's folder, swapped atomically, so a replica that
-    restarted serves the right version on its first request (vLLM's filesystem LoRA resolver)."""
+    restarted serves the right version on its first request (vLLM's filesystem LoRA resolver). Links of
+    customers neither ready nor removed are left as they are."""
     resolver_dir.mkdir(parents=True, exist_ok=True)
-    wanted = {d.customer for d in desired}
-    for d in desired:
+    for d in ready:
         link, tmp = resolver_dir / d.customer, resolver_dir / f".{d.customer}.new"
         target = local_path(adapter_dir, d)
-        if link.is_symlink() and link.resolve() == target.resolve():
+        if link.is_symlink() and link.resolve() == target:
             continue
         tmp.unlink(missing_ok=True)
         tmp.symlink_to(target)
         tmp.replace(link)
-    for link in resolver_dir.iterdir():
-        if link.is_symlink() and link.name not in wanted and not link.name.startswith("."):
+    for name in removed:
+        link = resolver_dir / name
+        if link.is_symlink():
             link.unlink()
 
 
@@ -156,26 +215,55 @@ def _probe_differs(replica: Replica, d: Desired) -> bool:
     )
 
 
-def reconcile(
-    desired: list[Desired], replica_urls: list[str], adapter_dir: Path, store, max_rank: int | None = None
-) -> Report:
-    """Load missing, swap changed, unload removed adapters on every replica; a down replica is reported."""
+def _removable(name: str, plan: Plan) -> tuple[bool, str]:
+    """Should a loaded adapter name be unloaded? (yes/no, and an error when the answer is unknown)."""
+    from ftops.config import CUSTOMER_ID_RE
+
+    if not CUSTOMER_ID_RE.fullmatch(name) or name in plan.keep:
+        return False, ""  # not a customer's name (an evaluation's), or a customer whose state is unknown
+    if name in plan.remove:
+        return True, ""
+    if name in plan.unregistered:
+        return False, (
+            f"{name} is served but the registry has no model for it; not unloaded (registry data lost, or its "
+            "model not renamed by `ftops adapters migrate-names`)"
+        )
+    if name in plan.customers:
+        return False, ""
+    if plan.removal_blocked:
+        return False, f"{name} is served but not in the customers file; not unloaded: {plan.removal_blocked}"
+    return True, ""
+
+
+def reconcile(plan: Plan, replica_urls: list[str], adapter_dir: Path, store, max_rank: int | None = None) -> Report:
+    """Load missing, swap changed, unload removed adapters on every replica. What fails (a replica down,
+    storage unreachable mid-copy, a load refused, a hash mismatch) is reported and left as it was."""
     report = Report()
-    ready = []
-    for d in desired:
-        if max_rank is not None and d.rank > max_rank:
-            report.errors.append(f"{d.customer}: LoRA rank {d.rank} exceeds the replicas' --max-lora-rank {max_rank}")
-            continue
-        store.download_dir(d.adapter_prefix, local_path(adapter_dir, d))
-        ready.append(d)
-    point_resolver(adapter_dir / "resolver", ready, adapter_dir)
+    report.errors += [f"{c}: left as served: {why}" for c, why in plan.keep.items()]
+    replicas: dict[str, tuple[Replica, dict[str, str]]] = {}
     for url in replica_urls:
         replica = Replica(url)
         try:
-            loaded = replica.adapters()
+            replicas[url] = (replica, replica.adapters())
         except httpx.HTTPError as exc:
             report.errors.append(f"{url}: unreachable ({exc})")
+    resolver = adapter_dir / "resolver"
+    ready = []
+    for d in plan.serve:
+        if max_rank is not None and d.rank > max_rank:
+            report.errors.append(f"{d.customer}: LoRA rank {d.rank} exceeds the replicas' --max-lora-rank {max_rank}")
             continue
+        try:
+            path = str(local_path(adapter_dir, d))
+            link = resolver / d.customer
+            needed = any(loaded.get(d.customer) != path for _, loaded in replicas.values())
+            if needed or not (link.is_symlink() and str(link.resolve()) == path):
+                verified_copy(store, d.adapter_prefix, Path(path), d.sha256, f"{d.customer} v{d.registry_version}")
+            ready.append(d)
+        except Exception as exc:  # storage down, a refused hash, ...: this customer stays as served
+            report.errors.append(f"{d.customer}: registry v{d.registry_version} not served: {exc}")
+    point_resolver(resolver, ready, adapter_dir, plan.remove)
+    for url, (replica, loaded) in replicas.items():
         for d in ready:
             path = str(local_path(adapter_dir, d))
             if loaded.get(d.customer) == path:
@@ -194,13 +282,16 @@ def reconcile(
                     f"{url}: {verb} {d.customer} -> registry v{d.registry_version} ({d.adapter_version})"
                 )
             except (ServingError, httpx.HTTPError) as exc:
-                report.errors.append(str(exc))
-        wanted = {d.customer for d in desired}
+                report.errors.append(f"{url}: {d.customer}: {exc}")
         for name in loaded:
-            if name not in wanted:
-                try:
-                    replica.unload(name)
-                    report.actions.append(f"{url}: unloaded {name}")
-                except (ServingError, httpx.HTTPError) as exc:
-                    report.errors.append(str(exc))
+            remove, why = _removable(name, plan)
+            if why:
+                report.errors.append(f"{url}: {why}")
+            if not remove:
+                continue
+            try:
+                replica.unload(name)
+                report.actions.append(f"{url}: unloaded {name}")
+            except (ServingError, httpx.HTTPError) as exc:
+                report.errors.append(f"{url}: {name}: {exc}")
     return report

@@ -174,8 +174,8 @@ class Store:
                     dest.parent.mkdir(parents=True, exist_ok=True)
                     dest.write_bytes(self.get(key))
             os.rename(tmp, local_dir)
-        except OSError:
+        except BaseException:  # S3 gone mid-copy raises botocore's errors, not OSError: never leave a partial
             shutil.rmtree(tmp, ignore_errors=True)
-            if not local_dir.exists():
+            if not local_dir.exists():  # else a concurrent copy finished first: it is complete, use it
                 raise
         return local_dir
