@@ -126,3 +126,18 @@ def test_run_overrides_are_validated_and_epochs_lift_the_step_cap():
     assert capped.overridden({"learning_rate": 1e-3}).max_steps == 36
     with pytest.raises(ValidationError):
         capped.overridden({"learning_rate": -1})
+
+
+def test_cli_check_names_the_invalid_entry(tmp_path):
+    import os
+    import subprocess
+
+    from conftest import ROOT
+
+    path = write(tmp_path, "  - {id: acme, name: A}\n  - {id: globex, name: G, gate: {blocking: [vibes]}}\n")
+    env = dict(os.environ, FTOPS_CUSTOMERS=str(path))
+    out = subprocess.run([ROOT / ".venv/bin/ftops", "customers", "check"], env=env, capture_output=True, text=True)
+    assert out.returncode == 2 and "globex" in out.stderr and "gate.blocking" in out.stderr, out.stderr
+    env["FTOPS_CUSTOMERS"] = str(write(tmp_path, "  - {id: acme, name: A}\n"))
+    out = subprocess.run([ROOT / ".venv/bin/ftops", "customers", "check"], env=env, capture_output=True, text=True)
+    assert out.returncode == 0 and "1 customers, all valid" in out.stdout

@@ -1,10 +1,15 @@
 """The serving reconciler against real vLLM processes (CPU build, tiny model), two replicas: load, swap
-under load with zero failed requests, rollback, unload of a removed customer, a restarted replica healed,
-a replica down reported without stopping the others."""
+under load with zero failed requests, rollback, unload of a removed customer, a restarted replica healed.
+
+Fail-safe, with real faults: MLflow stopped (sync fails and changes nothing, training and evaluation fail
+rather than go without production), S3 stopped mid-copy, a replica killed mid-reconcile, crafted registry
+tags, an invalid customer entry, a sync running while an evaluation has its temporary adapter loaded."""
 
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -13,11 +18,13 @@ import httpx
 import pytest
 import yaml
 
-from conftest import TEST_CUSTOMERS, _service
+from conftest import ROOT, TEST_CUSTOMERS, _service
 from ftops.config import settings
+from ftops.demo_data import write_batch
 from ftops.pipeline import sync_serving
-from ftops.registry import Registry
-from ftops.serving import Replica
+from ftops.registry import Registry, RegistryUnavailable, model_name
+from ftops.serving import ReconcileIncomplete, Replica, ServingError
+from ftops.storage import Store
 
 pytestmark = pytest.mark.e2e
 CUSTOMER, BASE = "brightdesk", "tiny"
@@ -105,31 +112,247 @@ def test_load_swap_under_load_rollback(versions, vllm_server, second_replica):
     assert replica.chat(CUSTOMER, PROMPT) == old_answer
 
 
-def test_restart_is_healed_and_a_down_replica_is_reported(versions, vllm_server, second_replica):
-    Registry(os.environ["MLFLOW_TRACKING_URI"]).promote(CUSTOMER, BASE, versions[0])
+def test_replica_killed_mid_reconcile_is_reported_then_healed(versions, vllm_server, second_replica, monkeypatch):
+    reg = Registry(os.environ["MLFLOW_TRACKING_URI"])
+    reg.promote(CUSTOMER, BASE, versions[0])
     sync_serving()
-    second_replica.run("stop")
-    with pytest.raises(RuntimeError, match="unreachable"):
-        sync_serving()  # the DAG task fails and retries; the healthy replica was still reconciled
-    assert served(vllm_server.url)[CUSTOMER] == "serving-v1"
+    reg.promote(CUSTOMER, BASE, versions[1])
+    load, killed = Replica.load, []
+
+    def kill_then_load(self, name, path, inplace):
+        if self.url == second_replica.url and not killed:  # the first replica has swapped; this one dies now
+            killed.append(True)
+            pid = int(
+                (
+                    Path(os.environ["FTOPS_HOME"]) / "run" / f"vllm-{second_replica.url.rsplit(':', 1)[1]}.pid"
+                ).read_text()
+            )
+            os.killpg(pid, signal.SIGKILL)
+        return load(self, name, path, inplace)
+
+    monkeypatch.setattr(Replica, "load", kill_then_load)
+    with pytest.raises(ReconcileIncomplete, match=second_replica.url.replace(".", r"\.")):
+        sync_serving()  # the DAG task fails (an operator sees it); the healthy replica was reconciled
+    monkeypatch.undo()
+    assert served(vllm_server.url)[CUSTOMER] == "serving-v2"
+    second_replica.run("stop")  # clears the pid file of the killed process
     second_replica.run("start")  # restarted: runtime-loaded adapters are gone
     assert CUSTOMER not in served(second_replica.url)
     healed = sync_serving()
     assert any(second_replica.url in a and "loaded brightdesk" in a for a in healed["actions"])
-    assert served(second_replica.url)[CUSTOMER] == "serving-v1"
+    assert served(second_replica.url)[CUSTOMER] == "serving-v2"
+
+
+@pytest.fixture
+def registry_outage(mlflow_server, monkeypatch):
+    """MLflow stopped for real (retries off, so the client gives up at once); restarted afterwards."""
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    mlflow_server.run("stop")
+    try:
+        yield
+    finally:
+        mlflow_server.run("start")
+
+
+def snapshot_of_serving(urls) -> tuple[dict, dict]:
+    resolver = settings().vllm_adapter_dir / "resolver"
+    links = {p.name: os.readlink(p) for p in resolver.iterdir() if p.is_symlink()}
+    return {u: Replica(u).adapters() for u in urls}, links
+
+
+def test_registry_outage_changes_nothing(versions, vllm_server, second_replica, request):
+    urls = [vllm_server.url, second_replica.url]
+    Registry(os.environ["MLFLOW_TRACKING_URI"]).promote(CUSTOMER, BASE, versions[0])
+    sync_serving()
+    before = snapshot_of_serving(urls)
+    assert all(CUSTOMER in loaded for loaded in before[0].values())
+    request.getfixturevalue("registry_outage")
+    with pytest.raises(RegistryUnavailable, match="registry unavailable"):
+        sync_serving()
+    cli = subprocess.run([str(ROOT / ".venv/bin/ftops"), "serving", "sync"], capture_output=True, text=True)
+    assert cli.returncode == 1 and "Nothing was changed" in cli.stdout + cli.stderr, cli.stderr[-2000:]
+    assert snapshot_of_serving(urls) == before  # every tenant still served, resolver links untouched
+
+
+def test_after_the_outage_the_next_sync_is_a_no_op(versions, vllm_server, second_replica):
+    """Runs after the outage test: MLflow restarted on the same store."""
+    Registry(os.environ["MLFLOW_TRACKING_URI"]).promote(CUSTOMER, BASE, versions[0])
+    assert sync_serving()["actions"] == []
+
+
+def test_registry_outage_fails_training_and_evaluation_instead_of_going_without_production(
+    versions, vllm_server, tmp_path, request
+):
+    """With MLflow down, train must not fall back to "no production" (no replay, fresh init), and evaluate
+    must not drop the comparison with production: both raise before any work is done."""
+    from ftops import pipeline
+
+    other, store = "sterling-law", Store(settings().storage_root)
+    write_batch(other, Path(store.root) / other / "inbox", n=40, batch=7)
+    run = pipeline.Run(other, "manual__outage", f"finetune_{other}")
+    for step in (pipeline.ingest, pipeline.validate, pipeline.clean, pipeline.dedupe):
+        step(run)
+    assert pipeline.snapshot(run)["dataset_version"]
+    v1 = Registry(os.environ["MLFLOW_TRACKING_URI"]).get(CUSTOMER, BASE, versions[0])
+    adapters = store.list(f"{other}/adapters")
+    request.getfixturevalue("registry_outage")
+    with pytest.raises(RegistryUnavailable):
+        pipeline.train(run, force=True)
+    assert store.list(f"{other}/adapters") == adapters  # nothing trained
+    trained = {"adapter_prefix": v1.adapter_prefix, "adapter_version": v1.adapter_version}
+    with pytest.raises(RegistryUnavailable):
+        pipeline.evaluate(pipeline.Run(CUSTOMER, "manual__outage-eval", f"finetune_{CUSTOMER}"), trained)
+
+
+def crafted_version(reg: Registry, base_of: str, **tags: str) -> str:
+    """A registry version written by hand (as anyone with MLflow write access could), gate tag included."""
+    name = model_name(CUSTOMER, BASE)
+    src = reg.client.get_model_version(name, base_of)
+    mv = reg.client.create_model_version(
+        name, source=src.source, run_id=src.run_id, tags=src.tags | {"gate.decision": "passed"} | tags
+    )
+    return str(mv.version)
+
+
+def test_crafted_registry_tags_are_refused_and_the_customer_keeps_its_adapter(
+    versions, vllm_server, second_replica, tmp_path
+):
+    reg = Registry(os.environ["MLFLOW_TRACKING_URI"])
+    reg.promote(CUSTOMER, BASE, versions[0])
+    sync_serving()
+    urls = [vllm_server.url, second_replica.url]
+    storage, adapter_dir = Path(settings().storage_root), settings().vllm_adapter_dir
+    v2 = reg.get(CUSTOMER, BASE, versions[1])
+    # Same files as v2 under a new, well-formed version name, but the sha256 of v1: a swapped artifact.
+    Store(str(storage)).upload_dir(storage / v2.adapter_prefix, f"{CUSTOMER}/adapters/{BASE}/tampered")
+    v1_sha = reg.get(CUSTOMER, BASE, versions[0]).tags["adapter.sha256"]
+    (storage / "sterling-law" / "inbox").mkdir(parents=True, exist_ok=True)
+    cases = {
+        "not a plain version name": {"adapter.version": "../../dags/pwn", "adapter.prefix": "sterling-law/inbox"},
+        "is not": {"adapter.version": "serving-v9", "adapter.prefix": "sterling-law/inbox"},  # another tenant
+        "sha256 missing": {
+            "adapter.sha256": "",
+            "adapter.version": "x1",
+            "adapter.prefix": f"{CUSTOMER}/adapters/{BASE}/x1",
+        },
+        "does not match the sha256": {
+            "adapter.version": "tampered",
+            "adapter.prefix": f"{CUSTOMER}/adapters/{BASE}/tampered",
+            "adapter.sha256": v1_sha,
+        },
+    }
+    for why, tags in cases.items():
+        reg.promote(CUSTOMER, BASE, crafted_version(reg, versions[1], **tags))
+        with pytest.raises(ReconcileIncomplete, match=why):
+            sync_serving()
+        assert all(served(u)[CUSTOMER] == "serving-v1" for u in urls), why
+        assert os.readlink(adapter_dir / "resolver" / CUSTOMER).endswith("serving-v1"), why
+    assert not (adapter_dir.parent / "dags").exists() and not (adapter_dir / "dags").exists()
+    assert not (adapter_dir / CUSTOMER / "serving-v9").exists()  # nothing copied from another tenant's inbox
+
+
+def test_sync_during_evaluation_leaves_its_temporary_adapter_alone(versions, vllm_server, monkeypatch):
+    from ftops.serving import answers_from, eval_name
+
+    reg = Registry(os.environ["MLFLOW_TRACKING_URI"])
+    reg.promote(CUSTOMER, BASE, versions[0])
+    replica = Replica(vllm_server.url)
+    name = eval_name(CUSTOMER, "abcd1234", "candidate")
+    adapter = Path(settings().storage_root) / reg.get(CUSTOMER, BASE, versions[1]).adapter_prefix
+    chat, seen = Replica.chat, []
+
+    def sync_first(self, model, prompt, max_tokens=64):
+        if not seen:  # the evaluation has loaded its candidate: a sync runs right now
+            seen.append(sync_serving())
+            assert self.adapters().get(name) == str(adapter)
+        return chat(self, model, prompt, max_tokens)
+
+    monkeypatch.setattr(Replica, "chat", sync_first)
+    answers = answers_from(replica, name, adapter, [PROMPT, "Hello?"])
+    assert len(answers) == 2 and all(answers)
+    assert not any(name in a for a in seen[0]["actions"])  # the sync neither unloaded nor reloaded it
+    assert name not in replica.adapters()  # evaluation cleaned up after itself
+
+    # An error during evaluation is the error reported, even when the cleanup fails too.
+    def broken(self, model, prompt, max_tokens=64):
+        raise ServingError("completion failed: boom")
+
+    def unreachable(self, n):
+        raise httpx.ConnectError("replica gone")
+
+    monkeypatch.setattr(Replica, "chat", broken)
+    monkeypatch.setattr(Replica, "unload", unreachable)
+    with pytest.raises(ServingError, match="boom"):
+        answers_from(replica, name, adapter, [PROMPT])
+    monkeypatch.undo()
+    replica.unload(name)
+
+
+def test_storage_stopped_mid_copy_leaves_every_replica_as_it_was(
+    versions, vllm_server, second_replica, s3_server, tmp_path, monkeypatch
+):
+    reg = Registry(os.environ["MLFLOW_TRACKING_URI"])
+    reg.promote(CUSTOMER, BASE, versions[0])
+    sync_serving()
+    urls = [vllm_server.url, second_replica.url]
+    before = {u: Replica(u).adapters() for u in urls}
+    # The same adapters on S3, and a fresh replica-side folder: v2 must be copied from S3.
+    v2 = reg.get(CUSTOMER, BASE, versions[1])
+    s3 = Store("s3://ftops/failsafe")
+    s3.upload_dir(Path(settings().storage_root) / v2.adapter_prefix, v2.adapter_prefix)
+    monkeypatch.setenv("FTOPS_STORAGE_ROOT", s3.root)
+    monkeypatch.setenv("FTOPS_VLLM_ADAPTER_DIR", str(tmp_path / "adapters"))
+    reg.promote(CUSTOMER, BASE, versions[1])
+    get, calls = Store.get, []
+
+    def stop_after_first(self, key):
+        calls.append(key)
+        if len(calls) == 2:
+            s3_server.run("stop")  # S3 goes away in the middle of the copy
+        return get(self, key)
+
+    monkeypatch.setattr(Store, "get", stop_after_first)
+    try:
+        with pytest.raises(ReconcileIncomplete, match="not served"):
+            sync_serving()
+    finally:
+        s3_server.run("start")
+    assert {u: Replica(u).adapters() for u in urls} == before  # no replica lost anything
+    assert not [p for p in (tmp_path / "adapters" / CUSTOMER).iterdir() if p.name.startswith(".partial")]
+    monkeypatch.setattr(Store, "get", get)
+    assert sum("swapped brightdesk" in a for a in sync_serving()["actions"]) == 2  # S3 back: it converges
 
 
 def test_removed_customer_is_unloaded(versions, vllm_server, second_replica, tmp_path, monkeypatch):
     Registry(os.environ["MLFLOW_TRACKING_URI"]).promote(CUSTOMER, BASE, versions[0])
     sync_serving()
+    urls = (vllm_server.url, second_replica.url)
     doc = yaml.safe_load(TEST_CUSTOMERS.read_text())
+    # An invalid entry is unknown, not removed: its adapter stays and the sync reports it.
+    broken = dict(doc, customers=[c | {"lora": {"r": "many"}} if c["id"] == CUSTOMER else c for c in doc["customers"]])
+    path = tmp_path / "broken.yaml"
+    path.write_text(yaml.safe_dump(broken))
+    monkeypatch.setenv("FTOPS_CUSTOMERS", str(path))
+    with pytest.raises(ReconcileIncomplete, match="invalid entry"):
+        sync_serving()
+    assert all(served(u)[CUSTOMER] == "serving-v1" for u in urls)
     doc["customers"] = [c for c in doc["customers"] if c["id"] != CUSTOMER]
     path = tmp_path / "customers.yaml"
     path.write_text(yaml.safe_dump(doc))
     monkeypatch.setenv("FTOPS_CUSTOMERS", str(path))
     result = sync_serving()
     assert sum("unloaded brightdesk" in a for a in result["actions"]) == 2
-    assert all(CUSTOMER not in served(u) for u in (vllm_server.url, second_replica.url))
+    assert all(CUSTOMER not in served(u) for u in urls)
+
+
+def test_deleting_the_production_alias_unloads(versions, vllm_server, second_replica):
+    reg = Registry(os.environ["MLFLOW_TRACKING_URI"])
+    reg.promote(CUSTOMER, BASE, versions[0])
+    sync_serving()
+    reg.client.delete_registered_model_alias(model_name(CUSTOMER, BASE), "production")
+    result = sync_serving()
+    assert result["removed"] == [CUSTOMER] and sum("unloaded brightdesk" in a for a in result["actions"]) == 2
+    assert not (settings().vllm_adapter_dir / "resolver" / CUSTOMER).exists()
 
 
 def test_resolver_folder_points_at_production(versions, vllm_server, second_replica):
@@ -138,3 +361,18 @@ def test_resolver_folder_points_at_production(versions, vllm_server, second_repl
     link = settings().vllm_adapter_dir / "resolver" / CUSTOMER
     assert link.is_symlink() and link.resolve().name == "serving-v1"
     assert (link / "adapter_config.json").is_file()
+
+
+def test_models_registered_under_the_old_names_are_renamed(mlflow_server):
+    from ftops.registry import RegistryError
+
+    reg = Registry(mlflow_server.url)
+    reg.client.create_registered_model("ftops-acme-x-y", tags={"customer": "acme", "base_model": "x-y"})
+    # Tags that do not give back the name it has: which pair it belongs to is unknown.
+    reg.client.create_registered_model("ftops-acme-x-y-z", tags={"customer": "acme-x", "base_model": "y"})
+    with pytest.raises(RegistryError, match="nothing renamed: ftops-acme-x-y-z"):
+        reg.migrate_names()
+    assert reg.client.get_registered_model("ftops-acme-x-y")  # all or nothing
+    reg.client.delete_registered_model("ftops-acme-x-y-z")
+    assert reg.migrate_names() == [("ftops-acme-x-y", "ftops.acme.x-y")]
+    assert reg.client.get_registered_model("ftops.acme.x-y").tags["customer"] == "acme"

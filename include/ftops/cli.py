@@ -351,7 +351,7 @@ def serving_status() -> None:
 @app.command("report")
 def report(prompt: str = typer.Option(None, help="ask every customer this instead of its demo prompt")) -> None:
     """Per customer: production version, gate metrics, and vLLM's answer through its adapter vs the base model."""
-    from ftops.registry import Registry
+    from ftops.registry import Registry, RegistryError
     from ftops.serving import Replica
 
     env = settings()
@@ -360,7 +360,10 @@ def report(prompt: str = typer.Option(None, help="ask every customer this instea
     replica = Replica(env.vllm_urls[0], timeout=180)
     base = replica.base_model()
     for c in platform.customers.values():
-        v = reg.by_alias(c.id, c.base_model, "production")
+        try:
+            v = reg.by_alias(c.id, c.base_model, "production")
+        except RegistryError as exc:
+            _fail(str(exc))
         console.rule(f"[bold]{c.name}[/bold] ({c.id})")
         if v is None:
             console.print("no production version")

@@ -207,7 +207,6 @@ class Registry:
         not give a valid pair, or whose new name is taken, is refused with the reason."""
         from ftops.config import ConfigError
 
-        moved = []
         models, token = [], None
         while True:
             page = _read(
@@ -217,14 +216,20 @@ class Registry:
             models += list(page)
             if not (token := page.token):
                 break
+        plan, refused = [], []
         for rm in models:
             tags = rm.tags or {}
             try:
                 new = model_name(tags.get("customer", ""), tags.get("base_model", ""))
             except ConfigError as exc:
-                raise RegistryError(f"{rm.name}: cannot tell its customer and base model from its tags: {exc}") from exc
+                refused.append(f"{rm.name}: its tags give no valid customer and base model ({exc})")
+                continue
             if rm.name != f"ftops-{tags['customer']}-{tags['base_model']}":
-                raise RegistryError(f"{rm.name}: its tags name {new}, which is not what it was registered as")
-            self.client.rename_registered_model(rm.name, new)
-            moved.append((rm.name, new))
-        return moved
+                refused.append(f"{rm.name}: its tags name {new}, which is not what it was registered as")
+                continue
+            plan.append((rm.name, new))
+        if refused:  # all or nothing: a half-migrated registry would be served half
+            raise RegistryError("nothing renamed: " + "; ".join(refused))
+        for old, new in plan:
+            self.client.rename_registered_model(old, new)
+        return plan
