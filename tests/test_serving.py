@@ -71,19 +71,25 @@ def test_load_swap_under_load_rollback(versions, vllm_server, second_replica):
     failures, done, answers = [], threading.Event(), []
 
     def traffic():
+        # Every outcome is counted: a dropped connection, a timeout or anything else that would end this
+        # thread is a failure, not a silence.
         with httpx.Client(timeout=60) as http:
             while not done.is_set():
                 for u in urls:
-                    r = http.post(
-                        f"{u}/v1/chat/completions",
-                        json={
-                            "model": CUSTOMER,
-                            "messages": [{"role": "user", "content": PROMPT}],
-                            "max_tokens": 16,
-                            "temperature": 0,
-                        },
-                    )
-                    (answers if r.status_code == 200 else failures).append(r.status_code)
+                    try:
+                        r = http.post(
+                            f"{u}/v1/chat/completions",
+                            json={
+                                "model": CUSTOMER,
+                                "messages": [{"role": "user", "content": PROMPT}],
+                                "max_tokens": 16,
+                                "temperature": 0,
+                            },
+                        )
+                        ok = r.status_code == 200 and r.json()["choices"][0]["message"]["content"] is not None
+                        (answers if ok else failures).append(r.status_code)
+                    except Exception as exc:  # noqa: BLE001 (the point is to count every kind)
+                        failures.append(repr(exc))
 
     def wait_for(n: int) -> None:
         deadline = time.time() + 120

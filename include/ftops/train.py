@@ -46,7 +46,6 @@ class TrainArgs:
     max_length: int = 512
     seed: int = 42
     padding_free: bool = True
-    pad_to_max_length: bool = False  # the naive baseline, for benchmarks only
     init_adapter: str = ""  # continue from this adapter folder instead of a fresh LoRA
     dpo_max_steps: int = -1  # preference stage: -1 one epoch over the pairs, 0 off
     dpo_beta: float = 0.1
@@ -164,9 +163,8 @@ def sft_config(args: TrainArgs, has_val: bool, cuda: bool):
         # Best-fit-decreasing packing: whole examples share a row up to max_length, padding-free, with a
         # block-diagonal attention mask (no attention across examples). On length-skewed chat data it
         # removes almost all padding (see bench/train_efficiency.py).
-        packing=args.padding_free and not args.pad_to_max_length,
+        packing=args.padding_free,
         packing_strategy="bfd",
-        pad_to_multiple_of=args.max_length if args.pad_to_max_length else None,
         include_num_input_tokens_seen="non_padding",
         logging_steps=1,
         eval_strategy=("steps" if args.eval_steps else "epoch") if has_val else "no",
