@@ -68,6 +68,32 @@ def test_customer_run_trains_gates_promotes_and_vllm_serves_it(stack):
     assert "Counsel" in tuned, tuned  # the law firm's house style, learned from its data only
 
 
+def ftops(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([str(ROOT / ".venv/bin/ftops"), *args], capture_output=True, text=True, env=dict(os.environ))
+
+
+def test_operator_commands_show_what_is_served_and_why(stack):
+    """`serving status`, `adapters show`, `report` and the MLflow artifacts, on the state the first run left."""
+    import json
+
+    status = ftops("serving", "status")
+    assert status.returncode == 0, status.stderr
+    row = next(line for line in status.stdout.splitlines() if CUSTOMER in line)
+    assert "ok" in row and "DRIFT" not in row, status.stdout
+    shown = ftops("adapters", "show", CUSTOMER, "1")
+    assert shown.returncode == 0, shown.stderr
+    tags = json.loads(shown.stdout)["tags"]
+    assert tags["gate.decision"] == "passed" and tags["adapter.sha256"] and tags["dataset.version"]
+    report = ftops("report")
+    assert report.returncode == 0, report.stderr
+    lines = report.stdout.split(f"({CUSTOMER})", 1)[1].splitlines()[1:]
+    section = "\n".join(lines[: next((i for i, x in enumerate(lines) if x.startswith("─")), len(lines))])
+    assert "production: registry version 1" in section and "Counsel" in section, report.stdout
+    run_id = stack["registry"].client.get_model_version(f"ftops.{CUSTOMER}.{BASE}", "1").run_id
+    artifacts = {a.path for d in ("gate", "dataset") for a in stack["registry"].client.list_artifacts(run_id, d)}
+    assert {"gate/gate_report.html", "gate/gate_decision.json", "dataset/validation.html"} <= artifacts, artifacts
+
+
 def test_second_run_adds_a_version_and_never_overwrites_the_first(stack):
     reg = stack["registry"]
     first = reg.get(CUSTOMER, BASE, "1")
@@ -81,6 +107,9 @@ def test_second_run_adds_a_version_and_never_overwrites_the_first(stack):
     assert second.adapter_prefix != first.adapter_prefix
     assert second.tags["dataset.version"] > first.tags["dataset.version"]
     assert int(second.tags["replay.examples"]) > 0  # history replayed against forgetting
+    # More of the same firm's data, with replay: the gate passes it (it compares on the data v1 knew).
+    assert second.tags["gate.decision"] == "passed", second.tags["gate.reasons"]
+    assert "production" in second.aliases and "previous" in first.aliases + reg.get(CUSTOMER, BASE, "1").aliases
     assert tree_hashes(stack["home"] / "storage" / first.adapter_prefix) == first_files
     assert reg.get(CUSTOMER, BASE, "1").source == first.source
 
@@ -94,9 +123,7 @@ def test_a_run_with_no_new_data_skips_training_and_registers_nothing(stack):
 
 def test_rollback_moves_production_back_and_sync_serves_it(stack):
     reg = stack["registry"]
-    prod = reg.by_alias(CUSTOMER, BASE, "production")
-    if prod.version != "2":  # the second run's gate may have kept version 1; promote 2 by hand to roll it back
-        subprocess.run([str(ROOT / ".venv/bin/ftops"), "adapters", "promote", CUSTOMER, "2", "--force"], check=True)
+    assert reg.by_alias(CUSTOMER, BASE, "production").version == "2"  # the second run passed and promoted
     cli = subprocess.run(
         [str(ROOT / ".venv/bin/ftops"), "adapters", "rollback", CUSTOMER], capture_output=True, text=True
     )
@@ -205,3 +232,27 @@ def test_poisoned_candidate_fails_the_gate_and_production_is_untouched(stack, we
     assert "FAIL [safety]: canary" in versions[-1].tags["gate.reasons"]
     assert reg.by_alias(customer, BASE, "production").version == good.version  # untouched
     assert any(h["event"] == "task_failed" and "failed the gate" in h["text"] for h in webhook)
+
+
+def test_a_rejected_batch_fails_the_run_before_training_and_calls_the_webhook(stack, webhook):
+    """A batch that is mostly broken is refused by validation; the operators' webhook hears it."""
+    customer = "brightdesk"
+    inbox = stack["home"] / "storage" / customer / "inbox"
+    versions = len(stack["registry"].versions(customer, BASE))
+    junk = "".join(f'{{"messages": [{{"role": "user", "content": "q{i}"' + "\n" for i in range(40))  # truncated
+    (inbox / "broken-export.jsonl").write_text(
+        junk + write_batch(customer, stack["home"] / "scratch", n=5, batch=42).read_text()
+    )
+    proc = subprocess.run(
+        [str(ROOT / "scripts" / "airflow.sh"), "dags", "test", f"finetune_{customer}"],
+        env=dict(os.environ),
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    log = proc.stdout + proc.stderr
+    assert run_state(log) == "failed", log[-3000:]
+    hooks = [h for h in webhook if h["event"] == "task_failed"]
+    assert [h["task_id"] for h in hooks] == ["validate"], webhook
+    assert "rejected before training" in hooks[0]["text"]
+    assert len(stack["registry"].versions(customer, BASE)) == versions  # nothing trained or registered

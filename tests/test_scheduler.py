@@ -85,6 +85,16 @@ def wait_finished(http: httpx.Client, run_id: str, timeout: float = 420, dag: st
     raise AssertionError(f"{run_id} did not finish in {timeout} s")
 
 
+def inbox_asset(http: httpx.Client) -> dict:
+    uri = f"ftops://inbox/{CUSTOMER}"
+    return next(a for a in http.get("/assets", params={"uri_pattern": uri}).json()["assets"] if a["uri"] == uri)
+
+
+def queued_events(http: httpx.Client) -> list[dict]:
+    r = http.get(f"/dags/{DAG}/assets/queuedEvents")
+    return [] if r.status_code == 404 else r.json()["queued_events"]
+
+
 def test_no_run_starts_when_a_customer_is_enabled(airflow):
     assert runs(airflow) == []  # the weekly slot is in the future; no catch-up run
 
@@ -108,8 +118,14 @@ def test_enough_new_examples_start_one_run_by_themselves(airflow, home):
     while not (started := [r for r in runs(airflow) if r["run_type"] == "asset_triggered"]):
         assert time.time() < deadline, "the data-volume trigger did not start a run"
         time.sleep(2)
-    assert wait_finished(airflow, started[0]["dag_run_id"]) == "success"
-    time.sleep(8)  # give a second, spurious event the time to show up
+    run_id = started[0]["dag_run_id"]
+    assert wait_finished(airflow, run_id) == "success"
+    # Every event the watcher fired was consumed by this one run, and none waits for a second one.
+    inbox = inbox_asset(airflow)
+    events = airflow.get("/assets/events", params={"asset_id": inbox["id"]}).json()["asset_events"]
+    consumed = airflow.get(f"/dags/{DAG}/dagRuns/{run_id}/upstreamAssetEvents").json()["asset_events"]
+    assert len(events) >= 1 and {e["id"] for e in events} == {e["id"] for e in consumed}
+    assert queued_events(airflow) == []
     assert len([r for r in runs(airflow) if r["run_type"] == "asset_triggered"]) == 1
     prod = Registry(os.environ["MLFLOW_TRACKING_URI"]).by_alias(CUSTOMER, "tiny", "production")
     assert prod is not None and prod.tags["airflow.run_id"] == started[0]["dag_run_id"]
@@ -164,7 +180,15 @@ def test_removing_a_customer_retires_its_dag_and_its_inbox_trigger(airflow, home
         assert time.time() < deadline, f"{DAG} is still active after its customer was removed"
         time.sleep(2)
     assert not airflow.get(f"/dags/finetune_{MANUAL}").json()["is_stale"]  # the others carry on
+    # The scheduler has processed the removal: the inbox asset has no watcher (no trigger polls it) ...
+    while inbox_asset(airflow)["watchers"]:
+        assert time.time() < deadline, "the removed customer's inbox watcher is still registered"
+        time.sleep(2)
     before = len(runs(airflow))
+    events = airflow.get("/assets/events", params={"asset_id": inbox_asset(airflow)["id"]}).json()["total_entries"]
     write_batch("brightdesk", home / "storage" / CUSTOMER / "inbox" / "after-removal", n=60, batch=9, dirty=False)
-    time.sleep(15)  # the watcher polled every 2 s: several polls' worth
-    assert len(runs(airflow)) == before, "a removed customer's inbox still starts runs"
+    # ... so new data in its inbox makes no event, queues nothing and starts no run.
+    assert (
+        airflow.get("/assets/events", params={"asset_id": inbox_asset(airflow)["id"]}).json()["total_entries"] == events
+    )
+    assert queued_events(airflow) == [] and len(runs(airflow)) == before

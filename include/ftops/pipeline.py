@@ -207,8 +207,9 @@ def train(run: Run, force: bool = False, overrides: dict | None = None) -> dict:
     t = run.customer.training.overridden(overrides or {})
     rows, val, replayed = snap.training_mix(run.store, run.id, new, old, t.replay_fraction, t.seed)
     run.workdir.mkdir(parents=True, exist_ok=True)
-    (run.workdir / "train.jsonl").write_bytes(snap._jsonl(rows))
-    (run.workdir / "val.jsonl").write_bytes(snap._jsonl(val))
+    for name, data in (("train.jsonl", rows), ("val.jsonl", val)):  # evaluate reads them, maybe elsewhere
+        run.save(name, snap._jsonl(data))
+        (run.workdir / name).write_bytes(run.load(name))
     run.save("replayed.txt", "\n".join(replayed).encode())
     init_adapter = ""
     if t.init == "production" and prod is not None:
@@ -218,11 +219,13 @@ def train(run: Run, force: bool = False, overrides: dict | None = None) -> dict:
     dataset_dir.mkdir(exist_ok=True)
     for name in ("manifest.json", "validation.json", "validation.html"):
         (dataset_dir / name).write_bytes(run.store.get(f"{run.id}/datasets/{dataset_version}/{name}"))
+    adapter_version = f"{dataset_version[:15]}-{run.key[:8]}"  # derives from the run: a retry reuses it
+    adapter_prefix = f"{run.id}/adapters/{run.base_slug}/{adapter_version}"
     args = TrainArgs(
         customer=run.id,
         base_model=str(run.base_path),
         base_model_slug=run.base_slug,
-        adapter_version=f"{dataset_version[:15]}-{run.key[:8]}",
+        adapter_version=adapter_version,
         train_file=str(run.workdir / "train.jsonl"),
         val_file=str(run.workdir / "val.jsonl"),
         output_dir=str(run.workdir / "train"),
@@ -232,6 +235,7 @@ def train(run: Run, force: bool = False, overrides: dict | None = None) -> dict:
         **t.model_dump(exclude={"replay_fraction", "init"}),
         init_adapter=init_adapter,
         checkpoint_prefix=f"{run.scratch}/checkpoints",
+        result_key=f"{run.scratch}/train-result.json",
         mlflow_uri=run.env.mlflow_uri,
         mlflow_experiment=f"ftops-{run.id}",
         tags=run.lineage(),
@@ -248,12 +252,18 @@ def train(run: Run, force: bool = False, overrides: dict | None = None) -> dict:
     )
     config = run.workdir / "train.json"
     config.write_text(json.dumps(asdict(args), indent=2))
-    if not (Path(args.output_dir) / "result.json").exists():  # a retry after a finished training reuses it
+    # Whether this run already trained is read from object storage, never from this worker's disk: a retry
+    # on another worker after a finished training reuses its result. Without a result, anything under the
+    # run's adapter prefix is a crashed try's partial upload (no version refers to it yet): it goes, and the
+    # training resumes from its last checkpoint in storage.
+    if not run.store.exists(args.result_key):
+        if leftover := run.store.delete_prefix(adapter_prefix):
+            print(f"removed {len(leftover)} objects of an interrupted upload under {adapter_prefix}")
         _ftops("train", "--config", str(config))
-    result = json.loads((Path(args.output_dir) / "result.json").read_text())
+    result = json.loads(run.store.get(args.result_key))
     out = result | {
-        "adapter_version": args.adapter_version,
-        "adapter_prefix": args.adapter_version and f"{run.id}/adapters/{run.base_slug}/{args.adapter_version}",
+        "adapter_version": adapter_version,
+        "adapter_prefix": adapter_prefix,
         "dataset_version": dataset_version,
         "new_versions": new,
         "replayed": len(replayed),
@@ -305,7 +315,9 @@ def evaluate(run: Run, trained: dict) -> dict:
     stored = hashlib.sha256(run.store.get(f"{trained['adapter_prefix']}/{weights}")).hexdigest()
     if _sha256(candidate / weights) != stored:
         raise RuntimeError(f"{run.id}: candidate copy differs from {trained['adapter_uri']}")
-    train_rows = snap.read_jsonl((run.workdir / "train.jsonl").read_bytes())
+    # What the train task wrote, from object storage: this task may run on another worker.
+    train_rows = snap.read_jsonl(run.load("train.jsonl"))
+    (run.workdir / "val.jsonl").write_bytes(run.load("val.jsonl"))
     golden, probes = golden_set(run.id), redteam_set() + regurgitation_probes(train_rows)
     prompts = [g["prompt"] for g in golden] + [p["prompt"] for p in probes]
     replica = engine_for(run.env.vllm_urls, run.base_path)

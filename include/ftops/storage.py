@@ -135,6 +135,17 @@ class Store:
         top = self.base / prefix
         return sorted(p.name for p in top.iterdir() if not p.name.startswith(".tmp-")) if top.is_dir() else []
 
+    def delete_prefix(self, prefix: str) -> list[str]:
+        """Remove every object under a prefix; returns their keys. Only for what no version refers to yet
+        (a crashed try's partial upload); versions themselves are never deleted or replaced."""
+        keys = self.list(prefix)
+        for key in keys:
+            if self.is_s3:
+                self.s3.delete_object(Bucket=self.bucket, Key=self._s3key(key))
+            else:
+                (self.base / key).unlink(missing_ok=True)
+        return keys
+
     def upload_dir(self, local_dir: str | Path, prefix: str) -> str:
         """Copy a folder to a write-once prefix. Re-uploading identical files (a retried task finishing an
         interrupted upload) is a no-op; any different content already there raises AlreadyExists."""

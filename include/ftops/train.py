@@ -53,6 +53,7 @@ class TrainArgs:
     save_steps: int = 50
     eval_steps: int = 0  # 0: evaluate once per epoch
     checkpoint_prefix: str = ""  # storage prefix for resumable checkpoints; empty: no checkpoints
+    result_key: str = ""  # storage key the result is written to once the adapter is uploaded (retries read it)
     mlflow_uri: str = ""
     mlflow_experiment: str = "ftops"
     run_name: str = ""
@@ -343,4 +344,6 @@ def train(args: TrainArgs) -> dict:
         result["adapter_uri"] = store.upload_dir(adapter_dir, prefix)
         result["adapter_artifact_uri"] = f"{run.info.artifact_uri}/adapter"
     (out / "result.json").write_text(json.dumps(result, indent=2))
+    if args.result_key:  # the adapter is complete in storage: a retry on any worker finds this and stops
+        store.put(args.result_key, json.dumps(result, indent=2).encode(), overwrite=True)
     return result
