@@ -1,0 +1,227 @@
+"""The ftops plugin: the adapter fleet in the Airflow UI.
+
+A FastAPI app mounted in the api-server at `/ftops` (pages and a JSON API, documented at `/ftops/docs`), a
+navigation entry ("Adapter fleet") and a tab on each DAG page ("Adapters"; `finetune_<customer>` DAGs show
+that customer). Authentication is the api-server's own: a request carries the UI's session cookie or a
+bearer token, the auth manager says which customers' DAGs the user may read, and promote/rollback need
+the right to trigger that customer's DAG. This file only wires: the logic is in `ftops.fleet`.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Literal
+
+# The api-server's own dependency: the bearer header, else the UI's session cookie (401/403 otherwise).
+from airflow.api_fastapi.core_api.security import GetUserDep as User
+from airflow.plugins_manager import AirflowPlugin
+from fastapi import FastAPI, HTTPException
+from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse
+from pydantic import BaseModel, Field
+
+UI = Path(__file__).parent / "ftops_ui"
+API_TAGS = [{"name": "fleet", "description": "Every customer's adapter: registry, serving, runs, data."}]
+
+app = FastAPI(
+    title="ftops fleet",
+    description="The operator's view of the per-customer LoRA adapters: what is in production, what is served, "
+    "how the last run and gate went; promote and roll back. Authenticated by the Airflow api-server.",
+    version="1",
+    openapi_tags=API_TAGS,
+)
+
+
+def _ctx():
+    from ftops.config import load_platform, settings
+
+    env = settings()
+    return load_platform(env.customers_file), env
+
+
+def _auth():
+    from airflow.api_fastapi.app import get_auth_manager
+
+    return get_auth_manager()
+
+
+def _readable(user, customers: list[str]) -> set[str]:
+    from ftops.fleet import dag_id
+
+    allowed = _auth().filter_authorized_dag_ids(dag_ids={dag_id(c) for c in customers}, user=user, method="GET")
+    return {c for c in customers if dag_id(c) in allowed}
+
+
+def _can_trigger(user, customer: str) -> bool:
+    from airflow.api_fastapi.auth.managers.models.resource_details import DagAccessEntity, DagDetails
+    from airflow.models.dag import DagModel
+
+    from ftops.fleet import dag_id
+
+    d = dag_id(customer)
+    details = DagDetails(id=d, team_name=DagModel.get_team_name(d))
+    return _auth().is_authorized_dag(method="POST", access_entity=DagAccessEntity.RUN, details=details, user=user)
+
+
+def _known(platform, customer: str) -> None:
+    if customer not in platform.customers:
+        raise HTTPException(404, f"unknown customer {customer!r}")
+
+
+def _may_read(user, customer: str) -> None:
+    if not _readable(user, [customer]):
+        raise HTTPException(403, f"you may not read finetune_{customer}")
+
+
+# --- pages ------------------------------------------------------------------------------------------------
+
+
+@app.get("/", include_in_schema=False)
+def fleet_page():
+    return FileResponse(UI / "fleet.html")
+
+
+@app.get("/customers/{customer}", include_in_schema=False)
+def customer_page(customer: str):
+    return FileResponse(UI / "customer.html")
+
+
+@app.get("/dag/{dag_id}", include_in_schema=False)
+def dag_tab(dag_id: str):
+    """The tab on every DAG page: a customer's DAG opens its customer page, other DAGs say so."""
+    from ftops.fleet import customer_of
+
+    customer = customer_of(dag_id)
+    if customer is None:
+        return HTMLResponse(
+            "<p style='font-family:sans-serif'>Not a customer DAG: adapters belong to <code>finetune_*</code> DAGs. "
+            "<a href='../'>Adapter fleet</a></p>"
+        )
+    return RedirectResponse(f"../customers/{customer}", status_code=307)
+
+
+@app.get("/static/{name}", include_in_schema=False)
+def static(name: Literal["ftops.css", "ftops.js"]):
+    return FileResponse(UI / name)
+
+
+# --- JSON API ---------------------------------------------------------------------------------------------
+
+
+@app.get("/api/customers", tags=["fleet"], summary="One row per customer the user may read")
+def list_customers(user: User) -> dict:
+    from ftops import fleet
+
+    platform, env = _ctx()
+    readable = _readable(user, list(platform.customers))
+    runs = fleet.airflow_runs([fleet.dag_id(c) for c in readable])
+    try:
+        rows = fleet.fleet(platform, env, runs, fleet.airflow_promote_times)
+    except fleet.Unavailable as exc:
+        raise HTTPException(503, str(exc)) from exc
+    rows = [r | {"can_act": _can_trigger(user, r["customer"])} for r in rows if r["customer"] in readable]
+    return {"customers": rows, "total": len(rows), "replicas": list(env.vllm_urls)}
+
+
+@app.get("/api/customers/{customer}", tags=["fleet"], summary="Version history, gate metrics, lineage, links")
+def get_customer(customer: str, user: User) -> dict:
+    from ftops import fleet
+
+    platform, env = _ctx()
+    _known(platform, customer)
+    _may_read(user, customer)
+    try:
+        return fleet.customer_detail(platform, env, customer) | {"can_act": _can_trigger(user, customer)}
+    except fleet.Unavailable as exc:
+        raise HTTPException(503, str(exc)) from exc
+
+
+@app.get(
+    "/api/customers/{customer}/versions/{version}/report",
+    tags=["fleet"],
+    summary="The gate report of a version (HTML)",
+    response_class=HTMLResponse,
+)
+def get_report(customer: str, version: str, user: User):
+    from ftops import fleet
+
+    platform, env = _ctx()
+    _known(platform, customer)
+    _may_read(user, customer)
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            return HTMLResponse(fleet.gate_report(platform, env, customer, version, Path(tmp)))
+        except fleet.UnknownVersion as exc:
+            raise HTTPException(404, str(exc)) from exc
+
+
+@app.get("/api/customers/{customer}/answers", tags=["fleet"], summary="Served answer vs base model, demo prompt")
+def get_answers(customer: str, user: User) -> dict:
+    from ftops import fleet
+
+    platform, env = _ctx()
+    _known(platform, customer)
+    _may_read(user, customer)
+    return fleet.answers(platform, env, customer)
+
+
+class Move(BaseModel):
+    version: str | None = Field(
+        None, description="registry version; for a rollback, omit to go back to the `previous` alias"
+    )
+    confirm: bool = Field(False, description="must be true: the UI asks the person to confirm first")
+
+
+def _move(customer: str, action: str, body: Move, user) -> dict:
+    from airflow.api_fastapi.auth.managers.models.resource_details import DagAccessEntity
+    from airflow.api_fastapi.core_api.security import requires_access_dag
+
+    from ftops import fleet
+
+    platform, env = _ctx()
+    _known(platform, customer)
+    # The same check Airflow makes before triggering a run of this DAG (403 otherwise).
+    requires_access_dag("POST", DagAccessEntity.RUN, param_dag_id=fleet.dag_id(customer))(None, user)
+    if not body.confirm:
+        raise HTTPException(400, f"{action} of {customer} not confirmed (send confirm: true)")
+    try:
+        moved = fleet.move_production(platform, env, customer, action, body.version, user.get_name())
+    except fleet.UnknownVersion as exc:
+        raise HTTPException(404, str(exc)) from exc
+    except fleet.GateNotPassed as exc:
+        raise HTTPException(409, str(exc)) from exc
+    except fleet.Unavailable as exc:
+        raise HTTPException(503, str(exc)) from exc
+    moved["sync_triggered"] = fleet.airflow_production_changed(customer, moved["production"], user.get_name())
+    return moved
+
+
+@app.post(
+    "/api/customers/{customer}/promote",
+    tags=["fleet"],
+    summary="Move production to a version that passed the gate",
+    responses={403: {}, 404: {}, 409: {"description": "the version did not pass the gate"}},
+)
+def promote(customer: str, body: Move, user: User) -> dict:
+    if body.version is None:
+        raise HTTPException(400, "promote needs a version")
+    return _move(customer, "promote", body, user)
+
+
+@app.post(
+    "/api/customers/{customer}/rollback",
+    tags=["fleet"],
+    summary="Move production back to the previous version (or to a given one that passed the gate)",
+    responses={403: {}, 404: {}, 409: {"description": "the version did not pass the gate"}},
+)
+def rollback(customer: str, body: Move, user: User) -> dict:
+    return _move(customer, "rollback", body, user)
+
+
+class FtopsPlugin(AirflowPlugin):
+    name = "ftops"
+    fastapi_apps = [{"app": app, "url_prefix": "/ftops", "name": "ftops fleet"}]
+    external_views = [
+        {"name": "Adapter fleet", "href": "ftops/", "destination": "nav", "url_route": "ftops-fleet"},
+        {"name": "Adapters", "href": "ftops/dag/{DAG_ID}", "destination": "dag", "url_route": "ftops-adapters"},
+    ]
