@@ -109,10 +109,12 @@ def state(airflow, home, tiny_model, mlflow_server):
     client = MlflowClient(uri)
     v2_run = client.get_model_version(model_name(SERVED, "tiny"), versions[1]).run_id
     failed_run = client.create_run(client.get_run(v2_run).info.experiment_id)
+    # A candidate the gate refused (its adapter is never served, so its files need not exist).
+    failed_source = v2.source.replace(v2_run, failed_run.info.run_id)
     failed = reg.register(
         SERVED,
         "tiny",
-        v2.source,
+        failed_source,
         failed_run.info.run_id,
         {"gate.decision": "failed", "adapter.version": "plugin-v3", **_metric_tags(2.9, 20.0, 0.25)},
         description="val_loss regressed 52% vs production (max 10%)",

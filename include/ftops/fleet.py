@@ -26,6 +26,7 @@ from pathlib import Path
 
 import httpx
 
+from ftops import registry as _registry
 from ftops.config import CustomerConfig, Platform, Settings
 from ftops.registry import CANDIDATE, PREVIOUS, PRODUCTION, RegistryError, model_name
 
@@ -53,6 +54,10 @@ class GateNotPassed(ValueError):
 
 class Unavailable(RuntimeError):
     """The registry (MLflow) could not be read: the page says so instead of showing empty data."""
+
+
+# `Registry` raises this (when the registry module defines it) where MLflow cannot be read: a 503, not a 404.
+_UNAVAILABLE = getattr(_registry, "RegistryUnavailable", OSError)
 
 
 def dag_id(customer: str) -> str:
@@ -655,6 +660,8 @@ def move_production(
             moved = reg.rollback(c.id, c.base_model, version)
         else:
             raise ValueError(f"unknown action {action!r}")
+    except _UNAVAILABLE as exc:
+        raise Unavailable(f"{customer}: the registry cannot be read: {exc}") from exc
     except RegistryError as exc:
         msg = str(exc)
         if "did not pass the gate" in msg:
