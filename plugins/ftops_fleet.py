@@ -9,6 +9,7 @@ the right to trigger that customer's DAG. This file only wires: the logic is in 
 
 from __future__ import annotations
 
+import os
 import tempfile
 from pathlib import Path
 from typing import Literal
@@ -21,6 +22,10 @@ from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse
 from pydantic import BaseModel, Field
 
 UI = Path(__file__).parent / "ftops_ui"
+# A registry that does not answer must make the page say so in seconds, not after MLflow's default
+# seven retries with backoff (minutes). Only this process (the api-server) reads MLflow through these.
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
 API_TAGS = [{"name": "fleet", "description": "Every customer's adapter: registry, serving, runs, data."}]
 
 app = FastAPI(
@@ -54,12 +59,15 @@ def _readable(user, customers: list[str]) -> set[str]:
 
 def _can_trigger(user, customer: str) -> bool:
     from airflow.api_fastapi.auth.managers.models.resource_details import DagAccessEntity, DagDetails
+    from airflow.configuration import conf
     from airflow.models.dag import DagModel
 
     from ftops.fleet import dag_id
 
     d = dag_id(customer)
-    details = DagDetails(id=d, team_name=DagModel.get_team_name(d))
+    # Teams only exist in multi-team mode: skip a database query per row otherwise (500 rows).
+    team = DagModel.get_team_name(d) if conf.getboolean("core", "multi_team", fallback=False) else None
+    details = DagDetails(id=d, team_name=team)
     return _auth().is_authorized_dag(method="POST", access_entity=DagAccessEntity.RUN, details=details, user=user)
 
 
@@ -89,10 +97,11 @@ def customer_page(customer: str):
 @app.get("/dag/{dag_id}", include_in_schema=False)
 def dag_tab(dag_id: str):
     """The tab on every DAG page: a customer's DAG opens its customer page, other DAGs say so."""
+    from ftops.config import CUSTOMER_ID_RE
     from ftops.fleet import customer_of
 
     customer = customer_of(dag_id)
-    if customer is None:
+    if customer is None or not CUSTOMER_ID_RE.fullmatch(customer):
         return HTMLResponse(
             "<p style='font-family:sans-serif'>Not a customer DAG: adapters belong to <code>finetune_*</code> DAGs. "
             "<a href='../'>Adapter fleet</a></p>"

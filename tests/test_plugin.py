@@ -211,6 +211,21 @@ vllm:num_requests_running 3
     assert "other" not in t
 
 
+def test_an_unreachable_registry_or_replica_is_reported_not_shown_as_empty(monkeypatch):
+    from conftest import free_port
+    from ftops import fleet
+
+    nowhere = f"http://127.0.0.1:{free_port()}"
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")  # as the plugin sets it in the api-server
+    t0 = time.time()
+    with pytest.raises(fleet.Unavailable, match="cannot be read"):
+        fleet.read_registry(nowhere)
+    assert time.time() - t0 < 30
+    replicas = fleet.replica_adapters([nowhere])
+    assert replicas == {nowhere: None}
+    assert fleet.served_state("acme", None, replicas)["state"] == "down"
+
+
 def test_customer_history_with_metrics_lineage_and_links(airflow, state):
     _, admin = airflow
     d = admin.get(f"/ftops/api/customers/{SERVED}").json()
@@ -219,6 +234,8 @@ def test_customer_history_with_metrics_lineage_and_links(airflow, state):
     assert by[state["versions"][1]]["metrics"]["golden_chrf"] == 44.0
     assert by[state["failed"]]["gate"] == "failed" and not by[state["failed"]]["can_promote"]
     assert by[state["versions"][0]]["can_promote"]  # passed, not in production
+    assert by[state["versions"][1]]["aliases"] == ["production"] and not by[state["versions"][1]]["can_promote"]
+    assert by[state["versions"][0]]["aliases"] == ["previous"]
     h = admin.get(f"/ftops/api/customers/{HERE}").json()
     v = h["versions"][0]
     assert v["links"]["airflow_run"] == f"dags/finetune_{HERE}/runs/{state['run_id']}"

@@ -157,6 +157,9 @@ def read_registry(
         state.versions.sort(key=lambda v: int(v.version), reverse=True)
         if not state.aliases:  # older servers: aliases only on the versions
             state.aliases = {a: v.version for v in state.versions for a in v.aliases}
+        # A version search leaves versions' aliases empty: the model's alias map is the truth.
+        for v in state.versions:
+            v.aliases = sorted(a for a, version in state.aliases.items() if version == v.version)
     return {(s.customer, s.base_model): s for s in by_name.values()}
 
 
