@@ -62,7 +62,8 @@ def populate(mlflow_uri: str, ids: list[str], versions: int) -> None:
 
     client = MlflowClient(mlflow_uri)
     exp = client.create_experiment("bench-fleet")
-    run_id = client.create_run(exp).info.run_id
+    run = client.create_run(exp).info
+    run_id, artifacts = run.run_id, run.artifact_uri  # a version's source must lie in its run's artifacts
 
     def one(c: str) -> None:
         name = model_name(c, "tiny")
@@ -80,7 +81,7 @@ def populate(mlflow_uri: str, ids: list[str], versions: int) -> None:
                 "metrics.candidate_golden_chrf": str(30 + 5 * v),
                 "metrics.candidate_checks_pass_rate": str(0.5 + 0.1 * v),
             }
-            client.create_model_version(name, source=f"/tmp/bench/{c}/{v}", run_id=run_id, tags=tags)
+            client.create_model_version(name, source=f"{artifacts}/{c}/v{v}", run_id=run_id, tags=tags)
         passed = versions - 1 if versions > 2 else versions
         if passed > 1:
             client.set_registered_model_alias(name, "previous", str(passed - 1))

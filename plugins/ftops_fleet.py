@@ -12,13 +12,12 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-# The api-server's own dependency: the bearer header, else the UI's session cookie (401/403 otherwise).
-from airflow.api_fastapi.core_api.security import GetUserDep as User
 from airflow.plugins_manager import AirflowPlugin
-from fastapi import FastAPI, HTTPException
+from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, Field
 
 UI = Path(__file__).parent / "ftops_ui"
@@ -35,6 +34,20 @@ app = FastAPI(
     version="1",
     openapi_tags=API_TAGS,
 )
+
+
+async def current_user(
+    request: Request, bearer: Annotated[HTTPAuthorizationCredentials | None, Depends(HTTPBearer(auto_error=False))]
+):
+    """The api-server's own authentication (`get_user`): the bearer header, else the UI's session cookie;
+    401/403 otherwise. Imported at request time: every Airflow task process loads plugins, and importing
+    the api-server's security module costs seconds."""
+    from airflow.api_fastapi.core_api.security import get_user
+
+    return await get_user(request, None, bearer)
+
+
+User = Annotated[object, Depends(current_user)]
 
 
 def _ctx():
