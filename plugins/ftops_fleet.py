@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import time
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -26,6 +27,19 @@ UI = Path(__file__).parent / "ftops_ui"
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
 API_TAGS = [{"name": "fleet", "description": "Every customer's adapter: registry, serving, runs, data."}]
+
+_registry_cache = []
+
+
+def registry_cache():
+    """The fleet's registry snapshot (stale-while-revalidate, `ftops.fleet.RegistryCache`), one per api-server;
+    made on first use so that task processes, which load plugins too, never import ftops.fleet."""
+    if not _registry_cache:
+        from ftops.fleet import RegistryCache
+
+        _registry_cache.append(RegistryCache())
+    return _registry_cache[0]
+
 
 app = FastAPI(
     title="ftops fleet",
@@ -134,15 +148,31 @@ def static(name: Literal["ftops.css", "ftops.js"]):
 def list_customers(user: User) -> dict:
     from ftops import fleet
 
+    t0 = time.perf_counter()
     platform, env = _ctx()
     readable = _readable(user, list(platform.customers))
+    t1 = time.perf_counter()
     runs = fleet.airflow_runs([fleet.dag_id(c) for c in readable])
+    timings = {"config_and_auth_s": round(t1 - t0, 3), "airflow_s": round(time.perf_counter() - t1, 3)}
+    age = {}
+
+    def registry():
+        age["s"] = registry_cache().get(env.mlflow_uri)
+        return age["s"][0]
+
     try:
-        rows = fleet.fleet(platform, env, runs, fleet.airflow_promote_times)
+        rows = fleet.fleet(platform, env, runs, fleet.airflow_promote_times, registry, timings)
     except fleet.Unavailable as exc:
         raise HTTPException(503, str(exc)) from exc
     rows = [r | {"can_act": _can_trigger(user, r["customer"])} for r in rows if r["customer"] in readable]
-    return {"customers": rows, "total": len(rows), "replicas": list(env.vllm_urls)}
+    timings["total_s"] = round(time.perf_counter() - t0, 3)
+    return {
+        "customers": rows,
+        "total": len(rows),
+        "replicas": list(env.vllm_urls),
+        "registry_age_s": round(age["s"][1], 1),
+        "timings": timings,
+    }
 
 
 @app.get("/api/customers/{customer}", tags=["fleet"], summary="Version history, gate metrics, lineage, links")
@@ -214,6 +244,7 @@ def _move(customer: str, action: str, body: Move, user) -> dict:
         raise HTTPException(409, str(exc)) from exc
     except fleet.Unavailable as exc:
         raise HTTPException(503, str(exc)) from exc
+    registry_cache().invalidate(env.mlflow_uri)
     moved["sync_triggered"] = fleet.airflow_production_changed(customer, moved["production"], user.get_name())
     return moved
 

@@ -18,7 +18,8 @@ import math
 import os
 import re
 import threading
-from collections.abc import Iterable
+import time
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -161,6 +162,62 @@ def read_registry(
         for v in state.versions:
             v.aliases = sorted(a for a, version in state.aliases.items() if version == v.version)
     return {(s.customer, s.base_model): s for s in by_name.values()}
+
+
+class RegistryCache:
+    """The fleet's registry snapshot, served stale-while-revalidate: a page load uses a snapshot younger than
+    `max_age` seconds at once and, past `refresh_after`, refreshes it in the background for the next load.
+    One batched read costs seconds at 500 customers on a busy server; the registry changes a few times a day.
+    An action from the fleet page invalidates it, so its own effect is never shown stale."""
+
+    def __init__(self, max_age: float = 60.0, refresh_after: float = 5.0):
+        self.max_age, self.refresh_after = max_age, refresh_after
+        self._data: dict[str, tuple[float, dict]] = {}
+        self._lock, self._read_lock = threading.Lock(), threading.Lock()
+        self._refreshing: set[str] = set()
+        self._generation = 0
+
+    def _read(self, uri: str) -> dict:
+        with self._lock:
+            generation = self._generation
+        data = read_registry(uri)
+        with self._lock:
+            if generation == self._generation:  # a read begun before an invalidation must not be kept
+                self._data[uri] = (time.monotonic(), data)
+        return data
+
+    def get(self, uri: str) -> tuple[dict, float]:
+        """(snapshot, its age in seconds)."""
+        with self._lock:
+            entry = self._data.get(uri)
+        if entry is None or time.monotonic() - entry[0] > self.max_age:
+            with self._read_lock:  # one reader at a time; who waited gets the fresh snapshot
+                with self._lock:
+                    entry = self._data.get(uri)
+                if entry is None or time.monotonic() - entry[0] > self.max_age:
+                    return self._read(uri), 0.0
+        age = time.monotonic() - entry[0]
+        if age > self.refresh_after:
+            with self._lock:
+                start = uri not in self._refreshing
+                self._refreshing.add(uri)
+            if start:
+                threading.Thread(target=self._refresh, args=(uri,), daemon=True, name="ftops-registry").start()
+        return entry[1], age
+
+    def _refresh(self, uri: str) -> None:
+        try:
+            self._read(uri)
+        except Unavailable:
+            pass  # the stale snapshot ages out at max_age; the next page load then reports the outage
+        finally:
+            with self._lock:
+                self._refreshing.discard(uri)
+
+    def invalidate(self, uri: str) -> None:
+        with self._lock:
+            self._data.pop(uri, None)
+            self._generation += 1
 
 
 def read_model(mlflow_uri: str, customer: str, base_slug: str) -> ModelState | None:
@@ -454,21 +511,32 @@ def fleet(
     env: Settings,
     runs: dict[str, dict] | None = None,
     promote_times_fn=None,
-    registry: dict[tuple[str, str], ModelState] | None = None,
+    registry: Callable[[], dict[tuple[str, str], ModelState]] | None = None,
+    timings: dict[str, float] | None = None,
 ) -> list[dict]:
-    """One row per configured customer. `runs` and `promote_times_fn` come from Airflow (the api-server); the
-    registry, replicas, metrics and storage are read here, concurrently."""
+    """One row per configured customer. `runs` and `promote_times_fn` come from Airflow (the api-server);
+    the registry (`registry()`, by default one fresh batched read), replicas, metrics and storage are read
+    here, concurrently. `timings`, when given, receives each source's seconds."""
     customers = list(platform.customers.values())
     ids = [c.id for c in customers]
+    timings = {} if timings is None else timings
+
+    def timed(name: str, fn, *args):
+        t0 = time.perf_counter()
+        try:
+            return fn(*args)
+        finally:
+            timings[name] = round(time.perf_counter() - t0, 3)
+
     with ThreadPoolExecutor(max_workers=4) as pool:
-        f_reg = pool.submit(read_registry, env.mlflow_uri) if registry is None else None
-        f_rep = pool.submit(replica_adapters, env.vllm_urls)
-        f_tr = pool.submit(read_traffic, metrics_urls(env))
-        f_data = pool.submit(data_state, env.storage_root, ids)
-        registry = registry if registry is not None else f_reg.result()
+        f_reg = pool.submit(timed, "registry_s", registry or (lambda: read_registry(env.mlflow_uri)))
+        f_rep = pool.submit(timed, "replicas_s", replica_adapters, env.vllm_urls)
+        f_tr = pool.submit(timed, "traffic_s", read_traffic, metrics_urls(env))
+        f_data = pool.submit(timed, "storage_s", data_state, env.storage_root, ids)
+        registry_state = f_reg.result()
         replicas, traffic_by, data = f_rep.result(), f_tr.result(), f_data.result()
     runs = runs or {}
-    models = {c.id: registry.get((c.id, c.base_model)) for c in customers}
+    models = {c.id: registry_state.get((c.id, c.base_model)) for c in customers}
     wanted = []
     for m in models.values():
         prod = m.alias(PRODUCTION) if m else None
