@@ -244,6 +244,8 @@ def _move(customer: str, action: str, body: Move, user) -> dict:
         raise HTTPException(409, str(exc)) from exc
     except fleet.Unavailable as exc:
         raise HTTPException(503, str(exc)) from exc
+    if moved["unchanged"]:
+        return moved | {"sync_triggered": False}
     registry_cache().invalidate(env.mlflow_uri)
     moved["sync_triggered"] = fleet.airflow_production_changed(customer, moved["production"], user.get_name())
     return moved

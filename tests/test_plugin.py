@@ -272,6 +272,9 @@ def test_bad_input_is_a_clear_4xx_and_changes_nothing(airflow, state):
     assert r.status_code == 409
     r = admin.post(f"/ftops/api/customers/{SERVED}/promote", json={"version": state["versions"][0]})
     assert r.status_code == 400 and "confirm" in r.text
+    r = admin.post(f"/ftops/api/customers/{SERVED}/promote", json={"version": state["versions"][1], "confirm": True})
+    assert r.status_code == 200 and r.json()["unchanged"]  # already in production: nothing moved, nothing tagged
+    assert "promoted.by" not in state["registry"].get(SERVED, "tiny", state["versions"][1]).tags
     assert state["registry"].by_alias(SERVED, "tiny", "production").version == state["versions"][1]
 
 

@@ -722,6 +722,13 @@ def move_production(
             raise GateNotPassed(
                 f"{customer}: version {version} did not pass the gate ({target.gate}); refusing to {action}"
             )
+        if PRODUCTION in target.aliases:  # nothing moves: no tag claims a move, no sync is started
+            return {
+                "customer": c.id,
+                "production": version,
+                "adapter_version": target.tags.get("adapter.version", ""),
+                "unchanged": True,
+            }
     try:
         if action == "promote":
             if version is None:
@@ -746,4 +753,5 @@ def move_production(
         "adapter_version": moved.adapter_version,
         "by": user,
         "at": at,
+        "unchanged": False,
     }
