@@ -117,7 +117,8 @@ def state(airflow, home, tiny_model, mlflow_server):
         failed_source,
         failed_run.info.run_id,
         {"gate.decision": "failed", "adapter.version": "plugin-v3", **_metric_tags(2.9, 20.0, 0.25)},
-        description="val_loss regressed 52% vs production (max 10%)",
+        # Registry text reaches the page: markup in it must stay text.
+        description='val_loss regressed 52% vs production (max 10%) <img src=x onerror="document.body.dataset.xss=1">',
     ).version
     for v in versions:  # as two DAG runs would have: v1, then v2 (v1 becomes `previous`)
         reg.promote(SERVED, "tiny", v)
@@ -350,6 +351,9 @@ def test_browser_fleet_page_customer_tab_and_rollback(airflow, state, vllm_serve
         chart = driver.find_element(By.CSS_SELECTOR, "svg[data-metric=golden_chrf]")
         assert len(chart.find_elements(By.CSS_SELECTOR, "circle.point")) == 3  # one per version
         wait.until(lambda d: d.find_element(By.ID, "served-answer").text.strip() != "")
+        reasons = driver.find_element(By.CSS_SELECTOR, f"tr[data-version='{state['failed']}'] .reasons").text
+        assert "val_loss regressed" in reasons and "<img" in reasons  # shown as text, not run
+        assert driver.find_element(By.TAG_NAME, "body").get_attribute("data-xss") is None
         driver.switch_to.default_content()
         _shot(driver, tmp_path, "customer.png")
 

@@ -167,7 +167,7 @@ const ftops = (() => {
         const by = v.promoted ? `<br><span class="small muted">${esc(v.promoted.action)} by ${esc(v.promoted.by)} ${when(v.promoted.at)}</span>` : "";
         const btn = d.can_act && v.can_promote ? `<button class="primary promote" data-version="${esc(v.version)}">Promote</button>` : "";
         return `<tr data-version="${esc(v.version)}"><td><b>v${esc(v.version)}</b> ${v.aliases.map((a) => `<span class="badge ${a === "production" ? "ok" : "na"}">${esc(a)}</span>`).join(" ")}<br><span class="small muted">${esc(v.adapter_version)}</span>${by}</td>
-          <td>${when(v.registered_at)}</td><td>${badge(v.gate, v.gate_reasons)}</td>
+          <td>${when(v.registered_at)}</td><td>${badge(v.gate, v.gate_reasons)}${v.gate === "failed" && v.gate_reasons ? `<br><span class="small bad reasons">${esc(v.gate_reasons.slice(0, 160))}</span>` : ""}</td>
           <td>${f2(v.metrics.val_loss)}${v.metrics.base_val_loss == null ? "" : `<br><span class="small muted">base ${f2(v.metrics.base_val_loss)}</span>`}</td><td>${f1(v.metrics.golden_chrf)}</td><td>${pc(v.metrics.checks_pass_rate)}</td>
           <td>${lineage}</td><td class="small">${links}</td><td>${btn}</td></tr>`;
       }).join("");
