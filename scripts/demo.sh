@@ -37,3 +37,5 @@ scripts/airflow.sh dags test sync_vllm_adapters >"$LOGS/sync_vllm_adapters.log" 
 .venv/bin/ftops report
 echo
 echo "demo done in $((SECONDS - started)) s. MLflow UI: http://127.0.0.1:${MLFLOW_PORT:-5000}  ·  Airflow UI: make airflow-ui  ·  stop: make stop"
+# The operator's view (plugins/ftops_fleet.py): every customer's production, served state, runs and data.
+echo "Adapter fleet page: http://127.0.0.1:${AIRFLOW_PORT:-8080}/plugin/ftops-fleet  (after: make airflow-ui; JSON: /ftops/api/customers)"

@@ -46,6 +46,14 @@ if ! command -v initdb >/dev/null && ! ls /usr/lib/postgresql/*/bin/initdb >/dev
   else echo "note: PostgreSQL is not installed; tests/test_scheduler.py needs it (apt-get install postgresql)" >&2; fi
 fi
 
+# Headless Chromium and its WebDriver, for the browser test of the Airflow plugin (Debian packages; Selenium
+# drives /usr/bin/chromium: browser builds cannot be downloaded here).
+if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then
+  if [[ $(id -u) == 0 ]]; then
+    echo "== chromium (apt)"; apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null
+  else echo "note: chromium is not installed; tests/test_plugin.py's browser test needs it (apt-get install chromium chromium-driver)" >&2; fi
+fi
+
 echo "== models ($FTOPS_HOME/models)"
 FTOPS_HOME=$FTOPS_HOME .venv/bin/ftops models convert-smollm2 "$FTOPS_HOME/models/smollm2-135m-instruct" >/dev/null
 echo "setup done"

@@ -1,0 +1,384 @@
+"""The ftops plugin in a real Airflow api-server (standalone on PostgreSQL, with the simple auth manager's
+users, not all-admins) on a demo-like state: one customer trained by a real DAG run through the REST API
+(dirty upload, gate, promotion by the run), another with two passed versions and one the gate refused,
+promoted outside Airflow, and a real vLLM replica serving their production adapters.
+
+The API tests read the fleet and a customer as an operator would, and check what they say against the
+registry, Airflow and vLLM read directly; auth (401 without a session, 403 for a viewer's promote) and bad
+input (404/409/400) behave like Airflow's own API. The browser test drives Debian's headless Chromium
+through the Airflow UI: the nav entry, the customer's tab on its DAG page, the chart, a rollback with its
+confirmation, and vLLM serving the rolled-back version; it saves screenshots under the test's tmp dir
+(and under $FTOPS_SCREENSHOTS when set, which is how docs/fleet.png was made)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from datetime import datetime
+from pathlib import Path
+
+import httpx
+import pytest
+
+from conftest import _service
+from ftops.demo_data import registered_style_version, write_batch
+from ftops.fleet import parse_metrics, traffic
+from ftops.registry import Registry, model_name
+
+pytestmark = pytest.mark.e2e
+HERE, SERVED = "brightdesk", "sterling-law"  # run by the DAG / versions registered outside Airflow
+USERS = {"alice": ("admin", "alice-pw"), "victor": ("viewer", "victor-pw")}
+
+
+@pytest.fixture(scope="module")
+def postgres(home):
+    for svc in _service("postgres", {"PG_DATABASES": "airflow"}, "PG_PORT"):
+        where = f"postgres@127.0.0.1:{svc.url.rsplit(':', 1)[1]}/airflow"
+        yield {
+            "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"postgresql+psycopg://{where}",
+            "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN_ASYNC": f"postgresql+psycopg_async://{where}",
+        }
+
+
+def token(url: str, user: str) -> str:
+    r = httpx.post(f"{url}/auth/token", json={"username": user, "password": USERS[user][1]}, timeout=30)
+    assert r.status_code in (200, 201), r.text
+    return r.json()["access_token"]
+
+
+@pytest.fixture(scope="module")
+def airflow(home, tiny_model, mlflow_server, vllm_server, postgres):
+    ah = home / "airflow-plugin"
+    ah.mkdir()
+    passwords = ah / "passwords.json"
+    passwords.write_text(json.dumps({u: pw for u, (_, pw) in USERS.items()}))
+    extra = {
+        "AIRFLOW_HOME": str(ah),
+        **postgres,
+        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS": "False",
+        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": ",".join(f"{u}:{role}" for u, (role, _) in USERS.items()),
+        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(passwords),
+    }
+    for svc in _service("airflow", extra, "AIRFLOW_PORT"):
+        admin = httpx.Client(
+            base_url=svc.url, timeout=120, headers={"Authorization": f"Bearer {token(svc.url, 'alice')}"}
+        )
+        deadline = time.time() + 120
+        while admin.get(f"/api/v2/dags/finetune_{HERE}").status_code != 200:
+            assert time.time() < deadline, "the DAG never appeared"
+            time.sleep(1)
+        yield svc, admin
+
+
+def wait_run(admin: httpx.Client, dag: str, run_id: str, timeout: float = 600) -> str:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        state = admin.get(f"/api/v2/dags/{dag}/dagRuns/{run_id}").json()["state"]
+        if state in ("success", "failed"):
+            return state
+        time.sleep(3)
+    raise AssertionError(f"{dag} {run_id} did not finish in {timeout} s")
+
+
+@pytest.fixture(scope="module")
+def state(airflow, home, tiny_model, mlflow_server):
+    """The demo-like state; returns what the tests compare the plugin's answers with."""
+    from mlflow import MlflowClient
+
+    from ftops.pipeline import sync_serving
+
+    svc, admin = airflow
+    uri = mlflow_server.url
+    # A real run of brightdesk's DAG on a dirty upload (duplicates, PII, a malformed line).
+    write_batch(HERE, home / "storage" / HERE / "inbox", n=60, batch=0, dirty=True)
+    r = admin.post(f"/api/v2/dags/finetune_{HERE}/dagRuns", json={"logical_date": None, "conf": {}})
+    assert r.status_code == 200, r.text
+    run_id = r.json()["dag_run_id"]
+    # Meanwhile, sterling-law: two passed versions trained here, and one the gate refused.
+    work = home / "plugin-work"
+    reg = Registry(uri)
+    versions = [
+        registered_style_version(SERVED, SERVED, b, tiny_model, "tiny", work, f"plugin-v{b}", uri, n=40, max_steps=10)
+        for b in (1, 2)
+    ]
+    for v, (loss, chrf, checks) in zip(versions, [(2.5, 31.0, 0.5), (1.9, 44.0, 0.75)], strict=True):
+        reg.set_tags(SERVED, "tiny", v, _metric_tags(loss, chrf, checks))
+    v2 = reg.get(SERVED, "tiny", versions[1])
+    client = MlflowClient(uri)
+    v2_run = client.get_model_version(model_name(SERVED, "tiny"), versions[1]).run_id
+    failed_run = client.create_run(client.get_run(v2_run).info.experiment_id)
+    # A candidate the gate refused (its adapter is never served, so its files need not exist).
+    failed_source = v2.source.replace(v2_run, failed_run.info.run_id)
+    failed = reg.register(
+        SERVED,
+        "tiny",
+        failed_source,
+        failed_run.info.run_id,
+        {"gate.decision": "failed", "adapter.version": "plugin-v3", **_metric_tags(2.9, 20.0, 0.25)},
+        # Registry text reaches the page: markup in it must stay text.
+        description='val_loss regressed 52% vs production (max 10%) <img src=x onerror="document.body.dataset.xss=1">',
+    ).version
+    for v in versions:  # as two DAG runs would have: v1, then v2 (v1 becomes `previous`)
+        reg.promote(SERVED, "tiny", v)
+    write_batch(SERVED, home / "storage" / SERVED / "inbox", n=25, batch=7, dirty=False)  # waiting, not yet run
+    assert wait_run(admin, f"finetune_{HERE}", run_id) == "success"
+    sync_serving()
+    return {"run_id": run_id, "versions": versions, "failed": failed, "registry": reg}
+
+
+def _metric_tags(loss: float, chrf: float, checks: float) -> dict[str, str]:
+    return {
+        "metrics.candidate_val_loss": str(loss),
+        "metrics.candidate_golden_chrf": str(chrf),
+        "metrics.candidate_checks_pass_rate": str(checks),
+    }
+
+
+def _t(iso: str) -> datetime:
+    return datetime.fromisoformat(iso.replace("Z", "+00:00"))
+
+
+def fleet_rows(admin: httpx.Client) -> dict[str, dict]:
+    r = admin.get("/ftops/api/customers")
+    assert r.status_code == 200, r.text
+    return {row["customer"]: row for row in r.json()["customers"]}
+
+
+def served_root(vllm_url: str, customer: str) -> str | None:
+    models = httpx.get(f"{vllm_url}/v1/models", timeout=30).json()["data"]
+    return next((m["root"] for m in models if m["id"] == customer), None)
+
+
+# --- API ----------------------------------------------------------------------------------------------------
+
+
+def test_the_plugin_adds_a_nav_entry_and_a_dag_tab(airflow):
+    _, admin = airflow
+    plugins = admin.get("/api/v2/plugins").json()["plugins"]
+    ftops = next(p for p in plugins if p["name"] == "ftops")
+    views = {v["destination"]: v for v in ftops["external_views"]}
+    assert views["nav"]["href"] == "ftops/" and "{DAG_ID}" in views["dag"]["href"]
+    assert ftops["fastapi_apps"][0]["url_prefix"] == "/ftops"
+
+
+def test_fleet_rows_say_what_registry_airflow_vllm_and_storage_say(airflow, state, vllm_server, home):
+    _, admin = airflow
+    rows = fleet_rows(admin)
+    reg = state["registry"]
+    here, served = rows[HERE], rows[SERVED]
+    # Production as the registry has it, and who moved it there.
+    prod = reg.by_alias(HERE, "tiny", "production")
+    assert here["production"]["version"] == prod.version
+    assert here["production"]["promoted_by"] == f"run {state['run_id']}" and here["production"]["promoted_at"]
+    assert served["production"]["version"] == state["versions"][1] and served["previous"] == state["versions"][0]
+    # Served: vLLM really serves both production adapters.
+    for row in (here, served):
+        assert row["served"]["state"] == "in sync"
+        assert served_root(vllm_server.url, row["customer"]).endswith(row["production"]["adapter_version"])
+    # The last run as Airflow recorded it, with the gate's verdict on what it registered.
+    assert here["last_run"]["run_id"] == state["run_id"]
+    assert here["last_run"]["state"] == "success" and here["last_run"]["gate"] == "passed"
+    assert served["last_run"] is None  # its versions were made outside Airflow
+    dag = admin.get(f"/api/v2/dags/finetune_{HERE}").json()
+    assert here["next_run"] and _t(here["next_run"]) == _t(dag["next_dagrun_run_after"])  # its weekly slot
+    # Data: 25 examples wait in sterling-law's inbox; brightdesk's last batch lost its planted bad lines.
+    assert served["inbox"] == 25 and here["inbox"] == 0
+    versions = sorted((home / "storage" / HERE / "datasets").iterdir())
+    manifest = json.loads((versions[-1] / "manifest.json").read_text())
+    assert here["quarantine_share"] == round(
+        sum(manifest["counts"]["dropped"].values()) / manifest["counts"]["read"], 4
+    )
+    assert here["quarantine_share"] > 0
+    # vLLM has no per-customer metrics here: the column says so rather than inventing figures.
+    assert here["traffic"] is None and served["traffic"] is None
+
+
+def test_traffic_is_read_from_per_customer_prometheus_metrics():
+    text = """# HELP ftops_requests_total requests
+ftops_requests_total{customer="acme",status="200"} 90
+ftops_requests_total{customer="acme",status="500"} 10
+ftops_requests_total{customer="zed",status="200"} 5
+ftops_request_duration_seconds_bucket{customer="acme",le="0.1"} 50
+ftops_request_duration_seconds_bucket{customer="acme",le="0.5"} 94
+ftops_request_duration_seconds_bucket{customer="acme",le="1.0"} 99
+ftops_request_duration_seconds_bucket{customer="acme",le="+Inf"} 100
+vllm:num_requests_running 3
+"""
+    t = traffic(parse_metrics(text))
+    assert t["acme"] == {"requests": 100, "errors": 10, "p95_ms": 1000.0}  # 95th of 100 falls in (0.5, 1.0]
+    assert t["zed"] == {"requests": 5, "errors": 0, "p95_ms": None}
+    assert "other" not in t
+
+
+def test_an_unreachable_registry_or_replica_is_reported_not_shown_as_empty(monkeypatch):
+    from conftest import free_port
+    from ftops import fleet
+
+    nowhere = f"http://127.0.0.1:{free_port()}"
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")  # as the plugin sets it in the api-server
+    t0 = time.time()
+    with pytest.raises(fleet.Unavailable, match="cannot be read"):
+        fleet.read_registry(nowhere)
+    assert time.time() - t0 < 30
+    replicas = fleet.replica_adapters([nowhere])
+    assert replicas == {nowhere: None}
+    assert fleet.served_state("acme", None, replicas)["state"] == "down"
+
+
+def test_customer_history_with_metrics_lineage_and_links(airflow, state):
+    _, admin = airflow
+    d = admin.get(f"/ftops/api/customers/{SERVED}").json()
+    assert [v["version"] for v in d["versions"]] == [state["failed"], *reversed(state["versions"])]
+    by = {v["version"]: v for v in d["versions"]}
+    assert by[state["versions"][1]]["metrics"]["golden_chrf"] == 44.0
+    assert by[state["failed"]]["gate"] == "failed" and not by[state["failed"]]["can_promote"]
+    assert by[state["versions"][0]]["can_promote"]  # passed, not in production
+    assert by[state["versions"][1]]["aliases"] == ["production"] and not by[state["versions"][1]]["can_promote"]
+    assert by[state["versions"][0]]["aliases"] == ["previous"]
+    h = admin.get(f"/ftops/api/customers/{HERE}").json()
+    v = h["versions"][0]
+    assert v["links"]["airflow_run"] == f"dags/finetune_{HERE}/runs/{state['run_id']}"
+    assert v["links"]["mlflow_run"] and v["dataset"]["version"] and v["metrics"]["val_loss"] is not None
+    report = admin.get(f"/ftops/{v['links']['gate_report']}")
+    assert report.status_code == 200 and "<html" in report.text.lower() and "passed" in report.text.lower()
+    a = admin.get(f"/ftops/api/customers/{HERE}/answers").json()
+    assert a["served"] and a["base"] and a["adapter"].endswith(v["adapter_version"])
+
+
+def test_auth_is_the_api_servers(airflow, state):
+    svc, admin = airflow
+    assert httpx.get(f"{svc.url}/ftops/api/customers", timeout=30).status_code == 401
+    viewer = httpx.Client(base_url=svc.url, timeout=60, headers={"Authorization": f"Bearer {token(svc.url, 'victor')}"})
+    rows = viewer.get("/ftops/api/customers").json()["customers"]
+    assert rows and not any(r["can_act"] for r in rows)  # may read, may not trigger
+    r = viewer.post(f"/ftops/api/customers/{SERVED}/rollback", json={"confirm": True})
+    assert r.status_code == 403
+    assert state["registry"].by_alias(SERVED, "tiny", "production").version == state["versions"][1]
+
+
+def test_bad_input_is_a_clear_4xx_and_changes_nothing(airflow, state):
+    _, admin = airflow
+    assert admin.get("/ftops/api/customers/nobody").status_code == 404
+    r = admin.post("/ftops/api/customers/nobody/promote", json={"version": "1", "confirm": True})
+    assert r.status_code == 404 and "unknown customer" in r.text
+    r = admin.post(f"/ftops/api/customers/{SERVED}/promote", json={"version": "999", "confirm": True})
+    assert r.status_code == 404 and "999" in r.text
+    r = admin.post(f"/ftops/api/customers/{SERVED}/promote", json={"version": "1 or 1=1", "confirm": True})
+    assert r.status_code == 404
+    r = admin.post(f"/ftops/api/customers/{SERVED}/promote", json={"version": state["failed"], "confirm": True})
+    assert r.status_code == 409 and "did not pass the gate" in r.text
+    r = admin.post(f"/ftops/api/customers/{SERVED}/rollback", json={"version": state["failed"], "confirm": True})
+    assert r.status_code == 409
+    r = admin.post(f"/ftops/api/customers/{SERVED}/promote", json={"version": state["versions"][0]})
+    assert r.status_code == 400 and "confirm" in r.text
+    r = admin.post(f"/ftops/api/customers/{SERVED}/promote", json={"version": state["versions"][1], "confirm": True})
+    assert r.status_code == 200 and r.json()["unchanged"]  # already in production: nothing moved, nothing tagged
+    assert "promoted.by" not in state["registry"].get(SERVED, "tiny", state["versions"][1]).tags
+    assert state["registry"].by_alias(SERVED, "tiny", "production").version == state["versions"][1]
+
+
+def test_openapi_documents_the_api(airflow):
+    _, admin = airflow
+    paths = admin.get("/ftops/openapi.json").json()["paths"]
+    assert {"/api/customers", "/api/customers/{customer}", "/api/customers/{customer}/promote"} <= set(paths)
+    assert "409" in paths["/api/customers/{customer}/promote"]["post"]["responses"]
+
+
+# --- browser --------------------------------------------------------------------------------------------------
+
+
+def _browser(tmp: Path):
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    if not (shutil.which("chromium") and shutil.which("chromedriver")):
+        pytest.skip("Debian's chromium and chromium-driver are not installed (scripts/setup.sh installs them as root)")
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = shutil.which("chromium")
+    for arg in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-dev-shm-usage",
+        "--window-size=1500,950",
+        f"--user-data-dir={tmp / 'chromium-profile'}",
+        "--disable-gpu",
+    ):
+        opts.add_argument(arg)
+    return webdriver.Chrome(service=Service(shutil.which("chromedriver")), options=opts)
+
+
+def _shot(driver, tmp: Path, name: str) -> None:
+    driver.save_screenshot(str(tmp / name))
+    if os.environ.get("FTOPS_SCREENSHOTS"):
+        Path(os.environ["FTOPS_SCREENSHOTS"]).mkdir(parents=True, exist_ok=True)
+        shutil.copy(tmp / name, Path(os.environ["FTOPS_SCREENSHOTS"]) / name)
+
+
+def test_browser_fleet_page_customer_tab_and_rollback(airflow, state, vllm_server, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    svc, admin = airflow
+    driver = _browser(tmp_path)
+    wait = WebDriverWait(driver, 90)
+    try:
+        driver.get(f"{svc.url}/api/v2/version")  # a page on the origin, to set the session cookie on
+        driver.add_cookie({"name": "_token", "value": token(svc.url, "alice"), "path": "/"})
+        # The nav entry: Airflow's UI with the fleet page in its frame.
+        driver.get(f"{svc.url}/plugin/ftops-fleet")
+        wait.until(ec.frame_to_be_available_and_switch_to_it((By.TAG_NAME, "iframe")))
+        wait.until(lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-loaded") == "true")
+        table = driver.find_element(By.ID, "fleet").text
+        prod = state["registry"].by_alias(HERE, "tiny", "production").version
+        assert SERVED in table and HERE in table and f"v{state['versions'][1]}" in table and f"v{prod}" in table
+        assert "in sync" in table and "n/a" in table
+        driver.find_element(By.ID, "filter").send_keys("sterl")
+        rows = driver.find_elements(By.CSS_SELECTOR, "#fleet tbody tr")
+        assert [r.get_attribute("data-customer") for r in rows] == [SERVED]
+        driver.find_element(By.ID, "filter").clear()
+        driver.find_element(By.ID, "filter").send_keys(" ")  # back to every customer
+        driver.switch_to.default_content()
+        _shot(driver, tmp_path, "fleet.png")
+
+        # The customer's tab on its DAG page: history, chart, actions.
+        driver.get(f"{svc.url}/dags/finetune_{SERVED}/plugin/ftops-adapters")
+        wait.until(ec.frame_to_be_available_and_switch_to_it((By.TAG_NAME, "iframe")))
+        wait.until(lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-loaded") == "true")
+        assert driver.find_element(By.ID, "production").text == f"v{state['versions'][1]}"
+        chart = driver.find_element(By.CSS_SELECTOR, "svg[data-metric=golden_chrf]")
+        assert len(chart.find_elements(By.CSS_SELECTOR, "circle.point")) == 3  # one per version
+        wait.until(lambda d: d.find_element(By.ID, "served-answer").text.strip() != "")
+        reasons = driver.find_element(By.CSS_SELECTOR, f"tr[data-version='{state['failed']}'] .reasons").text
+        assert "val_loss regressed" in reasons and "<img" in reasons  # shown as text, not run
+        assert driver.find_element(By.TAG_NAME, "body").get_attribute("data-xss") is None
+        driver.switch_to.default_content()
+        _shot(driver, tmp_path, "customer.png")
+
+        driver.switch_to.frame(driver.find_element(By.TAG_NAME, "iframe"))
+        driver.find_element(By.ID, "rollback").click()
+        dialog = wait.until(ec.visibility_of_element_located((By.ID, "confirm")))
+        assert f"v{state['versions'][0]}" in dialog.text
+        driver.find_element(By.ID, "confirm-yes").click()
+        wait.until(lambda d: d.find_elements(By.ID, "moved"))
+        assert driver.find_element(By.ID, "production").text == f"v{state['versions'][0]}"
+        v1 = state["registry"].get(SERVED, "tiny", state["versions"][0])
+        assert state["registry"].by_alias(SERVED, "tiny", "production").version == v1.version
+        assert v1.tags["promoted.by"] == "alice" and v1.tags["promoted.action"] == "rollback"
+        # The rollback's asset event runs the serving sync: vLLM serves v1 again, without our help.
+        deadline = time.time() + 240
+        while not (served_root(vllm_server.url, SERVED) or "").endswith(v1.adapter_version):
+            assert time.time() < deadline, "vLLM did not pick up the rollback"
+            time.sleep(3)
+        row = fleet_rows(admin)[SERVED]
+        assert row["served"]["state"] == "in sync" and row["production"]["promoted_by"] == "rollback by alice"
+        driver.refresh()
+        driver.switch_to.default_content()
+        wait.until(ec.frame_to_be_available_and_switch_to_it((By.TAG_NAME, "iframe")))
+        wait.until(lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-loaded") == "true")
+        driver.switch_to.default_content()
+        _shot(driver, tmp_path, "customer-after-rollback.png")
+    finally:
+        driver.quit()
