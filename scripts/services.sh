@@ -17,6 +17,10 @@
 # VLLM_MODEL (the base model folder; default: the converted SmolLM2), VLLM_MAX_LORAS (max adapters in one
 # batch), VLLM_MAX_CPU_LORAS (adapters kept loaded), VLLM_MAX_LORA_RANK (largest rank): the last three
 # default to `ftops serving capacity`, computed from the customers file.
+# Serving keys: vLLM loads ftops.serving_auth.TenantAuth (--middleware; project's include/ on its PYTHONPATH):
+# per-customer keys (`ftops keys create`), admin key from FTOPS_SERVING_ADMIN_KEY or, when unset, from
+# $FTOPS_HOME/secrets/serving_admin_key (created here, mode 0600). VLLM_MIDDLEWARE=none serves without
+# it (benchmarks only: every caller may then call every adapter and load/unload adapters).
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 FTOPS_HOME=${FTOPS_HOME:-$ROOT/.ftops}
@@ -53,9 +57,23 @@ start_mlflow() {
   echo "$name up: http://127.0.0.1:$MLFLOW_PORT"
 }
 
+ensure_admin_key() {
+  # The serving admin key, made once per FTOPS_HOME when none is given: never a default, never printed.
+  [[ -n ${FTOPS_SERVING_ADMIN_KEY:-} ]] && return
+  local f="$FTOPS_HOME/secrets/serving_admin_key"
+  [[ -s $f ]] && return
+  mkdir -p "$FTOPS_HOME/secrets" && chmod 700 "$FTOPS_HOME/secrets"
+  (umask 077 && "$ROOT/.venv/bin/python" -c 'import secrets; print("ftadm_" + secrets.token_urlsafe(32))' >"$f.tmp")
+  mv "$f.tmp" "$f"
+  echo "serving admin key created at $f (mode 0600)"
+}
+
 start_vllm() {
   local name="vllm-$VLLM_PORT" log="$RUN/vllm-$VLLM_PORT.log"
   if curl -sf -o /dev/null "http://127.0.0.1:$VLLM_PORT/health"; then echo "$name already up"; return; fi
+  ensure_admin_key
+  local mw=(--middleware "${VLLM_MIDDLEWARE:-ftops.serving_auth.TenantAuth}")
+  [[ ${VLLM_MIDDLEWARE:-} == none ]] && { mw=(); echo "WARNING: $name without tenant isolation (VLLM_MIDDLEWARE=none)" >&2; }
   [[ -f "$VLLM_MODEL/config.json" ]] || { echo "no base model at $VLLM_MODEL (make models)" >&2; return 1; }
   mkdir -p "$FTOPS_HOME/vllm-adapters/resolver"
   # LoRA capacity sized from the customers file unless set: every production adapter stays resident
@@ -67,10 +85,12 @@ start_vllm() {
   # CPU caveats measured here: float32 (bf16 needs AMX permission), a fixed KV cache, runtime LoRA API on.
   VLLM_ALLOW_RUNTIME_LORA_UPDATING=True VLLM_CPU_KVCACHE_SPACE=${VLLM_CPU_KVCACHE_SPACE:-1} \
   VLLM_LORA_RESOLVER_CACHE_DIR="$FTOPS_HOME/vllm-adapters/resolver" \
+  PYTHONPATH="$ROOT/include${PYTHONPATH:+:$PYTHONPATH}" FTOPS_HOME="$FTOPS_HOME" FTOPS_SERVING_BASE_MODEL="$VLLM_MODEL" \
+  FTOPS_CUSTOMERS="${FTOPS_CUSTOMERS:-$ROOT/include/customers.yaml}" \
   setsid "$ROOT/.venv-vllm/bin/python" -m vllm.entrypoints.openai.api_server \
     --model "$VLLM_MODEL" --dtype float32 --max-model-len "${VLLM_MAX_MODEL_LEN:-1024}" \
     --enable-lora --max-loras "$VLLM_MAX_LORAS" --max-cpu-loras "$VLLM_MAX_CPU_LORAS" \
-    --max-lora-rank "$VLLM_MAX_LORA_RANK" --host 127.0.0.1 --port "$VLLM_PORT" >"$log" 2>&1 < /dev/null &
+    --max-lora-rank "$VLLM_MAX_LORA_RANK" "${mw[@]}" --host 127.0.0.1 --port "$VLLM_PORT" >"$log" 2>&1 < /dev/null &
   echo $! >"$RUN/$name.pid"
   wait_http "http://127.0.0.1:$VLLM_PORT/health" 300 "$name" "$log"
   echo "$name up: http://127.0.0.1:$VLLM_PORT ($VLLM_MODEL)"
