@@ -15,6 +15,7 @@ import yaml
 
 from conftest import TEST_CUSTOMERS, _service
 from ftops.config import settings
+from ftops.keys import auth_headers
 from ftops.pipeline import sync_serving
 from ftops.registry import Registry
 from ftops.serving import Replica
@@ -64,7 +65,7 @@ def test_load_swap_under_load_rollback(versions, vllm_server, second_replica):
     failures, done, answers = [], threading.Event(), []
 
     def traffic():
-        with httpx.Client(timeout=60) as http:
+        with httpx.Client(timeout=60, headers=auth_headers()) as http:  # the admin key: any model
             while not done.is_set():
                 for u in urls:
                     r = http.post(

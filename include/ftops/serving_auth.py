@@ -46,6 +46,8 @@ OPEN = {"/health", "/ping", "/version"}
 MODEL_ROUTES = {
     "/v1/completions",
     "/v1/chat/completions",
+    "/v1/chat/completions/batch",
+    "/v1/systemone",
     "/v1/responses",
     "/v1/embeddings",
     "/v1/messages",
@@ -62,6 +64,7 @@ MODEL_ROUTES = {
     "/v2/rerank",
 }
 LIST_ROUTE = "/v1/models"
+ADMIN_ROUTES = {"/v1/load_lora_adapter", "/v1/unload_lora_adapter", "/metrics"}  # labelled by name in metrics
 USAGE_STREAMS = {"/v1/completions", "/v1/chat/completions"}  # streams where `stream_options.include_usage` exists
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
 MAX_BODY = int(os.environ.get("FTOPS_SERVING_MAX_BODY_BYTES", 64 * 1024 * 1024))
@@ -199,7 +202,7 @@ class TenantAuth:
         if method == "OPTIONS" and "origin" in headers and "access-control-request-method" in headers:
             return await self.app(scope, receive, send)  # CORS preflight: answered by vLLM's CORS middleware
         started = time.monotonic()
-        route = path if (path in MODEL_ROUTES or path == LIST_ROUTE) else "other"
+        route = path if (path in MODEL_ROUTES or path in ADMIN_ROUTES or path == LIST_ROUTE) else "other"
         who = self.caller(headers, started)
 
         async def refuse(status: int, reason: str, message: str, customer: str | None = who) -> None:
