@@ -1,10 +1,14 @@
 """Benchmark multi-LoRA serving on the local vLLM (CPU build, tiny model): throughput and p50/p95 latency
 with requests spread over 1, 10 and 50 adapters, next to the base model alone (the baseline) in the same
 run, and the share of failed requests while 10 adapters are swapped (`load_inplace`) under load.
+Tenant isolation's cost in the same run: a second vLLM with the key-checking middleware (ftops.serving_auth,
+every request with its customer's own key) against the first one without it (VLLM_MIDDLEWARE=none), on the
+same 10 adapters, rounds interleaved so both see the same machine load; `keys_throughput_ratio` is the
+median requests/s with keys over the median without.
 
-    .venv/bin/python bench/serving.py [--requests 160] [--concurrency 8]
+    .venv/bin/python bench/serving.py [--requests 160] [--concurrency 8] [--key-rounds 3]
 
-Starts its own vLLM through scripts/services.sh (free port, temporary FTOPS_HOME) and stops it. The
+Starts its vLLM servers through scripts/services.sh (free ports, temporary FTOPS_HOME) and stops them. The
 adapters carry random LoRA weights (serving cost does not depend on what they learned). Prints one JSON
 line last.
 """
@@ -49,7 +53,8 @@ def make_adapters(base: Path, out: Path, n: int) -> list[Path]:
     return paths
 
 
-async def load(url: str, models: list[str], total: int, concurrency: int) -> dict:
+async def load(url: str, models: list[str], total: int, concurrency: int, keys: dict[str, str] | None = None) -> dict:
+    """`total` completions spread over `models`; with `keys`, each request carries its model's customer key."""
     latencies, failures, tokens = [], 0, 0
     queue = list(range(total))
 
@@ -57,15 +62,18 @@ async def load(url: str, models: list[str], total: int, concurrency: int) -> dic
         nonlocal failures, tokens
         while queue:
             i = queue.pop()
+            model = models[i % len(models)]
+            headers = {"Authorization": f"Bearer {keys[model]}"} if keys else None
             t0 = time.perf_counter()
             r = await http.post(
                 f"{url}/v1/completions",
                 json={
-                    "model": models[i % len(models)],
+                    "model": model,
                     "prompt": f"Ticket {i}: how do I fix a failed export?",
                     "max_tokens": 16,
                     "temperature": 0,
                 },
+                headers=headers,
             )
             if r.status_code == 200:
                 latencies.append(time.perf_counter() - t0)
@@ -112,37 +120,75 @@ async def swap_under_load(url: str, names: list[str], alt: dict[str, list[Path]]
     return result | {"swaps": swaps, "failed_share": round(result["failed"] / total, 4)}
 
 
+def customers_file(home: Path, names: list[str]) -> Path:
+    """A customers file naming the bench's adapters, so the middleware admits their keys."""
+    doc = {
+        "base_models": {"tiny": {"path": "tiny"}},
+        "customers": [{"id": n, "name": n, "base_model": "tiny"} for n in names],
+    }
+    path = home / "customers.yaml"
+    path.write_text(json.dumps(doc))  # JSON is YAML
+    return path
+
+
+class Server:
+    """One vLLM started with scripts/services.sh on a free port (stopped by `stop`)."""
+
+    def __init__(self, env: dict, **extra: str):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        self.env = dict(env, VLLM_PORT=str(port), **extra)
+        self.url = f"http://127.0.0.1:{port}"
+        subprocess.run([str(ROOT / "scripts" / "services.sh"), "start", "vllm"], env=self.env, check=True)
+
+    def stop(self) -> None:
+        subprocess.run([str(ROOT / "scripts" / "services.sh"), "stop", "vllm"], env=self.env)
+
+    def setup(self, adapters: list[Path], admin: dict) -> str:
+        http = httpx.Client(base_url=self.url, timeout=120, headers=admin)
+        base_name = next(m["id"] for m in http.get("/v1/models").json()["data"] if not m.get("parent"))
+        for i, path in enumerate(adapters):
+            http.post("/v1/load_lora_adapter", json={"lora_name": f"c{i}", "lora_path": str(path)}).raise_for_status()
+        asyncio.run(load(self.url, [base_name], 16, 4, {base_name: admin["Authorization"][7:]}))  # warm-up
+        return base_name
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--requests", type=int, default=160)
     ap.add_argument("--concurrency", type=int, default=8)
+    ap.add_argument("--key-rounds", type=int, default=3, help="interleaved rounds with and without keys")
+    ap.add_argument("--explore", action="store_true", help="50 adapters vs base under other vLLM LoRA settings")
     a = ap.parse_args()
     from ftops.models import build_tiny
 
     home = Path(tempfile.mkdtemp(prefix="bench-serving-"))
     base = build_tiny(home / "models" / "tiny")
     adapters = make_adapters(base, home / "adapters", 60)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     env = dict(
         os.environ,
         FTOPS_HOME=str(home),
-        VLLM_PORT=str(port),
+        FTOPS_CUSTOMERS=str(customers_file(home, [f"c{i}" for i in range(50)])),
         VLLM_MODEL=str(base),
         VLLM_MAX_LORAS="8",
         VLLM_MAX_CPU_LORAS="64",
         VLLM_MAX_LORA_RANK="8",
     )
-    services = [str(ROOT / "scripts" / "services.sh")]
-    subprocess.run(services + ["start", "vllm"], env=env, check=True)
-    url = f"http://127.0.0.1:{port}"
+    env.pop("FTOPS_SERVING_ADMIN_KEY", None)
+    os.environ.update(FTOPS_HOME=str(home), FTOPS_CUSTOMERS=env["FTOPS_CUSTOMERS"])
+    from ftops import keys
+
+    servers = []
     try:
-        http = httpx.Client(base_url=url, timeout=120)
-        base_name = http.get("/v1/models").json()["data"][0]["id"]
-        for i, path in enumerate(adapters[:50]):
-            http.post("/v1/load_lora_adapter", json={"lora_name": f"c{i}", "lora_path": str(path)}).raise_for_status()
-        asyncio.run(load(url, [base_name], 16, 4))  # warm-up
+        plain = Server(env, VLLM_MIDDLEWARE="none")
+        servers.append(plain)
+        keyed = Server(env)
+        servers.append(keyed)
+        admin = keys.auth_headers()
+        base_name = plain.setup(adapters[:50], admin)
+        keyed.setup(adapters[:50], admin)
+        url = plain.url
         figures: dict = {"concurrency": a.concurrency, "max_tokens": 16}
         scenarios = {
             "base_only": [base_name],
@@ -159,9 +205,67 @@ def main() -> None:
         print("swap", figures["swap_10_under_load"], file=sys.stderr)
         for k in ("adapters_1", "adapters_10", "adapters_50"):
             figures[f"{k}_throughput_vs_base"] = round(figures[k]["req_per_s"] / figures["base_only"]["req_per_s"], 3)
+
+        # Tenant isolation: the same 10 adapters, each request with its own customer's key, against the
+        # server without the middleware; rounds alternate which server goes first.
+        customer_keys = {n: keys.create(n)[1] for n in names}
+        with_keys, without = [], []
+        for r in range(a.key_rounds):
+            order = [(keyed, customer_keys, with_keys), (plain, None, without)]
+            for server, ks, out in order if r % 2 else order[::-1]:
+                result = asyncio.run(load(server.url, names, a.requests, a.concurrency, ks))
+                assert result["failed"] == 0, result
+                out.append(result)
+        figures["keys_enforced"] = {
+            "with_keys_req_per_s": [x["req_per_s"] for x in with_keys],
+            "without_req_per_s": [x["req_per_s"] for x in without],
+            "with_keys_p95_s": statistics.median(x["p95_s"] for x in with_keys),
+            "without_p95_s": statistics.median(x["p95_s"] for x in without),
+        }
+        figures["keys_throughput_ratio"] = round(
+            statistics.median(x["req_per_s"] for x in with_keys) / statistics.median(x["req_per_s"] for x in without),
+            3,
+        )
+        print("keys", figures["keys_enforced"], figures["keys_throughput_ratio"], file=sys.stderr)
+        if a.explore:
+            for server in servers:
+                server.stop()
+            servers.clear()
+            figures["explore_50_adapters"] = explore(env, adapters[:50], a)
     finally:
-        subprocess.run(services + ["stop", "vllm"], env=env)
+        for server in servers:
+            server.stop()
     print(json.dumps(figures))
+
+
+def explore(env: dict, adapters: list[Path], a) -> list[dict]:
+    """50 adapters vs the base model under other LoRA settings of vLLM (one server at a time, no keys)."""
+    from ftops import keys
+
+    settings = [
+        {"VLLM_MAX_LORAS": "8", "VLLM_MAX_CPU_LORAS": "64"},
+        {"VLLM_MAX_LORAS": "16", "VLLM_MAX_CPU_LORAS": "64"},
+        {"VLLM_MAX_LORAS": "50", "VLLM_MAX_CPU_LORAS": "64"},
+        {"VLLM_MAX_LORAS": "8", "VLLM_MAX_CPU_LORAS": "50"},
+        {"VLLM_MAX_LORAS": "16", "VLLM_MAX_CPU_LORAS": "64", "concurrency": "16"},
+        {"VLLM_MAX_LORAS": "50", "VLLM_MAX_CPU_LORAS": "64", "concurrency": "16"},
+    ]
+    out = []
+    for setting in settings:
+        conc = int(setting.get("concurrency", a.concurrency))
+        flags = {k: v for k, v in setting.items() if k.startswith("VLLM_")}
+        server = Server(env, VLLM_MIDDLEWARE="none", **flags)
+        try:
+            base_name = server.setup(adapters, keys.auth_headers())
+            b = asyncio.run(load(server.url, [base_name], a.requests, conc))
+            m = asyncio.run(load(server.url, [f"c{i}" for i in range(50)], a.requests, conc))
+        finally:
+            server.stop()
+        row = setting | {"base_req_per_s": b["req_per_s"], "adapters_50_req_per_s": m["req_per_s"]}
+        row["ratio"] = round(m["req_per_s"] / b["req_per_s"], 3)
+        print("explore", row, file=sys.stderr)
+        out.append(row)
+    return out
 
 
 if __name__ == "__main__":
