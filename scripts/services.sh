@@ -13,7 +13,8 @@
 # Settings (environment): FTOPS_HOME (.ftops), MLFLOW_PORT (5000), VLLM_PORT (8000),
 # MLFLOW_BACKEND and MLFLOW_ARTIFACTS (MLflow's stores; default SQLite and a folder under FTOPS_HOME,
 # e.g. postgresql://… and s3://bucket/prefix with MLFLOW_S3_ENDPOINT_URL), S3_PORT (8333; its other
-# components use S3_PORT+1..+5), AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY,
+# components use S3_PORT+1..+5), AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, S3_CONFIG (SeaweedFS identities per
+# role, an s3.json from scripts/make_env.py / ftops.identities; without it, one admin identity from AWS_*),
 # VLLM_MODEL (the base model folder; default: the converted SmolLM2), VLLM_MAX_LORAS (max adapters in one
 # batch), VLLM_MAX_CPU_LORAS (adapters kept loaded), VLLM_MAX_LORA_RANK (largest rank): the last three
 # default to `ftops serving capacity`, computed from the customers file.
@@ -104,7 +105,7 @@ start_s3() {
   setsid "$ROOT/.venv/bin/weed" mini -dir="$FTOPS_HOME/s3-$S3_PORT" -ip=127.0.0.1 -ip.bind=127.0.0.1 \
     -s3.port="$S3_PORT" -master.port=$((S3_PORT + 1)) -volume.port=$((S3_PORT + 2)) -filer.port=$((S3_PORT + 3)) \
     -admin.port=$((S3_PORT + 4)) -webdav.port=$((S3_PORT + 5)) -master.telemetry=false \
-    -bucket "${S3_BUCKETS:-ftops,mlflow}" >"$log" 2>&1 < /dev/null &
+    ${S3_CONFIG:+-s3.config="$S3_CONFIG"} -bucket "${S3_BUCKETS:-ftops,mlflow}" >"$log" 2>&1 < /dev/null &
   echo $! >"$RUN/$name.pid"
   wait_http "http://127.0.0.1:$S3_PORT/healthz" 60 "$name" "$log"
   echo "$name up: http://127.0.0.1:$S3_PORT"
