@@ -48,8 +48,13 @@ start_mlflow() {
   local name="mlflow-$MLFLOW_PORT" log="$RUN/mlflow-$MLFLOW_PORT.log"
   if curl -sf -o /dev/null "http://127.0.0.1:$MLFLOW_PORT/health"; then echo "$name already up"; return; fi
   mkdir -p "$FTOPS_HOME/mlflow/artifacts"
+  # MLFLOW_AUTH_CONFIG (a basic-auth .ini, ftops.identities.mlflow_auth_ini): users and per-model permissions,
+  # the platform's service user its admin. Unset: no authentication (the local loopback default).
+  local auth=()
+  [[ -n ${MLFLOW_AUTH_CONFIG:-} ]] && auth=(--app-name basic-auth)
   # Job execution off and one worker: the defaults spawn job workers costing ~2.5 GB.
-  MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false setsid "$ROOT/.venv/bin/mlflow" server \
+  MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false setsid env ${MLFLOW_AUTH_CONFIG:+MLFLOW_AUTH_CONFIG_PATH="$MLFLOW_AUTH_CONFIG"} \
+    "$ROOT/.venv/bin/mlflow" server "${auth[@]}" \
     --backend-store-uri "${MLFLOW_BACKEND:-sqlite:///$FTOPS_HOME/mlflow/mlflow.db}" \
     --artifacts-destination "${MLFLOW_ARTIFACTS:-$FTOPS_HOME/mlflow/artifacts}" \
     --host 127.0.0.1 --port "$MLFLOW_PORT" --workers 1 >"$log" 2>&1 < /dev/null &

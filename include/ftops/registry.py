@@ -98,8 +98,14 @@ class Registry:
 
         try:
             return _wrap(customer, self.client.get_model_version_by_alias(model_name(customer, base_slug), alias))
-        except MlflowException:
-            return None
+        except MlflowException as exc:
+            # No such model or alias: None. Anything else (a refused login, a server error) must not read as
+            # "no production version": the reconciler would unload the customer's adapter.
+            if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+                return None
+            raise RegistryError(
+                f"{customer}: the registry did not answer for alias {alias!r}: {exc.error_code}"
+            ) from exc
 
     def versions(self, customer: str, base_slug: str) -> list[AdapterVersion]:
         found = self.client.search_model_versions(f"name='{model_name(customer, base_slug)}'")
