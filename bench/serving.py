@@ -72,6 +72,9 @@ async def load(url: str, models: list[str], total: int, concurrency: int, keys: 
                     "prompt": f"Ticket {i}: how do I fix a failed export?",
                     "max_tokens": 16,
                     "temperature": 0,
+                    # Exactly 16 tokens each: random adapters stop at different points, which would make
+                    # requests/s compare answer lengths rather than serving cost.
+                    "ignore_eos": True,
                 },
                 headers=headers,
             )
@@ -203,6 +206,12 @@ def main() -> None:
         alt = {n: [adapters[50 + i], adapters[i]] for i, n in enumerate(names)}
         figures["swap_10_under_load"] = asyncio.run(swap_under_load(url, names, alt, a.requests, a.concurrency))
         print("swap", figures["swap_10_under_load"], file=sys.stderr)
+        for i, name in enumerate(names):  # the same adapters on both servers again for the keys comparison
+            httpx.post(
+                f"{url}/v1/load_lora_adapter",
+                json={"lora_name": name, "lora_path": str(adapters[i]), "load_inplace": True},
+                timeout=120,
+            ).raise_for_status()
         for k in ("adapters_1", "adapters_10", "adapters_50"):
             figures[f"{k}_throughput_vs_base"] = round(figures[k]["req_per_s"] / figures["base_only"]["req_per_s"], 3)
 
@@ -219,6 +228,8 @@ def main() -> None:
         figures["keys_enforced"] = {
             "with_keys_req_per_s": [x["req_per_s"] for x in with_keys],
             "without_req_per_s": [x["req_per_s"] for x in without],
+            "with_keys_tokens_per_s": [x["tokens_per_s"] for x in with_keys],
+            "without_tokens_per_s": [x["tokens_per_s"] for x in without],
             "with_keys_p95_s": statistics.median(x["p95_s"] for x in with_keys),
             "without_p95_s": statistics.median(x["p95_s"] for x in without),
         }

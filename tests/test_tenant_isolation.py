@@ -149,6 +149,9 @@ def test_other_customers_and_base_model_refused(served):
             ("/tokenize", {"prompt": "Hi"}),  # no model: vLLM would use the base model
         ]:
             assert http.post(path, json=body).status_code == 403, path
+        # SageMaker's adapter header would replace the body's `model` after the check: refused to customers
+        sagemaker = {"X-Amzn-SageMaker-Adapter-Identifier": OTHER}
+        assert http.post("/invocations", json={"model": OWN, "prompt": "Hi"}, headers=sagemaker).status_code == 403
         # own model through the same routes works
         assert http.post("/tokenize", json={"model": OWN, "prompt": "Hi"}).status_code == 200
         assert http.post("/invocations", json={"model": OWN, "prompt": "Hi", "max_tokens": 4}).status_code == 200

@@ -9,6 +9,8 @@ vLLM's own `--api-key` maps no key to a model and leaves `/invocations` open, so
   customer's `allow_base_model` says so; anything else is 403. `/v1/models` lists only what it may call;
 - everything else (runtime LoRA load/unload, sleep, cache resets, profiling, RPC, `/metrics`, the docs, any
   route added by a later vLLM) is admin-only: default deny, so a new route is never open by accident;
+- headers that would override that check or the scheduler (SageMaker's `X-Amzn-SageMaker-Adapter-Identifier`,
+  which replaces the body's `model` on `/invocations`, its session headers, `X-Vllm-Priority`) are admin-only;
 - a `model` that is not the base model and not a plain name (path separators, `..`) is refused for every
   caller (404) before vLLM's filesystem resolver could join it into a path;
 - the body vLLM reads is the one that was checked (re-serialised), so a duplicated `model` key cannot make
@@ -69,6 +71,9 @@ USAGE_STREAMS = {"/v1/completions", "/v1/chat/completions"}  # streams where `st
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
 MAX_BODY = int(os.environ.get("FTOPS_SERVING_MAX_BODY_BYTES", 64 * 1024 * 1024))
 ANONYMOUS = "_anonymous"
+# Headers vLLM acts on that a customer key may not send: SageMaker's adapter header replaces the body's `model`
+# after this check (`/invocations`), its session headers and the scheduling priority are the admin's.
+ADMIN_HEADERS = (b"x-amzn-sagemaker-", b"x-vllm-priority", b"x-data-parallel-rank")
 
 REQUESTS = Counter(
     "ftops_tenant_requests", "Requests per customer, route and HTTP status", ["customer", "route", "code"]
@@ -215,6 +220,10 @@ class TenantAuth:
 
         if who is None:
             return await refuse(401, "unauthorized", "a valid API key is required (Authorization: Bearer ...)")
+        if who != keys.ADMIN and any(k.lower().startswith(ADMIN_HEADERS) for k, _ in scope["headers"]):
+            return await refuse(
+                403, "admin_header", "X-Amzn-SageMaker-*, X-Vllm-Priority and X-data-parallel-rank need the admin key"
+            )
 
         if path == LIST_ROUTE and method == "GET":
             return await self._models(scope, receive, send, who, started)
