@@ -193,31 +193,13 @@ def main() -> None:
         keyed.setup(adapters[:50], admin)
         url = plain.url
         figures: dict = {"concurrency": a.concurrency, "max_tokens": 16}
-        scenarios = {
-            "base_only": [base_name],
-            "adapters_1": ["c0"],
-            "adapters_10": [f"c{i}" for i in range(10)],
-            "adapters_50": [f"c{i}" for i in range(50)],
-        }
-        for name, models in scenarios.items():
-            figures[name] = asyncio.run(load(url, models, a.requests, a.concurrency))
-            print(name, figures[name], file=sys.stderr)
+        # Tenant isolation first, while both servers have the same history: the same 10 adapters, each request
+        # with its own customer's key, against the server without the middleware; rounds alternate which
+        # server goes first.
         names = [f"c{i}" for i in range(10)]
-        alt = {n: [adapters[50 + i], adapters[i]] for i, n in enumerate(names)}
-        figures["swap_10_under_load"] = asyncio.run(swap_under_load(url, names, alt, a.requests, a.concurrency))
-        print("swap", figures["swap_10_under_load"], file=sys.stderr)
-        for i, name in enumerate(names):  # the same adapters on both servers again for the keys comparison
-            httpx.post(
-                f"{url}/v1/load_lora_adapter",
-                json={"lora_name": name, "lora_path": str(adapters[i]), "load_inplace": True},
-                timeout=120,
-            ).raise_for_status()
-        for k in ("adapters_1", "adapters_10", "adapters_50"):
-            figures[f"{k}_throughput_vs_base"] = round(figures[k]["req_per_s"] / figures["base_only"]["req_per_s"], 3)
-
-        # Tenant isolation: the same 10 adapters, each request with its own customer's key, against the
-        # server without the middleware; rounds alternate which server goes first.
         customer_keys = {n: keys.create(n)[1] for n in names}
+        for server, ks in ((keyed, customer_keys), (plain, None)):
+            asyncio.run(load(server.url, names, 32, a.concurrency, ks))  # the same warm-up on both
         with_keys, without = [], []
         for r in range(a.key_rounds):
             order = [(keyed, customer_keys, with_keys), (plain, None, without)]
@@ -238,6 +220,22 @@ def main() -> None:
             3,
         )
         print("keys", figures["keys_enforced"], figures["keys_throughput_ratio"], file=sys.stderr)
+        scenarios = {
+            "base_only": [base_name],
+            "adapters_1": ["c0"],
+            "adapters_10": [f"c{i}" for i in range(10)],
+            "adapters_50": [f"c{i}" for i in range(50)],
+        }
+        for name, models in scenarios.items():
+            figures[name] = asyncio.run(load(url, models, a.requests, a.concurrency))
+            print(name, figures[name], file=sys.stderr)
+        names = [f"c{i}" for i in range(10)]
+        alt = {n: [adapters[50 + i], adapters[i]] for i, n in enumerate(names)}
+        figures["swap_10_under_load"] = asyncio.run(swap_under_load(url, names, alt, a.requests, a.concurrency))
+        print("swap", figures["swap_10_under_load"], file=sys.stderr)
+        for k in ("adapters_1", "adapters_10", "adapters_50"):
+            figures[f"{k}_throughput_vs_base"] = round(figures[k]["req_per_s"] / figures["base_only"]["req_per_s"], 3)
+
         if a.explore:
             for server in servers:
                 server.stop()
