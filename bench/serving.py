@@ -163,7 +163,11 @@ def main() -> None:
     ap.add_argument("--concurrency", type=int, default=8)
     ap.add_argument("--key-rounds", type=int, default=3, help="interleaved rounds with and without keys")
     ap.add_argument("--explore", action="store_true", help="50 adapters vs base under other vLLM LoRA settings")
+    ap.add_argument("--middleware-cost", action="store_true", help=argparse.SUPPRESS)  # run by main() in the vLLM venv
     a = ap.parse_args()
+    if a.middleware_cost:
+        print(json.dumps(middleware_cost()))
+        return
     from ftops.models import build_tiny
 
     home = Path(tempfile.mkdtemp(prefix="bench-serving-"))
@@ -236,6 +240,20 @@ def main() -> None:
         for k in ("adapters_1", "adapters_10", "adapters_50"):
             figures[f"{k}_throughput_vs_base"] = round(figures[k]["req_per_s"] / figures["base_only"]["req_per_s"], 3)
 
+        cost = subprocess.run(
+            [str(ROOT / ".venv-vllm" / "bin" / "python"), __file__, "--middleware-cost"],
+            env=dict(env, PYTHONPATH=str(ROOT / "include")),
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        figures["middleware_cost"] = json.loads(cost.stdout.strip().splitlines()[-1])
+        # The same added time as a share of what one request costs the server at the measured rate.
+        per_request_s = 1 / statistics.median(x["req_per_s"] for x in without)
+        figures["middleware_cost"]["share_of_request_time"] = round(
+            figures["middleware_cost"]["json"]["added_us"] / 1e6 / per_request_s, 5
+        )
+        print("middleware", figures["middleware_cost"], file=sys.stderr)
         if a.explore:
             for server in servers:
                 server.stop()
@@ -248,33 +266,104 @@ def main() -> None:
 
 
 def explore(env: dict, adapters: list[Path], a) -> list[dict]:
-    """50 adapters vs the base model under other LoRA settings of vLLM (one server at a time, no keys)."""
+    """50 adapters vs the base model under other LoRA settings of vLLM (one server at a time, no keys). Per
+    setting, rounds alternate base and 50 adapters on the same server, so the ratio is robust to the machine's
+    load drifting; the ratio is of the medians."""
     from ftops import keys
 
     settings = [
         {"VLLM_MAX_LORAS": "8", "VLLM_MAX_CPU_LORAS": "64"},
         {"VLLM_MAX_LORAS": "16", "VLLM_MAX_CPU_LORAS": "64"},
         {"VLLM_MAX_LORAS": "50", "VLLM_MAX_CPU_LORAS": "64"},
-        {"VLLM_MAX_LORAS": "8", "VLLM_MAX_CPU_LORAS": "50"},
+        {"VLLM_MAX_LORAS": "8", "VLLM_MAX_CPU_LORAS": "16"},
+        {"VLLM_MAX_LORAS": "8", "VLLM_MAX_CPU_LORAS": "64", "concurrency": "16"},
         {"VLLM_MAX_LORAS": "16", "VLLM_MAX_CPU_LORAS": "64", "concurrency": "16"},
-        {"VLLM_MAX_LORAS": "50", "VLLM_MAX_CPU_LORAS": "64", "concurrency": "16"},
     ]
     out = []
     for setting in settings:
         conc = int(setting.get("concurrency", a.concurrency))
         flags = {k: v for k, v in setting.items() if k.startswith("VLLM_")}
         server = Server(env, VLLM_MIDDLEWARE="none", **flags)
+        base_rps, many_rps = [], []
         try:
             base_name = server.setup(adapters, keys.auth_headers())
-            b = asyncio.run(load(server.url, [base_name], a.requests, conc))
-            m = asyncio.run(load(server.url, [f"c{i}" for i in range(50)], a.requests, conc))
+            many = [f"c{i}" for i in range(50)]
+            asyncio.run(load(server.url, many, 64, conc))  # warm every adapter once
+            for r in range(3):
+                order = [([base_name], base_rps), (many, many_rps)]
+                for models, rps in order if r % 2 else order[::-1]:
+                    rps.append(asyncio.run(load(server.url, models, a.requests, conc))["req_per_s"])
         finally:
             server.stop()
-        row = setting | {"base_req_per_s": b["req_per_s"], "adapters_50_req_per_s": m["req_per_s"]}
-        row["ratio"] = round(m["req_per_s"] / b["req_per_s"], 3)
+        row = setting | {"base_req_per_s": base_rps, "adapters_50_req_per_s": many_rps}
+        row["ratio"] = round(statistics.median(many_rps) / statistics.median(base_rps), 3)
         print("explore", row, file=sys.stderr)
         out.append(row)
     return out
+
+
+def middleware_cost(n: int = 4000) -> dict:
+    """What ftops.serving_auth adds per request, measured in-process around a stand-in app that answers like
+    vLLM (a JSON completion, or 16 streamed chunks): no engine, so nothing but the middleware's own work.
+    Runs in the vLLM venv (`--middleware-cost`), with a key store in FTOPS_HOME."""
+    from ftops import keys
+    from ftops.serving_auth import TenantAuth
+
+    usage = {"prompt_tokens": 12, "completion_tokens": 16, "total_tokens": 28}
+    answer = json.dumps({"id": "cmpl-1", "choices": [{"index": 0, "text": " word" * 16}], "usage": usage}).encode()
+    chunks = [b'data: {"id":"c","choices":[{"index":0,"text":" word"}]}\n\n'] * 16
+    chunks += [b'data: {"id":"c","choices":[],"usage":' + json.dumps(usage).encode() + b"}\n\n", b"data: [DONE]\n\n"]
+
+    async def vllm_like(scope, receive, send):
+        body = json.loads((await receive())["body"])
+        ctype = b"text/event-stream" if body.get("stream") else b"application/json"
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", ctype)]})
+        if body.get("stream"):
+            for c in chunks:
+                await send({"type": "http.response.body", "body": c, "more_body": True})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        else:
+            await send({"type": "http.response.body", "body": answer, "more_body": False})
+
+    _, key = keys.create("c0")
+    guarded = TenantAuth(vllm_like)
+    result = {}
+    for label, stream in (("json", False), ("stream", True)):
+        body = json.dumps(
+            {
+                "model": "c0",
+                "prompt": "Ticket 1: how do I fix a failed export?",
+                "max_tokens": 16,
+                "temperature": 0,
+                "stream": stream,
+            }
+        ).encode()
+        headers = [
+            (b"authorization", f"Bearer {key}".encode()),
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode()),
+        ]
+        scope = {"type": "http", "method": "POST", "path": "/v1/completions", "root_path": "", "headers": headers}
+
+        async def timed(app, body: bytes = body, scope: dict = scope) -> float:
+            async def receive():
+                return {"type": "http.request", "body": body, "more_body": False}
+
+            async def send(message):
+                pass
+
+            t0 = time.perf_counter()
+            for _ in range(n):
+                await app(dict(scope), receive, send)
+            return (time.perf_counter() - t0) / n
+
+        bare, with_mw = asyncio.run(timed(vllm_like)), asyncio.run(timed(guarded))
+        result[label] = {
+            "app_alone_us": round(bare * 1e6, 1),
+            "with_middleware_us": round(with_mw * 1e6, 1),
+            "added_us": round((with_mw - bare) * 1e6, 1),
+        }
+    return result
 
 
 if __name__ == "__main__":
