@@ -3,10 +3,13 @@ with requests spread over 1, 10 and 50 adapters, next to the base model alone (t
 run, and the share of failed requests while 10 adapters are swapped (`load_inplace`) under load.
 Tenant isolation's cost in the same run: a second vLLM with the key-checking middleware (ftops.serving_auth,
 every request with its customer's own key) against the first one without it (VLLM_MIDDLEWARE=none), on the
-same 10 adapters, rounds interleaved so both see the same machine load; `keys_throughput_ratio` is the
-median requests/s with keys over the median without.
+same 10 adapters, in short paired rounds (alternating which goes first) so both see the same machine load;
+`keys_throughput_ratio` is the median over pairs of requests/s with keys / without. `middleware_cost` is the
+middleware's own time per request, measured in-process around a stand-in app (no engine, no noise from it).
+`--explore` then restarts vLLM under other LoRA settings (--max-loras, --max-cpu-loras, client concurrency)
+and measures 50 adapters against the base model on each, rounds interleaved.
 
-    .venv/bin/python bench/serving.py [--requests 160] [--concurrency 8] [--key-rounds 3]
+    .venv/bin/python bench/serving.py [--requests 160] [--concurrency 8] [--key-rounds 12] [--explore]
 
 Starts its vLLM servers through scripts/services.sh (free ports, temporary FTOPS_HOME) and stops them. The
 adapters carry random LoRA weights (serving cost does not depend on what they learned). Prints one JSON
@@ -161,7 +164,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--requests", type=int, default=160)
     ap.add_argument("--concurrency", type=int, default=8)
-    ap.add_argument("--key-rounds", type=int, default=3, help="interleaved rounds with and without keys")
+    ap.add_argument("--key-rounds", type=int, default=12, help="paired rounds with and without keys")
     ap.add_argument("--explore", action="store_true", help="50 adapters vs base under other vLLM LoRA settings")
     ap.add_argument("--middleware-cost", action="store_true", help=argparse.SUPPRESS)  # run by main() in the vLLM venv
     a = ap.parse_args()
@@ -205,10 +208,10 @@ def main() -> None:
         for server, ks in ((keyed, customer_keys), (plain, None)):
             asyncio.run(load(server.url, names, 32, a.concurrency, ks))  # the same warm-up on both
         with_keys, without = [], []
-        for r in range(a.key_rounds):
+        for r in range(a.key_rounds):  # short paired rounds: a pair shares the machine's load of the moment
             order = [(keyed, customer_keys, with_keys), (plain, None, without)]
             for server, ks, out in order if r % 2 else order[::-1]:
-                result = asyncio.run(load(server.url, names, a.requests, a.concurrency, ks))
+                result = asyncio.run(load(server.url, names, max(a.requests // 2, 16), a.concurrency, ks))
                 assert result["failed"] == 0, result
                 out.append(result)
         figures["keys_enforced"] = {
@@ -220,8 +223,7 @@ def main() -> None:
             "without_p95_s": statistics.median(x["p95_s"] for x in without),
         }
         figures["keys_throughput_ratio"] = round(
-            statistics.median(x["req_per_s"] for x in with_keys) / statistics.median(x["req_per_s"] for x in without),
-            3,
+            statistics.median(k["req_per_s"] / n["req_per_s"] for k, n in zip(with_keys, without, strict=True)), 3
         )
         print("keys", figures["keys_enforced"], figures["keys_throughput_ratio"], file=sys.stderr)
         scenarios = {
