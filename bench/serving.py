@@ -280,6 +280,7 @@ def explore(env: dict, adapters: list[Path], a) -> list[dict]:
         {"VLLM_MAX_LORAS": "8", "VLLM_MAX_CPU_LORAS": "16"},
         {"VLLM_MAX_LORAS": "8", "VLLM_MAX_CPU_LORAS": "64", "concurrency": "16"},
         {"VLLM_MAX_LORAS": "16", "VLLM_MAX_CPU_LORAS": "64", "concurrency": "16"},
+        {"VLLM_MAX_LORAS": "50", "VLLM_MAX_CPU_LORAS": "64", "concurrency": "16"},
     ]
     out = []
     for setting in settings:
