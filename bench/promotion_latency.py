@@ -47,7 +47,9 @@ def two_versions(home: Path, base: Path, mlflow_uri: str) -> list[str]:
 
 def served_by(vllm: str, adapter_version: str, deadline: float) -> float:
     """Poll until the replica serves that version and answers a completion through it; returns that moment."""
-    with httpx.Client(base_url=vllm, timeout=60) as http:
+    from ftops.keys import auth_headers
+
+    with httpx.Client(base_url=vllm, timeout=60, headers=auth_headers()) as http:
         while time.time() < deadline:
             roots = {m["id"]: m["root"] for m in http.get("/v1/models").json()["data"]}
             if roots.get(CUSTOMER, "").endswith(f"/{adapter_version}"):

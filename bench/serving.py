@@ -1,10 +1,17 @@
 """Benchmark multi-LoRA serving on the local vLLM (CPU build, tiny model): throughput and p50/p95 latency
 with requests spread over 1, 10 and 50 adapters, next to the base model alone (the baseline) in the same
 run, and the share of failed requests while 10 adapters are swapped (`load_inplace`) under load.
+Tenant isolation's cost in the same run: a second vLLM with the key-checking middleware (ftops.serving_auth,
+every request with its customer's own key) against the first one without it (VLLM_MIDDLEWARE=none), on the
+same 10 adapters, in short paired rounds (alternating which goes first) so both see the same machine load;
+`keys_throughput_ratio` is the median over pairs of requests/s with keys / without. `middleware_cost` is the
+middleware's own time per request, measured in-process around a stand-in app (no engine, no noise from it).
+`--explore` then restarts vLLM under other LoRA settings (--max-loras, --max-cpu-loras, client concurrency)
+and measures 50 adapters against the base model on each, rounds interleaved.
 
-    .venv/bin/python bench/serving.py [--requests 160] [--concurrency 8]
+    .venv/bin/python bench/serving.py [--requests 160] [--concurrency 8] [--key-rounds 12] [--explore]
 
-Starts its own vLLM through scripts/services.sh (free port, temporary FTOPS_HOME) and stops it. The
+Starts its vLLM servers through scripts/services.sh (free ports, temporary FTOPS_HOME) and stops them. The
 adapters carry random LoRA weights (serving cost does not depend on what they learned). Prints one JSON
 line last.
 """
@@ -49,7 +56,8 @@ def make_adapters(base: Path, out: Path, n: int) -> list[Path]:
     return paths
 
 
-async def load(url: str, models: list[str], total: int, concurrency: int) -> dict:
+async def load(url: str, models: list[str], total: int, concurrency: int, keys: dict[str, str] | None = None) -> dict:
+    """`total` completions spread over `models`; with `keys`, each request carries its model's customer key."""
     latencies, failures, tokens = [], 0, 0
     queue = list(range(total))
 
@@ -57,15 +65,21 @@ async def load(url: str, models: list[str], total: int, concurrency: int) -> dic
         nonlocal failures, tokens
         while queue:
             i = queue.pop()
+            model = models[i % len(models)]
+            headers = {"Authorization": f"Bearer {keys[model]}"} if keys else None
             t0 = time.perf_counter()
             r = await http.post(
                 f"{url}/v1/completions",
                 json={
-                    "model": models[i % len(models)],
+                    "model": model,
                     "prompt": f"Ticket {i}: how do I fix a failed export?",
                     "max_tokens": 16,
                     "temperature": 0,
+                    # Exactly 16 tokens each: random adapters stop at different points, which would make
+                    # requests/s compare answer lengths rather than serving cost.
+                    "ignore_eos": True,
                 },
+                headers=headers,
             )
             if r.status_code == 200:
                 latencies.append(time.perf_counter() - t0)
@@ -112,38 +126,106 @@ async def swap_under_load(url: str, names: list[str], alt: dict[str, list[Path]]
     return result | {"swaps": swaps, "failed_share": round(result["failed"] / total, 4)}
 
 
+def customers_file(home: Path, names: list[str]) -> Path:
+    """A customers file naming the bench's adapters, so the middleware admits their keys."""
+    doc = {
+        "base_models": {"tiny": {"path": "tiny"}},
+        "customers": [{"id": n, "name": n, "base_model": "tiny"} for n in names],
+    }
+    path = home / "customers.yaml"
+    path.write_text(json.dumps(doc))  # JSON is YAML
+    return path
+
+
+class Server:
+    """One vLLM started with scripts/services.sh on a free port (stopped by `stop`)."""
+
+    def __init__(self, env: dict, **extra: str):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        self.env = dict(env, VLLM_PORT=str(port), **extra)
+        self.url = f"http://127.0.0.1:{port}"
+        subprocess.run([str(ROOT / "scripts" / "services.sh"), "start", "vllm"], env=self.env, check=True)
+
+    def stop(self) -> None:
+        subprocess.run([str(ROOT / "scripts" / "services.sh"), "stop", "vllm"], env=self.env)
+
+    def setup(self, adapters: list[Path], admin: dict) -> str:
+        http = httpx.Client(base_url=self.url, timeout=120, headers=admin)
+        base_name = next(m["id"] for m in http.get("/v1/models").json()["data"] if not m.get("parent"))
+        for i, path in enumerate(adapters):
+            http.post("/v1/load_lora_adapter", json={"lora_name": f"c{i}", "lora_path": str(path)}).raise_for_status()
+        asyncio.run(load(self.url, [base_name], 16, 4, {base_name: admin["Authorization"][7:]}))  # warm-up
+        return base_name
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--requests", type=int, default=160)
     ap.add_argument("--concurrency", type=int, default=8)
+    ap.add_argument("--key-rounds", type=int, default=12, help="paired rounds with and without keys")
+    ap.add_argument("--explore", action="store_true", help="50 adapters vs base under other vLLM LoRA settings")
+    ap.add_argument("--middleware-cost", action="store_true", help=argparse.SUPPRESS)  # run by main() in the vLLM venv
     a = ap.parse_args()
+    if a.middleware_cost:
+        print(json.dumps(middleware_cost()))
+        return
     from ftops.models import build_tiny
 
     home = Path(tempfile.mkdtemp(prefix="bench-serving-"))
     base = build_tiny(home / "models" / "tiny")
     adapters = make_adapters(base, home / "adapters", 60)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     env = dict(
         os.environ,
         FTOPS_HOME=str(home),
-        VLLM_PORT=str(port),
+        FTOPS_CUSTOMERS=str(customers_file(home, [f"c{i}" for i in range(50)])),
         VLLM_MODEL=str(base),
         VLLM_MAX_LORAS="8",
         VLLM_MAX_CPU_LORAS="64",
         VLLM_MAX_LORA_RANK="8",
     )
-    services = [str(ROOT / "scripts" / "services.sh")]
-    subprocess.run(services + ["start", "vllm"], env=env, check=True)
-    url = f"http://127.0.0.1:{port}"
+    env.pop("FTOPS_SERVING_ADMIN_KEY", None)
+    os.environ.update(FTOPS_HOME=str(home), FTOPS_CUSTOMERS=env["FTOPS_CUSTOMERS"])
+    from ftops import keys
+
+    servers = []
     try:
-        http = httpx.Client(base_url=url, timeout=120)
-        base_name = http.get("/v1/models").json()["data"][0]["id"]
-        for i, path in enumerate(adapters[:50]):
-            http.post("/v1/load_lora_adapter", json={"lora_name": f"c{i}", "lora_path": str(path)}).raise_for_status()
-        asyncio.run(load(url, [base_name], 16, 4))  # warm-up
+        plain = Server(env, VLLM_MIDDLEWARE="none")
+        servers.append(plain)
+        keyed = Server(env)
+        servers.append(keyed)
+        admin = keys.auth_headers()
+        base_name = plain.setup(adapters[:50], admin)
+        keyed.setup(adapters[:50], admin)
+        url = plain.url
         figures: dict = {"concurrency": a.concurrency, "max_tokens": 16}
+        # Tenant isolation first, while both servers have the same history: the same 10 adapters, each request
+        # with its own customer's key, against the server without the middleware; rounds alternate which
+        # server goes first.
+        names = [f"c{i}" for i in range(10)]
+        customer_keys = {n: keys.create(n)[1] for n in names}
+        for server, ks in ((keyed, customer_keys), (plain, None)):
+            asyncio.run(load(server.url, names, 32, a.concurrency, ks))  # the same warm-up on both
+        with_keys, without = [], []
+        for r in range(a.key_rounds):  # short paired rounds: a pair shares the machine's load of the moment
+            order = [(keyed, customer_keys, with_keys), (plain, None, without)]
+            for server, ks, out in order if r % 2 else order[::-1]:
+                result = asyncio.run(load(server.url, names, max(a.requests // 2, 16), a.concurrency, ks))
+                assert result["failed"] == 0, result
+                out.append(result)
+        figures["keys_enforced"] = {
+            "with_keys_req_per_s": [x["req_per_s"] for x in with_keys],
+            "without_req_per_s": [x["req_per_s"] for x in without],
+            "with_keys_tokens_per_s": [x["tokens_per_s"] for x in with_keys],
+            "without_tokens_per_s": [x["tokens_per_s"] for x in without],
+            "with_keys_p95_s": statistics.median(x["p95_s"] for x in with_keys),
+            "without_p95_s": statistics.median(x["p95_s"] for x in without),
+        }
+        figures["keys_throughput_ratio"] = round(
+            statistics.median(k["req_per_s"] / n["req_per_s"] for k, n in zip(with_keys, without, strict=True)), 3
+        )
+        print("keys", figures["keys_enforced"], figures["keys_throughput_ratio"], file=sys.stderr)
         scenarios = {
             "base_only": [base_name],
             "adapters_1": ["c0"],
@@ -159,9 +241,132 @@ def main() -> None:
         print("swap", figures["swap_10_under_load"], file=sys.stderr)
         for k in ("adapters_1", "adapters_10", "adapters_50"):
             figures[f"{k}_throughput_vs_base"] = round(figures[k]["req_per_s"] / figures["base_only"]["req_per_s"], 3)
+
+        cost = subprocess.run(
+            [str(ROOT / ".venv-vllm" / "bin" / "python"), __file__, "--middleware-cost"],
+            env=dict(env, PYTHONPATH=str(ROOT / "include")),
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        figures["middleware_cost"] = json.loads(cost.stdout.strip().splitlines()[-1])
+        # The same added time as a share of what one request costs the server at the measured rate.
+        per_request_s = 1 / statistics.median(x["req_per_s"] for x in without)
+        figures["middleware_cost"]["share_of_request_time"] = round(
+            figures["middleware_cost"]["json"]["added_us"] / 1e6 / per_request_s, 5
+        )
+        print("middleware", figures["middleware_cost"], file=sys.stderr)
+        if a.explore:
+            for server in servers:
+                server.stop()
+            servers.clear()
+            figures["explore_50_adapters"] = explore(env, adapters[:50], a)
     finally:
-        subprocess.run(services + ["stop", "vllm"], env=env)
+        for server in servers:
+            server.stop()
     print(json.dumps(figures))
+
+
+def explore(env: dict, adapters: list[Path], a) -> list[dict]:
+    """50 adapters vs the base model under other LoRA settings of vLLM (one server at a time, no keys). Per
+    setting, rounds alternate base and 50 adapters on the same server, so the ratio is robust to the machine's
+    load drifting; the ratio is of the medians."""
+    from ftops import keys
+
+    settings = [
+        {"VLLM_MAX_LORAS": "8", "VLLM_MAX_CPU_LORAS": "64"},
+        {"VLLM_MAX_LORAS": "16", "VLLM_MAX_CPU_LORAS": "64"},
+        {"VLLM_MAX_LORAS": "50", "VLLM_MAX_CPU_LORAS": "64"},
+        {"VLLM_MAX_LORAS": "8", "VLLM_MAX_CPU_LORAS": "16"},
+        {"VLLM_MAX_LORAS": "8", "VLLM_MAX_CPU_LORAS": "64", "concurrency": "16"},
+        {"VLLM_MAX_LORAS": "16", "VLLM_MAX_CPU_LORAS": "64", "concurrency": "16"},
+        {"VLLM_MAX_LORAS": "50", "VLLM_MAX_CPU_LORAS": "64", "concurrency": "16"},
+    ]
+    out = []
+    for setting in settings:
+        conc = int(setting.get("concurrency", a.concurrency))
+        flags = {k: v for k, v in setting.items() if k.startswith("VLLM_")}
+        server = Server(env, VLLM_MIDDLEWARE="none", **flags)
+        base_rps, many_rps = [], []
+        try:
+            base_name = server.setup(adapters, keys.auth_headers())
+            many = [f"c{i}" for i in range(50)]
+            asyncio.run(load(server.url, many, 64, conc))  # warm every adapter once
+            for r in range(3):
+                order = [([base_name], base_rps), (many, many_rps)]
+                for models, rps in order if r % 2 else order[::-1]:
+                    rps.append(asyncio.run(load(server.url, models, a.requests, conc))["req_per_s"])
+        finally:
+            server.stop()
+        row = setting | {"base_req_per_s": base_rps, "adapters_50_req_per_s": many_rps}
+        row["ratio"] = round(statistics.median(many_rps) / statistics.median(base_rps), 3)
+        print("explore", row, file=sys.stderr)
+        out.append(row)
+    return out
+
+
+def middleware_cost(n: int = 4000) -> dict:
+    """What ftops.serving_auth adds per request, measured in-process around a stand-in app that answers like
+    vLLM (a JSON completion, or 16 streamed chunks): no engine, so nothing but the middleware's own work.
+    Runs in the vLLM venv (`--middleware-cost`), with a key store in FTOPS_HOME."""
+    from ftops import keys
+    from ftops.serving_auth import TenantAuth
+
+    usage = {"prompt_tokens": 12, "completion_tokens": 16, "total_tokens": 28}
+    answer = json.dumps({"id": "cmpl-1", "choices": [{"index": 0, "text": " word" * 16}], "usage": usage}).encode()
+    chunks = [b'data: {"id":"c","choices":[{"index":0,"text":" word"}]}\n\n'] * 16
+    chunks += [b'data: {"id":"c","choices":[],"usage":' + json.dumps(usage).encode() + b"}\n\n", b"data: [DONE]\n\n"]
+
+    async def vllm_like(scope, receive, send):
+        body = json.loads((await receive())["body"])
+        ctype = b"text/event-stream" if body.get("stream") else b"application/json"
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", ctype)]})
+        if body.get("stream"):
+            for c in chunks:
+                await send({"type": "http.response.body", "body": c, "more_body": True})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        else:
+            await send({"type": "http.response.body", "body": answer, "more_body": False})
+
+    _, key = keys.create("c0")
+    guarded = TenantAuth(vllm_like)
+    result = {}
+    for label, stream in (("json", False), ("stream", True)):
+        body = json.dumps(
+            {
+                "model": "c0",
+                "prompt": "Ticket 1: how do I fix a failed export?",
+                "max_tokens": 16,
+                "temperature": 0,
+                "stream": stream,
+            }
+        ).encode()
+        headers = [
+            (b"authorization", f"Bearer {key}".encode()),
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode()),
+        ]
+        scope = {"type": "http", "method": "POST", "path": "/v1/completions", "root_path": "", "headers": headers}
+
+        async def timed(app, body: bytes = body, scope: dict = scope) -> float:
+            async def receive():
+                return {"type": "http.request", "body": body, "more_body": False}
+
+            async def send(message):
+                pass
+
+            t0 = time.perf_counter()
+            for _ in range(n):
+                await app(dict(scope), receive, send)
+            return (time.perf_counter() - t0) / n
+
+        bare, with_mw = asyncio.run(timed(vllm_like)), asyncio.run(timed(guarded))
+        result[label] = {
+            "app_alone_us": round(bare * 1e6, 1),
+            "with_middleware_us": round(with_mw * 1e6, 1),
+            "added_us": round((with_mw - bare) * 1e6, 1),
+        }
+    return result
 
 
 if __name__ == "__main__":

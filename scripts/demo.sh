@@ -34,7 +34,19 @@ scripts/airflow.sh dags test sync_vllm_adapters >"$LOGS/sync_vllm_adapters.log" 
   || { echo "sync failed; see $LOGS/sync_vllm_adapters.log" >&2; exit 1; }
 
 .venv/bin/ftops serving status
-.venv/bin/ftops report
+.venv/bin/ftops report  # through vLLM with the serving admin key ($FTOPS_HOME/secrets/serving_admin_key)
+echo
+VLLM="http://127.0.0.1:${VLLM_PORT:-8000}"
+echo "== calling vLLM as a customer: every request needs that customer's key (shown once; only its hash is kept)"
+for c in $CUSTOMERS; do
+  echo "   $c:"
+  echo "     KEY=\$(.venv/bin/ftops keys create $c)"
+  echo "     curl -s $VLLM/v1/chat/completions -H \"Authorization: Bearer \$KEY\" -H 'Content-Type: application/json' \\"
+  echo "       -d '{\"model\": \"$c\", \"messages\": [{\"role\": \"user\", \"content\": \"Hello\"}], \"max_tokens\": 40}'"
+  echo "     .venv/bin/python -c \"import openai, os; print(openai.OpenAI(base_url='$VLLM/v1', api_key=os.environ['KEY'])\\"
+  echo "       .chat.completions.create(model='$c', messages=[{'role': 'user', 'content': 'Hello'}]).choices[0].message.content)\""
+done
+echo "   (export KEY for the python line; a key reaches only its own customer's model; revoke: ftops keys revoke KEY_ID)"
 echo
 echo "demo done in $((SECONDS - started)) s. MLflow UI: http://127.0.0.1:${MLFLOW_PORT:-5000}  ·  Airflow UI: make airflow-ui  ·  stop: make stop"
 # The operator's view (plugins/ftops_fleet.py): every customer's production, served state, runs and data.

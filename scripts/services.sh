@@ -13,10 +13,15 @@
 # Settings (environment): FTOPS_HOME (.ftops), MLFLOW_PORT (5000), VLLM_PORT (8000),
 # MLFLOW_BACKEND and MLFLOW_ARTIFACTS (MLflow's stores; default SQLite and a folder under FTOPS_HOME,
 # e.g. postgresql://… and s3://bucket/prefix with MLFLOW_S3_ENDPOINT_URL), S3_PORT (8333; its other
-# components use S3_PORT+1..+5), AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY,
+# components use S3_PORT+1..+5), AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, S3_CONFIG (SeaweedFS identities per
+# role, an s3.json from scripts/make_env.py / ftops.identities; without it, one admin identity from AWS_*),
 # VLLM_MODEL (the base model folder; default: the converted SmolLM2), VLLM_MAX_LORAS (max adapters in one
 # batch), VLLM_MAX_CPU_LORAS (adapters kept loaded), VLLM_MAX_LORA_RANK (largest rank): the last three
 # default to `ftops serving capacity`, computed from the customers file.
+# Serving keys: vLLM loads ftops.serving_auth.TenantAuth (--middleware; project's include/ on its PYTHONPATH):
+# per-customer keys (`ftops keys create`), admin key from FTOPS_SERVING_ADMIN_KEY or, when unset, from
+# $FTOPS_HOME/secrets/serving_admin_key (created here, mode 0600). VLLM_MIDDLEWARE=none serves without
+# it (benchmarks only: every caller may then call every adapter and load/unload adapters).
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 FTOPS_HOME=${FTOPS_HOME:-$ROOT/.ftops}
@@ -43,8 +48,13 @@ start_mlflow() {
   local name="mlflow-$MLFLOW_PORT" log="$RUN/mlflow-$MLFLOW_PORT.log"
   if curl -sf -o /dev/null "http://127.0.0.1:$MLFLOW_PORT/health"; then echo "$name already up"; return; fi
   mkdir -p "$FTOPS_HOME/mlflow/artifacts"
+  # MLFLOW_AUTH_CONFIG (a basic-auth .ini, ftops.identities.mlflow_auth_ini): users and per-model permissions,
+  # the platform's service user its admin. Unset: no authentication (the local loopback default).
+  local auth=()
+  [[ -n ${MLFLOW_AUTH_CONFIG:-} ]] && auth=(--app-name basic-auth)
   # Job execution off and one worker: the defaults spawn job workers costing ~2.5 GB.
-  MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false setsid "$ROOT/.venv/bin/mlflow" server \
+  MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false setsid env ${MLFLOW_AUTH_CONFIG:+MLFLOW_AUTH_CONFIG_PATH="$MLFLOW_AUTH_CONFIG"} \
+    "$ROOT/.venv/bin/mlflow" server "${auth[@]}" \
     --backend-store-uri "${MLFLOW_BACKEND:-sqlite:///$FTOPS_HOME/mlflow/mlflow.db}" \
     --artifacts-destination "${MLFLOW_ARTIFACTS:-$FTOPS_HOME/mlflow/artifacts}" \
     --host 127.0.0.1 --port "$MLFLOW_PORT" --workers 1 >"$log" 2>&1 < /dev/null &
@@ -53,9 +63,23 @@ start_mlflow() {
   echo "$name up: http://127.0.0.1:$MLFLOW_PORT"
 }
 
+ensure_admin_key() {
+  # The serving admin key, made once per FTOPS_HOME when none is given: never a default, never printed.
+  [[ -n ${FTOPS_SERVING_ADMIN_KEY:-} ]] && return
+  local f="$FTOPS_HOME/secrets/serving_admin_key"
+  [[ -s $f ]] && return
+  mkdir -p "$FTOPS_HOME/secrets" && chmod 700 "$FTOPS_HOME/secrets"
+  (umask 077 && "$ROOT/.venv/bin/python" -c 'import secrets; print("ftadm_" + secrets.token_urlsafe(32))' >"$f.tmp")
+  mv "$f.tmp" "$f"
+  echo "serving admin key created at $f (mode 0600)"
+}
+
 start_vllm() {
   local name="vllm-$VLLM_PORT" log="$RUN/vllm-$VLLM_PORT.log"
   if curl -sf -o /dev/null "http://127.0.0.1:$VLLM_PORT/health"; then echo "$name already up"; return; fi
+  ensure_admin_key
+  local mw=(--middleware "${VLLM_MIDDLEWARE:-ftops.serving_auth.TenantAuth}")
+  [[ ${VLLM_MIDDLEWARE:-} == none ]] && { mw=(); echo "WARNING: $name without tenant isolation (VLLM_MIDDLEWARE=none)" >&2; }
   [[ -f "$VLLM_MODEL/config.json" ]] || { echo "no base model at $VLLM_MODEL (make models)" >&2; return 1; }
   mkdir -p "$FTOPS_HOME/vllm-adapters/resolver"
   # LoRA capacity sized from the customers file unless set: every production adapter stays resident
@@ -67,10 +91,12 @@ start_vllm() {
   # CPU caveats measured here: float32 (bf16 needs AMX permission), a fixed KV cache, runtime LoRA API on.
   VLLM_ALLOW_RUNTIME_LORA_UPDATING=True VLLM_CPU_KVCACHE_SPACE=${VLLM_CPU_KVCACHE_SPACE:-1} \
   VLLM_LORA_RESOLVER_CACHE_DIR="$FTOPS_HOME/vllm-adapters/resolver" \
+  PYTHONPATH="$ROOT/include${PYTHONPATH:+:$PYTHONPATH}" FTOPS_HOME="$FTOPS_HOME" FTOPS_SERVING_BASE_MODEL="$VLLM_MODEL" \
+  FTOPS_CUSTOMERS="${FTOPS_CUSTOMERS:-$ROOT/include/customers.yaml}" \
   setsid "$ROOT/.venv-vllm/bin/python" -m vllm.entrypoints.openai.api_server \
     --model "$VLLM_MODEL" --dtype float32 --max-model-len "${VLLM_MAX_MODEL_LEN:-1024}" \
     --enable-lora --max-loras "$VLLM_MAX_LORAS" --max-cpu-loras "$VLLM_MAX_CPU_LORAS" \
-    --max-lora-rank "$VLLM_MAX_LORA_RANK" --host 127.0.0.1 --port "$VLLM_PORT" >"$log" 2>&1 < /dev/null &
+    --max-lora-rank "$VLLM_MAX_LORA_RANK" "${mw[@]}" --host 127.0.0.1 --port "$VLLM_PORT" >"$log" 2>&1 < /dev/null &
   echo $! >"$RUN/$name.pid"
   wait_http "http://127.0.0.1:$VLLM_PORT/health" 300 "$name" "$log"
   echo "$name up: http://127.0.0.1:$VLLM_PORT ($VLLM_MODEL)"
@@ -84,7 +110,7 @@ start_s3() {
   setsid "$ROOT/.venv/bin/weed" mini -dir="$FTOPS_HOME/s3-$S3_PORT" -ip=127.0.0.1 -ip.bind=127.0.0.1 \
     -s3.port="$S3_PORT" -master.port=$((S3_PORT + 1)) -volume.port=$((S3_PORT + 2)) -filer.port=$((S3_PORT + 3)) \
     -admin.port=$((S3_PORT + 4)) -webdav.port=$((S3_PORT + 5)) -master.telemetry=false \
-    -bucket "${S3_BUCKETS:-ftops,mlflow}" >"$log" 2>&1 < /dev/null &
+    ${S3_CONFIG:+-s3.config="$S3_CONFIG"} -bucket "${S3_BUCKETS:-ftops,mlflow}" >"$log" 2>&1 < /dev/null &
   echo $! >"$RUN/$name.pid"
   wait_http "http://127.0.0.1:$S3_PORT/healthz" 60 "$name" "$log"
   echo "$name up: http://127.0.0.1:$S3_PORT"

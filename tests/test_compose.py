@@ -9,6 +9,9 @@ customer in include/customers.yaml.
 
 import re
 import shlex
+import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -17,17 +20,43 @@ from compose_spec import PyOptions
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE_TEXT = (ROOT / "docker-compose.yaml").read_text()
-# $$ (a literal $), ${VAR}, ${VAR:-default}, ${VAR-default}, $VAR
-VARIABLE = re.compile(r"\$(?:(\$)|\{(\w+)(?::?-([^}]*))?\}|(\w+))")
+# $$ (a literal $), ${VAR}, ${VAR:-default}, ${VAR-default}, ${VAR:?message}, ${VAR?message}, $VAR
+VARIABLE = re.compile(r"\$(?:(\$)|\{(\w+)(?:(:?-)([^}]*)|(:?\?)([^}]*))?\}|(\w+))")
 
 
-def interpolate(text: str) -> str:
-    """What `docker compose` does before validating, with no variable set: every default taken, `$$` -> `$`."""
-    return VARIABLE.sub(lambda m: "$" if m[1] else (m[3] or ""), text)
+def dotenv(path: Path) -> dict[str, str]:
+    lines = [line.strip() for line in path.read_text().splitlines()]
+    return dict(line.split("=", 1) for line in lines if line and not line.startswith("#"))
 
 
-def validated(text: str) -> dict:
-    compose = PyOptions(apply_merge=True).from_yaml(interpolate(text))  # apply YAML merge keys (`<<: *anchor`)
+EXAMPLE_ENV = dotenv(ROOT / ".env.example")
+
+
+class MissingVariable(ValueError):
+    pass
+
+
+def interpolate(text: str, env: dict[str, str]) -> str:
+    """What `docker compose` does before validating: variables from `env` (an .env file), defaults taken,
+    `${VAR:?message}` an error when VAR is unset or empty, `$$` -> `$`."""
+
+    def sub(m: re.Match) -> str:
+        if m[1]:
+            return "$"
+        name = m[2] or m[7]
+        value = env.get(name)
+        if m[5] is not None and (value is None or (m[5] == ":?" and value == "")):
+            raise MissingVariable(f"{name}: {m[6]}")
+        if m[3] is not None and (value is None or (m[3] == ":-" and value == "")):
+            return m[4]
+        return value or ""
+
+    return VARIABLE.sub(sub, text)
+
+
+def validated(text: str, env: dict[str, str] | None = None) -> dict:
+    rendered = interpolate(text, EXAMPLE_ENV if env is None else env)
+    compose = PyOptions(apply_merge=True).from_yaml(rendered)  # apply YAML merge keys (`<<: *anchor`)
     compose.validate()
     return compose.to_dict()
 
@@ -116,3 +145,63 @@ def test_airflow_trains_against_the_model_vllm_serves(services):
     for name, replica in vllm_replicas(services).items():
         assert flag(args(replica), "--model") == f"{airflow['FTOPS_MODELS_DIR']}/{base}", name
         assert f"http://{name}:8000" in airflow["FTOPS_VLLM_URLS"].split(","), name
+
+
+REQUIRED = sorted(set(re.findall(r"\$\{(\w+):\?", COMPOSE_TEXT)))
+
+
+def test_every_secret_is_required_and_documented():
+    """No secret has a default any more: each is `${VAR:?...}`, listed in .env.example, and made by
+    scripts/make_env.py."""
+    defaults = re.findall(r"\$\{(\w+):?-", COMPOSE_TEXT)
+    assert not [v for v in defaults if re.search(r"PASSWORD|SECRET|KEY|TOKEN", v)], defaults
+    for name in (
+        "AIRFLOW_JWT_SECRET",
+        "AIRFLOW_FERNET_KEY",
+        "AIRFLOW_DB_PASSWORD",
+        "MLFLOW_DB_PASSWORD",
+        "FTOPS_AIRFLOW_ADMIN_PASSWORD",
+        "FTOPS_S3_ACCESS_KEY",
+        "FTOPS_S3_SECRET_KEY",
+        "FTOPS_SERVING_ADMIN_KEY",
+    ):
+        assert name in REQUIRED, name
+    assert set(REQUIRED) <= set(EXAMPLE_ENV), set(REQUIRED) - set(EXAMPLE_ENV)
+    assert "admin:admin" not in COMPOSE_TEXT.replace("SIMPLE_AUTH_MANAGER_USERS: admin:admin", "")
+
+
+@pytest.mark.parametrize("name", REQUIRED)
+def test_compose_refuses_to_render_without_a_secret(name):
+    for env in ({k: v for k, v in EXAMPLE_ENV.items() if k != name}, EXAMPLE_ENV | {name: ""}):
+        with pytest.raises(MissingVariable, match=name):
+            validated(COMPOSE_TEXT, env)
+
+
+def test_generated_env_renders_the_stack(tmp_path):
+    r = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "make_env.py"), "--out", str(tmp_path)], capture_output=True, text=True
+    )
+    assert r.returncode == 0, r.stderr
+    values = dotenv(tmp_path / ".env")
+    assert set(REQUIRED) <= set(values) and len(set(values.values())) == len(values)  # every secret distinct
+    assert all(len(v) >= 16 and "example" not in v for v in values.values())
+    assert stat.S_IMODE((tmp_path / ".env").stat().st_mode) == 0o600
+    for f in ("s3.json", "mlflow_auth.ini", "customer_upload_keys.json"):
+        assert stat.S_IMODE((tmp_path / "secrets" / f).stat().st_mode) == 0o600
+    for v in values.values():
+        assert v not in r.stdout + r.stderr  # nothing secret printed
+    services = validated(COMPOSE_TEXT, values)["services"]
+    assert env(services["airflow-scheduler"])["AIRFLOW__API_AUTH__JWT_SECRET"] == values["AIRFLOW_JWT_SECRET"]
+    again = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "make_env.py"), "--out", str(tmp_path)], capture_output=True, text=True
+    )
+    assert again.returncode != 0 and "exists" in again.stderr  # never silently replaces a stack's secrets
+
+
+def test_vllm_replicas_enforce_tenant_keys(services):
+    for name, replica in vllm_replicas(services).items():
+        assert flag(args(replica), "--middleware") == "ftops.serving_auth.TenantAuth", name
+        e = env(replica)
+        assert e["FTOPS_SERVING_BASE_MODEL"] == flag(args(replica), "--model"), name
+        assert e["FTOPS_SERVING_ADMIN_KEY"] and e["PYTHONPATH"] == "/opt/ftops/include", name
+    assert "--app-name" in args(services["mlflow"]) and flag(args(services["mlflow"]), "--app-name") == "basic-auth"

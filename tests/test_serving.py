@@ -23,6 +23,7 @@ import yaml
 from conftest import ROOT, TEST_CUSTOMERS, _service
 from ftops.config import settings
 from ftops.demo_data import write_batch
+from ftops.keys import auth_headers
 from ftops.pipeline import sync_serving
 from ftops.registry import Registry, RegistryUnavailable, model_name
 from ftops.serving import ReconcileIncomplete, Replica, ServingError
@@ -75,7 +76,7 @@ def test_load_swap_under_load_rollback(versions, vllm_server, second_replica):
     def traffic():
         # Every outcome is counted: a dropped connection, a timeout or anything else that would end this
         # thread is a failure, not a silence.
-        with httpx.Client(timeout=60) as http:
+        with httpx.Client(timeout=60, headers=auth_headers()) as http:  # the admin key: any model
             while not done.is_set():
                 for u in urls:
                     try:

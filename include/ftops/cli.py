@@ -24,6 +24,8 @@ app.add_typer(adapters_app, name="adapters")
 app.add_typer(serving_app, name="serving")
 app.add_typer(models_app, name="models")
 app.add_typer(customers_app, name="customers")
+keys_app = typer.Typer(help="Serving API keys: one customer's model only (hashes stored).", no_args_is_help=True)
+app.add_typer(keys_app, name="keys")
 console = Console()
 
 
@@ -346,6 +348,57 @@ def serving_status() -> None:
             )
             table.add_row(c.id, url, want, served, state)
     console.print(table)
+
+
+@keys_app.command("create")
+def keys_create(customer: str, as_json: bool = typer.Option(False, "--json", help="print one JSON object")) -> None:
+    """A new serving key for CUSTOMER, printed once (only its hash is stored); vLLM accepts it within seconds."""
+    from ftops import keys
+
+    try:
+        load_platform().customer(customer)  # a key for a customer vLLM does not know would never work
+        info, key = keys.create(customer)
+    except (ConfigError, keys.KeyStoreError) as exc:
+        _fail(str(exc))
+    if as_json:
+        print(json.dumps({"customer": customer, "key_id": info.key_id, "key": key}))
+        return
+    print(key)
+    Console(stderr=True).print(f"key {info.key_id} for {customer}: shown once, store it now")
+
+
+@keys_app.command("list")
+def keys_list(
+    customer: str = typer.Argument(None), as_json: bool = typer.Option(False, "--json", help="print JSON")
+) -> None:
+    """Keys (ids, never the keys) per customer, with creation and revocation times."""
+    from ftops import keys
+
+    try:
+        found = keys.list_keys(customer)
+    except keys.KeyStoreError as exc:
+        _fail(str(exc))
+    if as_json:
+        print(json.dumps([k.public() for k in found]))
+        return
+    table = Table()
+    for col in ("key_id", "customer", "created", "revoked"):
+        table.add_column(col)
+    for k in found:
+        table.add_row(k.key_id, k.customer, k.created, k.revoked or "-")
+    console.print(table)
+
+
+@keys_app.command("revoke")
+def keys_revoke(key_id: str, as_json: bool = typer.Option(False, "--json", help="print JSON")) -> None:
+    """Revoke a key: vLLM refuses it within seconds, without a restart."""
+    from ftops import keys
+
+    try:
+        info = keys.revoke(key_id)
+    except keys.KeyStoreError as exc:
+        _fail(str(exc))
+    print(json.dumps(info.public()) if as_json else f"revoked {info.key_id} ({info.customer}) at {info.revoked}")
 
 
 @app.command("report")

@@ -111,6 +111,7 @@ class CustomerConfig(_Strict):
     promote: Literal["auto", "manual"] = "auto"
     tags: list[str] = []
     demo_prompt: str = "Hello, can you help me?"
+    allow_base_model: bool = Field(False, description="the customer's serving keys may also call the base model")
     lora: LoraSettings = LoraSettings()
     training: TrainingSettings = TrainingSettings()
     data: DataPolicy = DataPolicy()

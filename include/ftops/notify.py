@@ -14,6 +14,29 @@ import httpx
 log = logging.getLogger("ftops.notify")
 
 
+class _HideWebhook(logging.Filter):
+    """httpx logs every request's full URL at INFO ("HTTP Request: POST <url> ..."); the webhook's is a
+    credential (Slack's carries its token in the path), so its records are rewritten without it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        url = os.environ.get("FTOPS_WEBHOOK_URL")
+        if url:
+            message = record.getMessage()
+            for form in {url, str(httpx.URL(url))}:  # as set, and as httpx normalises it
+                message = message.replace(form, "<FTOPS_WEBHOOK_URL>")
+            record.msg, record.args = message, None
+        return True
+
+
+logging.getLogger("httpx").addFilter(_HideWebhook())
+
+
+def _redacted(url: str) -> str:
+    """scheme://host:port only: user info, path and query can carry credentials."""
+    u = httpx.URL(url)
+    return f"{u.scheme}://{u.host}" + (f":{u.port}" if u.port else "")
+
+
 def notify(event: str, text: str, **fields) -> bool:
     """Log the event and post it to the webhook if one is configured; never raises."""
     log.error("%s: %s %s", event, text, fields)
@@ -24,7 +47,9 @@ def notify(event: str, text: str, **fields) -> bool:
         httpx.post(url, json={"event": event, "text": text, **fields}, timeout=10).raise_for_status()
         return True
     except httpx.HTTPError as exc:
-        log.error("webhook %s failed: %s", url, exc)
+        # Never the URL, nor the exception text (httpx puts the URL in it): a webhook URL is a credential.
+        status = exc.response.status_code if isinstance(exc, httpx.HTTPStatusError) else None
+        log.error("webhook (FTOPS_WEBHOOK_URL) failed: %s%s", type(exc).__name__, f" {status}" if status else "")
         return False
 
 
@@ -60,7 +85,7 @@ def production_changed(customer: str, version: str, airflow_url: str | None = No
     except httpx.HTTPError as exc:
         log.warning(
             "could not tell Airflow at %s that production changed (%s); the 5-minute sync will pick it up",
-            url,
-            exc,
+            _redacted(url),
+            type(exc).__name__,
         )
         return False

@@ -31,8 +31,11 @@ class ServingError(RuntimeError):
 
 class Replica:
     def __init__(self, url: str, timeout: float = 60):
+        from ftops.keys import auth_headers
+
         self.url = url.rstrip("/")
-        self.http = httpx.Client(base_url=self.url, timeout=timeout)
+        # The serving admin key: the replicas' middleware admits load/unload and every model only with it.
+        self.http = httpx.Client(base_url=self.url, timeout=timeout, headers=auth_headers())
 
     def models(self) -> list[dict]:
         r = self.http.get("/v1/models")
