@@ -28,7 +28,8 @@ from ftops.config import PRODUCTION_ASSET_URI, CustomerConfig, load_platform, se
 from ftops.notify import task_failed
 from ftops.triggers import InboxVolumeTrigger
 
-TRAIN_QUEUE = os.environ.get("FTOPS_TRAIN_QUEUE", "default")
+# Trainings go to the GPU workers' queue under Celery; LocalExecutor ignores queue names.
+TRAIN_QUEUE = os.environ.get("FTOPS_TRAIN_QUEUE", "gpu")
 # A promotion or rollback emits this; `sync_vllm_adapters` is scheduled on it.
 PRODUCTION_CHANGED = Asset(PRODUCTION_ASSET_URI, group="ftops")
 
