@@ -184,8 +184,9 @@ print("AIRFLOW__CORE__FERNET_KEY=" + base64.urlsafe_b64encode(os.urandom(32)).de
     setsid "$ROOT/scripts/airflow.sh" "$c" >"$RUN/$pre-$c.log" 2>&1 </dev/null &
     echo $! >"$RUN/$pre-$c.pid"
   done
+  # GPU_WORKER_NAMES picks which gpu workers (e.g. a replacement `gpu2` on another machine); default gpu1..N.
   local workers=(default) i
-  for i in $(seq 1 "${GPU_WORKERS:-1}"); do workers+=("gpu$i"); done
+  for i in ${GPU_WORKER_NAMES:-$(seq -f "gpu%g" 1 "${GPU_WORKERS:-1}")}; do workers+=("$i"); done
   for c in "${workers[@]}"; do
     local name="$pre-worker-$c" queue=default concurrency=${DEFAULT_WORKER_CONCURRENCY:-4}
     [[ $c == gpu* ]] && queue=gpu concurrency=${GPU_WORKER_CONCURRENCY:-1}  # one training per GPU
