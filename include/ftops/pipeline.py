@@ -173,7 +173,9 @@ def snapshot(run: Run) -> dict:
 
 def _ftops(*args: str) -> None:
     """Run an `ftops` stage command in a subprocess; its output goes to the task log."""
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    from ftops.storage import subprocess_env
+
+    env = subprocess_env() | {"PYTHONUNBUFFERED": "1"}  # S3 credentials from the Airflow connection, if set
     with subprocess.Popen(
         [sys.executable, "-m", "ftops.cli", *args], env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
     ) as proc:
