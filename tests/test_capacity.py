@@ -45,9 +45,9 @@ def test_plan_refuses_bad_inputs(bad):
 
 
 def test_cli_prints_the_plan_with_its_formulas(home, tiny_model):
-    cmd = [sys.executable, "-m", "ftops.cli", "serving", "capacity", "--customers", "50", "--train-minutes", "20", "--json"]
-    out = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
+    cmd = [sys.executable, "-m", "ftops.cli", "serving", "capacity", "--customers", "50"]
+    out = json.loads(subprocess.run([*cmd, "--train-minutes", "20", "--json"], check=True, capture_output=True).stdout)
     assert out["gpu_workers"] == 1 and out["vllm_replicas"] == 2  # ceil(8 x 20 / 864) = 1
     assert any(f.startswith("GPU workers = ceil(8 x 20.0 min") for f in out["formulas"])
-    r = subprocess.run([*cmd[:5], "--customers", "50"], capture_output=True, text=True)
+    r = subprocess.run(cmd, capture_output=True, text=True)
     assert r.returncode != 0 and "--train-minutes" in r.stderr
