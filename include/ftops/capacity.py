@@ -53,6 +53,7 @@ class PlanInputs:
     bytes_per_example: int = 2000  # stored bytes per kept example (JSONL, train/val split)
     minhash_perm: int = 128  # dedupe's MinHash signature per example (uint64 each), kept with the dataset
     retention_weeks: int = 52
+    checkpoints_per_run: int = 2  # max_steps // save_steps: every checkpoint is uploaded to the run's scratch
 
 
 def plan(p: PlanInputs) -> dict:
@@ -73,8 +74,9 @@ def plan(p: PlanInputs) -> dict:
     example_bytes = p.bytes_per_example + 8 * p.minhash_perm
     dataset_mb = p.examples_per_week * p.retention_weeks * example_bytes / 1e6
     adapters_mb = runs_per_year * p.adapter_mb  # every candidate is registered and kept (write-once)
-    # A training's checkpoints (save_total_limit 2, each adapter + Adam's two moments) in the run's scratch.
-    checkpoint_mb = 2 * 3 * p.adapter_mb
+    # A training's checkpoints in the run's scratch, each the adapter + Adam's two moments (fp32); nothing
+    # removes a finished run's scratch yet (an S3 lifecycle rule on `*/runs/` would).
+    checkpoint_mb = p.checkpoints_per_run * 3 * p.adapter_mb
     per_customer_mb = dataset_mb + adapters_mb + checkpoint_mb * runs_per_year
     return {
         "inputs": p.__dict__,
@@ -94,7 +96,8 @@ def plan(p: PlanInputs) -> dict:
             f"storage per customer per {p.retention_weeks} weeks = datasets {p.examples_per_week}/week x"
             f" {p.retention_weeks} x ({p.bytes_per_example} B + {8 * p.minhash_perm} B MinHash) = {dataset_mb:.0f} MB"
             f" + adapters {runs_per_year:.0f} runs x {p.adapter_mb} MB = {adapters_mb:.0f} MB + checkpoints"
-            f" {runs_per_year:.0f} x 2 x 3 x {p.adapter_mb} MB = {checkpoint_mb * runs_per_year:.0f} MB"
+            f" {runs_per_year:.0f} x {p.checkpoints_per_run} x 3 x {p.adapter_mb} MB"
+            f" = {checkpoint_mb * runs_per_year:.0f} MB"
             f" = {per_customer_mb:.0f} MB",
         ],
     }

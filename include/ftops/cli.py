@@ -332,6 +332,9 @@ def serving_capacity(
                 peak_rps=peak_rps,
                 replica_rps=replica_rps,
                 examples_per_week=examples_per_week,
+                checkpoints_per_run=first.training.max_steps // first.training.save_steps
+                if first.training.max_steps > 0
+                else 2,
             )
         )
         if as_json:
