@@ -312,6 +312,7 @@ def evaluate(run: Run, trained: dict) -> dict:
     # (FTOPS_VLLM_ADAPTER_DIR; docker-compose.yaml: the `adapters` volume), not this worker's scratch, which a
     # replica in another container or on another machine cannot read. `.eval` is never a customer's folder.
     adapters = run.env.vllm_adapter_dir / ".eval" / run.id / run.key
+    run.workdir.mkdir(parents=True, exist_ok=True)  # this worker's scratch: it may never have seen this run
     candidate = run.store.download_dir(trained["adapter_prefix"], adapters / "candidate" / trained["adapter_version"])
     # Never skips the comparison: an unreadable registry or a refused production version fails the task.
     prod = production(run)
