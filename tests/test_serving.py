@@ -7,7 +7,9 @@ tags, an invalid customer entry, a sync running while an evaluation has its temp
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import signal
 import subprocess
 import threading
@@ -231,7 +233,15 @@ def test_crafted_registry_tags_are_refused_and_the_customer_keeps_its_adapter(
     v2 = reg.get(CUSTOMER, BASE, versions[1])
     # Same files as v2 under a new, well-formed version name, but the sha256 of v1: a swapped artifact.
     Store(str(storage)).upload_dir(storage / v2.adapter_prefix, f"{CUSTOMER}/adapters/{BASE}/tampered")
-    v1_sha = reg.get(CUSTOMER, BASE, versions[0]).tags["adapter.sha256"]
+    v1 = reg.get(CUSTOMER, BASE, versions[0])
+    v1_sha = v1.tags["adapter.sha256"]
+    # v1's weights untouched, its config changed (a 16x stronger LoRA scaling): only the tree hash sees it.
+    config = json.loads((storage / v1.adapter_prefix / "adapter_config.json").read_text())
+    config["lora_alpha"] *= 16
+    tampered_cfg = tmp_path / "cfg"
+    shutil.copytree(storage / v1.adapter_prefix, tampered_cfg)
+    (tampered_cfg / "adapter_config.json").write_text(json.dumps(config))
+    Store(str(storage)).upload_dir(tampered_cfg, f"{CUSTOMER}/adapters/{BASE}/cfgtamper")
     (storage / "sterling-law" / "inbox").mkdir(parents=True, exist_ok=True)
     cases = {
         "not a plain version name": {"adapter.version": "../../dags/pwn", "adapter.prefix": "sterling-law/inbox"},
@@ -240,6 +250,12 @@ def test_crafted_registry_tags_are_refused_and_the_customer_keeps_its_adapter(
             "adapter.sha256": "",
             "adapter.version": "x1",
             "adapter.prefix": f"{CUSTOMER}/adapters/{BASE}/x1",
+        },
+        "do not match the tree sha256": {
+            "adapter.version": "cfgtamper",
+            "adapter.prefix": f"{CUSTOMER}/adapters/{BASE}/cfgtamper",
+            "adapter.sha256": v1_sha,
+            "adapter.tree_sha256": v1.tags["adapter.tree_sha256"],
         },
         "does not match the sha256": {
             "adapter.version": "tampered",

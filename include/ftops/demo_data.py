@@ -210,6 +210,7 @@ def registered_style_version(
     from ftops.dedupe import History, dedupe
     from ftops.ingest import ingest
     from ftops.registry import Registry
+    from ftops.serving import tree_sha256
     from ftops.storage import Store
     from ftops.train import TrainArgs, train
 
@@ -234,12 +235,13 @@ def registered_style_version(
         mlflow_uri=mlflow_uri,
     )
     result = train(args)
-    prefix = f"{customer}/adapters/{base_slug}/{adapter_version}"
-    weights = Store(settings().storage_root).get(f"{prefix}/adapter_model.safetensors")
+    prefix, store = f"{customer}/adapters/{base_slug}/{adapter_version}", Store(settings().storage_root)
+    files = {k[len(prefix) + 1 :]: store.get(k) for k in store.list(prefix)}
     tags = {
         "adapter.version": adapter_version,
         "adapter.prefix": prefix,
-        "adapter.sha256": hashlib.sha256(weights).hexdigest(),
+        "adapter.sha256": hashlib.sha256(files["adapter_model.safetensors"]).hexdigest(),
+        "adapter.tree_sha256": tree_sha256(files),
         "gate.decision": "passed",
         "lora.r": "8",
     }

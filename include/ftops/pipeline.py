@@ -294,8 +294,14 @@ def production_copy(run: Run, prod: AdapterVersion, parent: Path) -> Path:
     from ftops.serving import verified_copy
 
     label = f"{run.id}: production v{prod.version}"
+    tags = prod.tags
     return verified_copy(
-        run.store, prod.adapter_prefix, parent / prod.adapter_version, prod.tags["adapter.sha256"], label
+        run.store,
+        prod.adapter_prefix,
+        parent / prod.adapter_version,
+        tags["adapter.sha256"],
+        label,
+        tags.get("adapter.tree_sha256", ""),
     )
 
 
@@ -388,6 +394,7 @@ def register(run: Run, trained: dict, metrics: dict, decision: dict) -> dict:
             "adapter.prefix": trained["adapter_prefix"],
             "adapter.uri": trained["adapter_uri"],
             "adapter.sha256": m.candidate_sha256,
+            "adapter.tree_sha256": _stored_tree(run, trained["adapter_prefix"]),
             "dataset.version": trained["dataset_version"],
             "dataset.new_versions": ",".join(trained["new_versions"]),
             "replay.examples": trained["replayed"],
@@ -424,6 +431,12 @@ def register(run: Run, trained: dict, metrics: dict, decision: dict) -> dict:
     reg.set_tags(run.id, run.base_slug, v.version, d.as_tags())
     _log_report(run, trained["mlflow_run_id"], v.version, decision)
     return Registration(registry_version=v.version, model=model_name(run.id, run.base_slug)).model_dump()
+
+
+def _stored_tree(run: Run, prefix: str) -> str:
+    from ftops.serving import tree_sha256
+
+    return tree_sha256({k[len(prefix) + 1 :]: run.store.get(k) for k in run.store.list(prefix)})
 
 
 def _tag(x: float | int | None) -> str:
@@ -508,6 +521,7 @@ def plan_serving(platform: Platform, registry) -> Plan:
                 v.adapter_version,
                 v.adapter_prefix,
                 v.tags["adapter.sha256"],
+                tree_sha256=v.tags.get("adapter.tree_sha256", ""),
                 rank=int(v.tags["lora.r"]) if v.tags.get("lora.r", "").isdigit() else 0,
                 probe_prompt=v.tags.get("probe.prompt", ""),
                 probe_answer=v.tags.get("probe.answer", ""),

@@ -15,6 +15,7 @@ deleted while the registry answers) unloads. Names that are not customer ids (ev
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -125,6 +126,7 @@ class Desired:
     adapter_version: str
     adapter_prefix: str
     sha256: str  # of adapter_model.safetensors, recorded at registration: checked before vLLM loads it
+    tree_sha256: str = ""  # of every file of the folder (config included), when registration recorded it
     rank: int = 0
     probe_prompt: str = ""  # greedy answer the gate recorded through vLLM: a swap must reproduce it
     probe_answer: str = ""
@@ -164,16 +166,31 @@ def local_path(adapter_dir: Path, d: Desired) -> Path:
     return path
 
 
-def verified_copy(store, prefix: str, dest: Path, sha256: str, label: str) -> Path:
-    """A complete local copy of an adapter whose weights hash to `sha256` (recorded at registration)."""
-    import hashlib
+def tree_sha256(files: dict[str, bytes]) -> str:
+    """One digest of a whole adapter folder (relative name and content of every file): the config that
+    tells vLLM how to apply the weights (scaling, target modules) is covered too, not just the weights."""
+    digest = hashlib.sha256()
+    for name in sorted(files):
+        digest.update(f"{name}\0{hashlib.sha256(files[name]).hexdigest()}\n".encode())
+    return digest.hexdigest()
 
+
+def verified_copy(store, prefix: str, dest: Path, sha256: str, label: str, tree: str = "") -> Path:
+    """A complete local copy of an adapter whose weights hash to `sha256` and, when the registry recorded
+    one, whose whole folder hashes to `tree` (both recorded at registration)."""
     path = store.download_dir(prefix, dest)
     weights = path / WEIGHTS
     if not weights.is_file() or weights.is_symlink():
         raise ServingError(f"{label}: {path} has no {WEIGHTS}")
     if hashlib.sha256(weights.read_bytes()).hexdigest() != sha256:
         raise ServingError(f"{label}: refused: {WEIGHTS} does not match the sha256 recorded at registration")
+    if any(p.is_symlink() for p in path.rglob("*")):
+        raise ServingError(f"{label}: refused: {path} holds a symbolic link")
+    files = {p.relative_to(path).as_posix(): p.read_bytes() for p in path.rglob("*") if p.is_file()}
+    if tree and tree_sha256(files) != tree:
+        raise ServingError(
+            f"{label}: refused: the adapter's files do not match the tree sha256 recorded at registration"
+        )
     return path
 
 
@@ -258,7 +275,8 @@ def reconcile(plan: Plan, replica_urls: list[str], adapter_dir: Path, store, max
             link = resolver / d.customer
             needed = any(loaded.get(d.customer) != path for _, loaded in replicas.values())
             if needed or not (link.is_symlink() and str(link.resolve()) == path):
-                verified_copy(store, d.adapter_prefix, Path(path), d.sha256, f"{d.customer} v{d.registry_version}")
+                label = f"{d.customer} v{d.registry_version}"
+                verified_copy(store, d.adapter_prefix, Path(path), d.sha256, label, d.tree_sha256)
             ready.append(d)
         except Exception as exc:  # storage down, a refused hash, ...: this customer stays as served
             report.errors.append(f"{d.customer}: registry v{d.registry_version} not served: {exc}")
