@@ -143,7 +143,11 @@ start_airflow() {
 
 free_port() { "$ROOT/.venv/bin/python" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
 
-alive() { [[ -f "$RUN/$1.pid" ]] && kill -0 "$(cat "$RUN/$1.pid")" 2>/dev/null; }
+# Running, not a zombie: a SIGKILLed component may wait a while for its reaper, and kill -0 still succeeds.
+alive() {
+  local p; [[ -f "$RUN/$1.pid" ]] && p=$(cat "$RUN/$1.pid") && kill -0 "$p" 2>/dev/null \
+    && [[ $(ps -o stat= -p "$p" 2>/dev/null) != Z* ]]
+}
 
 start_celery() {
   local port=${AIRFLOW_PORT:-8080} redis_port=${REDIS_PORT:-6379} pre="celery-${AIRFLOW_PORT:-8080}"

@@ -86,7 +86,12 @@ def pid(home: Path, svc: Service, component: str) -> int:
 def lose(home: Path, svc: Service, component: str, worker_home: Path | None = None) -> None:
     """SIGKILL a component's whole process group, as when its machine disappears; and, for a worker, any
     process still running with its FTOPS_HOME (a task that left the group would survive a lost machine here)."""
-    os.killpg(pid(home, svc, component), signal.SIGKILL)
+    leader = pid(home, svc, component)
+    os.killpg(leader, signal.SIGKILL)
+    deadline = time.time() + 30
+    while running(leader):  # gone, so that `start celery` sees it down
+        assert time.time() < deadline, f"{component} survived SIGKILL"
+        time.sleep(0.2)
     if worker_home is None:
         return
     for proc in Path("/proc").glob("[0-9]*"):
@@ -95,6 +100,13 @@ def lose(home: Path, svc: Service, component: str, worker_home: Path | None = No
                 os.kill(int(proc.name), signal.SIGKILL)
         except (OSError, ProcessLookupError):
             continue
+
+
+def running(p: int) -> bool:
+    try:
+        return Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
 
 
 def tis(http: httpx.Client, run_id: str) -> dict[str, dict]:
