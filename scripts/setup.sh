@@ -54,6 +54,13 @@ if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; the
   else echo "note: chromium is not installed; tests/test_plugin.py's browser test needs it (apt-get install chromium chromium-driver)" >&2; fi
 fi
 
+# Redis, the Celery broker of `scripts/services.sh start celery` and tests/test_celery.py (Debian package).
+if ! command -v redis-server >/dev/null; then
+  if [[ $(id -u) == 0 ]]; then
+    echo "== redis (apt)"; apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null
+  else echo "note: redis-server is not installed; tests/test_celery.py needs it (apt-get install redis-server)" >&2; fi
+fi
+
 echo "== models ($FTOPS_HOME/models)"
 FTOPS_HOME=$FTOPS_HOME .venv/bin/ftops models convert-smollm2 "$FTOPS_HOME/models/smollm2-135m-instruct" >/dev/null
 echo "setup done"

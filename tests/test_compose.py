@@ -7,6 +7,7 @@ the platform relies on: the services, GPU vLLM replicas with runtime LoRA, and e
 customer in include/customers.yaml.
 """
 
+import json
 import re
 import shlex
 import stat
@@ -205,3 +206,64 @@ def test_vllm_replicas_enforce_tenant_keys(services):
         assert e["FTOPS_SERVING_BASE_MODEL"] == flag(args(replica), "--model"), name
         assert e["FTOPS_SERVING_ADMIN_KEY"] and e["PYTHONPATH"] == "/opt/ftops/include", name
     assert "--app-name" in args(services["mlflow"]) and flag(args(services["mlflow"]), "--app-name") == "basic-auth"
+
+
+def gpus(service: dict) -> list:
+    devices = service.get("deploy", {}).get("resources", {}).get("reservations", {}).get("devices", [])
+    return [d for d in devices if "gpu" in d.get("capabilities", [])]
+
+
+def test_every_built_image_has_its_dockerfile_and_every_mounted_path_exists(services):
+    built = {name: s["build"] for name, s in services.items() if "build" in s}
+    assert "airflow-worker-gpu" in built and "airflow-scheduler" in built
+    for name, build in built.items():
+        context = ROOT / (build if isinstance(build, str) else build.get("context", "."))
+        dockerfile = context / ("Dockerfile" if isinstance(build, str) else build.get("dockerfile", "Dockerfile"))
+        assert dockerfile.is_file(), f"{name}: {dockerfile} is not in the repository"
+        text = dockerfile.read_text()
+        assert re.search(r"^FROM apache/airflow:3\.3\.2-python3\.11$", text, re.M), dockerfile
+        for src in re.findall(r"^COPY (?:--\S+ )*(.+) \S+$", text, re.M):  # what it copies exists too
+            for path in src.split():
+                assert (context / path).exists(), f"{dockerfile} copies {path}, which does not exist"
+    for name, service in services.items():
+        for volume in service.get("volumes", []):
+            source = volume.split(":")[0] if isinstance(volume, str) else volume.get("source", "")
+            if source.startswith((".", "/")):
+                assert (ROOT / source).exists(), f"{name} mounts {source}, which is not in the repository"
+
+
+def test_celery_workers_route_training_to_the_gpu_and_nothing_else_gets_one(services):
+    env_of = env(services["airflow-scheduler"])
+    assert env_of["AIRFLOW__CORE__EXECUTOR"] == "CeleryExecutor"
+    broker = env_of["AIRFLOW__CELERY__BROKER_URL"]
+    assert broker.startswith("redis://:") and broker.endswith("@redis:6379/0")  # the broker needs its password
+    assert "--requirepass" in str(services["redis"]["command"])
+    assert "redis" in (services["airflow-scheduler"].get("depends_on") or {})
+    gpu_worker, worker = services["airflow-worker-gpu"], services["airflow-worker"]
+    assert flag(args(gpu_worker), "--queues") == env(gpu_worker)["FTOPS_TRAIN_QUEUE"] == "gpu" and gpus(gpu_worker)
+    assert flag(args(worker), "--queues") == "default" and not gpus(worker)
+    for name in ("airflow-scheduler", "airflow-apiserver", "airflow-dag-processor", "airflow-triggerer"):
+        assert not gpus(services[name]), f"{name} reserves a GPU"
+    # Tasks take S3 credentials from an Airflow connection.
+    for w in (worker, gpu_worker):
+        conn = env(w)["FTOPS_AWS_CONN_ID"]
+        assert json.loads(env(w)[f"AIRFLOW_CONN_{conn.upper()}"])["conn_type"] == "aws"
+
+
+def test_vllm_reads_every_adapter_the_platform_asks_it_to_load(services):
+    """Production adapters (the reconciler) and evaluation candidates (pipeline.evaluate, under
+    FTOPS_VLLM_ADAPTER_DIR/.eval) are both written below FTOPS_VLLM_ADAPTER_DIR by the workers: that folder must
+    be the same volume at the same path in the workers and in every vLLM replica."""
+    adapter_dir = env(services["airflow-worker"])["FTOPS_VLLM_ADAPTER_DIR"]
+
+    def mount(service: dict) -> str | None:
+        for v in service.get("volumes", []):
+            src, dst = v.split(":")[:2] if isinstance(v, str) else (v.get("source"), v.get("target"))
+            if dst == adapter_dir:
+                return src
+        return None
+
+    source = mount(services["airflow-worker"])
+    assert source and not source.startswith((".", "/"))  # a named volume, shared
+    for name in ["airflow-worker-gpu", *vllm_replicas(services)]:
+        assert mount(services[name]) == source, name

@@ -299,11 +299,60 @@ def serving_sync() -> None:
 
 
 @serving_app.command("capacity")
-def serving_capacity(shell: bool = typer.Option(False, help="print `ML MCL MR` for scripts")) -> None:
-    """vLLM LoRA flags sized from the customers file (every adapter resident, the largest rank)."""
+def serving_capacity(
+    shell: bool = typer.Option(False, help="print `ML MCL MR` for scripts"),
+    customers: int = typer.Option(0, help="plan for this many customers (0: the vLLM flags for the customers file)"),
+    train_minutes: float = typer.Option(0, help="measured minutes of one customer's training on a worker's GPU"),
+    cadence: str = typer.Option("weekly", help="weekly | daily"),
+    utilization: float = typer.Option(0.6, help="share of a GPU day planned for training"),
+    peak_rps: float = typer.Option(0.0, help="requests/s at peak, all customers"),
+    replica_rps: float = typer.Option(0.0, help="measured requests/s one replica sustains (bench/serving.py)"),
+    examples_per_week: int = typer.Option(500, help="new examples per customer per week"),
+    as_json: bool = typer.Option(False, "--json", help="the plan as JSON"),
+) -> None:
+    """vLLM LoRA flags sized from the customers file (every adapter resident, the largest rank); with
+    --customers and --train-minutes, a plan: GPU workers, vLLM replicas and storage per customer, formulas shown."""
     from ftops.serving import capacity
 
-    cap = capacity({c.id: c.lora.r for c in load_platform().customers.values()})
+    platform = load_platform()
+    if customers:
+        from ftops.capacity import PlanInputs, adapter_bytes, model_config, plan
+
+        if train_minutes <= 0:
+            raise typer.BadParameter("--train-minutes (measured) is required for a plan")
+        # The adapter size from the default base model's shape and the default LoRA settings.
+        first = next(iter(platform.customers.values()))
+        cfg = model_config(settings().base_model_path(platform, first.base_model))
+        adapter_mb = adapter_bytes(cfg, first.lora.r, first.lora.target_modules) / 1e6
+        out = plan(
+            PlanInputs(
+                customers=customers,
+                train_minutes=train_minutes,
+                cadence=cadence,
+                utilization=utilization,
+                adapter_mb=round(adapter_mb, 2),
+                peak_rps=peak_rps,
+                replica_rps=replica_rps,
+                examples_per_week=examples_per_week,
+                checkpoints_per_run=first.training.max_steps // first.training.save_steps
+                if first.training.max_steps > 0
+                else 2,
+            )
+        )
+        if as_json:
+            print(json.dumps(out, indent=2))
+            return
+        console.print(
+            f"{customers} customers, {cadence}, {train_minutes} min/training, adapter {adapter_mb:.1f} MB "
+            f"({first.base_model}, r={first.lora.r}, {len(first.lora.target_modules)} modules)"
+        )
+        for key in ("gpu_workers", "vllm_replicas", "adapter_memory_per_replica_mb", "storage_per_customer_mb"):
+            console.print(f"  {key}: {out[key]}")
+        console.print(f"  storage_total_gb: {out['storage_total_gb']}")
+        for f in out["formulas"]:
+            console.print(f"  {f}", highlight=False, markup=False)
+        return
+    cap = capacity({c.id: c.lora.r for c in platform.customers.values()})
     if shell:
         print(cap["max_loras"], cap["max_cpu_loras"], cap["max_lora_rank"])
     else:

@@ -13,6 +13,7 @@ import hashlib
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -173,7 +174,9 @@ def snapshot(run: Run) -> dict:
 
 def _ftops(*args: str) -> None:
     """Run an `ftops` stage command in a subprocess; its output goes to the task log."""
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    from ftops.storage import subprocess_env
+
+    env = subprocess_env() | {"PYTHONUNBUFFERED": "1"}  # S3 credentials from the Airflow connection, if set
     with subprocess.Popen(
         [sys.executable, "-m", "ftops.cli", *args], env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
     ) as proc:
@@ -311,7 +314,11 @@ def evaluate(run: Run, trained: dict) -> dict:
     from ftops.evaluate import EvalArgs, golden_set, redteam_set, regurgitation_probes, score_answers
     from ftops.serving import answers_from, engine_for, eval_name
 
-    adapters = run.workdir / "adapters"
+    # The copies a vLLM replica loads go under the adapter folder the replicas mount at the same path
+    # (FTOPS_VLLM_ADAPTER_DIR; docker-compose.yaml: the `adapters` volume), not this worker's scratch, which a
+    # replica in another container or on another machine cannot read. `.eval` is never a customer's folder.
+    adapters = run.env.vllm_adapter_dir / ".eval" / run.id / run.key
+    run.workdir.mkdir(parents=True, exist_ok=True)  # this worker's scratch: it may never have seen this run
     candidate = run.store.download_dir(trained["adapter_prefix"], adapters / "candidate" / trained["adapter_version"])
     # Never skips the comparison: an unreadable registry or a refused production version fails the task.
     prod = production(run)
@@ -364,6 +371,7 @@ def evaluate(run: Run, trained: dict) -> dict:
         "safety_probes": len(probes),
     }
     run.save("eval.json", json.dumps(metrics).encode())
+    shutil.rmtree(adapters, ignore_errors=True)  # unloaded from the replica by answers_from; scores are saved
     # The XCom keeps the figures (typed); answers and findings stay in the scratch file and the report.
     return Metrics.model_validate(metrics).model_dump(mode="json")
 

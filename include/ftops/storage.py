@@ -3,6 +3,10 @@
 Versioned paths are write-once: `put` refuses to replace an object (local: an atomic hard link that
 fails if the name exists; S3: a conditional write with `IfNoneMatch='*'`, answered 412 on overwrite).
 Scratch data that a retried task may rewrite goes through `put(..., overwrite=True)` explicitly.
+
+S3 credentials: the `ftops` CLI reads the environment (AWS_* variables, boto3's default chain). Under Airflow,
+with FTOPS_AWS_CONN_ID set (e.g. `aws_default`), they come from that Airflow connection through the amazon
+provider's hook, so operators manage them in Airflow's UI or secrets backend; Airflow is imported only then.
 """
 
 from __future__ import annotations
@@ -11,6 +15,41 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+
+CONN_ENV = "FTOPS_AWS_CONN_ID"
+
+
+def _aws_hook():
+    from airflow.providers.amazon.aws.hooks.base_aws import AwsBaseHook
+
+    return AwsBaseHook(aws_conn_id=os.environ[CONN_ENV], client_type="s3")
+
+
+def s3_client():
+    """An S3 client from the Airflow connection named by FTOPS_AWS_CONN_ID (keys, region, endpoint, role)."""
+    return _aws_hook().get_client_type("s3")
+
+
+def subprocess_env(env: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment for an `ftops` stage command started by a task. With FTOPS_AWS_CONN_ID set, the
+    connection is resolved here, in the task (a child process cannot reach Airflow's connections through the
+    task's API channel), and handed down as AWS_* variables of the child only: never written or logged."""
+    env = dict(os.environ if env is None else env)
+    if not env.get(CONN_ENV):
+        return env
+    hook = _aws_hook()
+    creds = hook.get_credentials()
+    env.pop(CONN_ENV)
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL"):
+        env.pop(name, None)
+    env |= {"AWS_ACCESS_KEY_ID": creds.access_key, "AWS_SECRET_ACCESS_KEY": creds.secret_key}
+    if creds.token:
+        env["AWS_SESSION_TOKEN"] = creds.token
+    if endpoint := hook.conn_config.get_service_endpoint_url("s3"):
+        env["AWS_ENDPOINT_URL"] = endpoint
+    if hook.conn_region_name:
+        env["AWS_DEFAULT_REGION"] = hook.conn_region_name
+    return env
 
 
 class AlreadyExists(FileExistsError):
@@ -28,7 +67,7 @@ class Store:
 
             bucket, _, prefix = self.root[len("s3://") :].partition("/")
             self.bucket, self.prefix = bucket, prefix.strip("/")
-            self.s3 = boto3.client("s3")
+            self.s3 = s3_client() if os.environ.get(CONN_ENV) else boto3.client("s3")
         else:
             self.base = Path(self.root.removeprefix("file://"))
 
