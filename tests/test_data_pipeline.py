@@ -303,7 +303,8 @@ def test_preference_pairs_flow_into_the_snapshot_for_dpo(tmp_path):
     assert v.manifest["counts"]["dropped"] == {"empty_content": 1} and v.manifest["counts"]["pii"]["EMAIL"] == 1
 
 
-def test_inbox_counter_counts_records_of_files_not_yet_ingested(tmp_path):
+def test_inbox_counter_counts_records_of_files_not_yet_ingested(tmp_path, monkeypatch):
+    from ftops import ingest as ingest_mod
     from ftops.ingest import InboxCounter
 
     store = Store(str(tmp_path))
@@ -323,7 +324,7 @@ def test_inbox_counter_counts_records_of_files_not_yet_ingested(tmp_path):
     snap.write(store, "acme", batch, keys, sigs, {}, "", None, 0.2)  # a run ingested a.jsonl
     assert fresh.pending()[0] == 20
     reads = []
-    fresh.inbox.get = lambda key, get=fresh.inbox.get: reads.append(key) or get(key)
+    monkeypatch.setattr(ingest_mod, "scan", lambda f, limits, scan=ingest_mod.scan: reads.append(f.key) or scan(f, limits))
     fresh.store.get = lambda key, get=fresh.store.get: reads.append(key) or get(key)
     assert fresh.pending()[0] == 20 and reads == []  # nothing changed: the next poll reads no object
     store.put("acme/inbox/c.jsonl", lines(chat("New question?", "New answer.")))

@@ -1,6 +1,7 @@
 """Clean: meaning-preserving text normalisation and PII detection (redact or drop, per customer).
 
-Normalisation: HTML entities, Unicode NFC, control characters, runs of spaces and blank lines.
+Normalisation: HTML entities, Unicode NFC, line breaks (CRLF, CR, NEL, U+2028/U+2029 and the C0 separators
+all become `\n`), control characters, runs of spaces and blank lines.
 PII types: EMAIL, PHONE, SSN, CARD (Luhn-checked, with or without separators), IBAN (mod-97
 checked), IP (v4 and v6), SECRET (cloud keys, tokens, private keys, `password=...`). Checksums keep
 order numbers, dates and case numbers from being taken for cards or IBANs.
@@ -12,14 +13,16 @@ import html
 import re
 import unicodedata
 
-from ftops.ingest import Batch
+from ftops.records import Batch
 
-_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\u200b\u200e\u200f\ufeff]")
+_CONTROL = re.compile(r"[\x00-\x08\x0e-\x1b\x7f\u200b\u200e\u200f\ufeff]")
+# Every code point Unicode or some reader treats as a line break: a break in meaning, so one `\n` in the text
+_BREAK = re.compile(r"\r\n|[\r\x0b\x0c\x1c-\x1f\x85\u2028\u2029]")
 
 
 def normalise(text: str) -> str:
     text = unicodedata.normalize("NFC", html.unescape(text))
-    text = _CONTROL.sub("", text.replace("\r\n", "\n").replace("\r", "\n"))
+    text = _CONTROL.sub("", _BREAK.sub("\n", text))
     text = re.sub(r"[ \t\u00a0]+", " ", text)
     text = re.sub(r" *\n *", "\n", text)
     return re.sub(r"\n{3,}", "\n\n", text).strip()
@@ -127,29 +130,29 @@ def redact(text: str) -> tuple[str, dict[str, int]]:
 
 
 def clean(batch: Batch, policy: str = "redact") -> Batch:
-    """Normalise every turn and apply the PII policy; dropped examples go to quarantine with reason `pii`."""
+    """Normalise every turn (and a preference pair's rejected answer) and apply the PII policy to all of them;
+    dropped examples go to quarantine with reason `pii` (redacted there too)."""
     kept = []
     for ex in batch.examples:
         counts: dict[str, int] = {}
-        messages = []
-        for m in ex.messages:
-            content, found = redact(normalise(m["content"]))
+        texts = [m["content"] for m in ex.messages] + ([ex.rejected] if ex.rejected is not None else [])
+        out = []
+        for text in texts:
+            content, found = redact(normalise(text))
             for k, v in found.items():
                 counts[k] = counts.get(k, 0) + v
-            messages.append({"role": m["role"], "content": content})
+            out.append(content)
         for k, v in counts.items():
             batch.pii[k] = batch.pii.get(k, 0) + v
         if counts and policy == "drop":
             batch.drop(ex, "pii", ", ".join(f"{k}×{v}" for k, v in sorted(counts.items())))
             continue
-        if any(not m["content"] for m in messages):
+        if any(not t for t in out):
             batch.drop(ex, "empty_content", "a turn is empty after normalisation")
             continue
+        ex.messages = [{"role": m["role"], "content": c} for m, c in zip(ex.messages, out, strict=False)]
         if ex.rejected is not None:
-            ex.rejected, found = redact(normalise(ex.rejected))
-            for k, v in found.items():
-                batch.pii[k] = batch.pii.get(k, 0) + v
-        ex.messages = messages
+            ex.rejected = out[-1]
         kept.append(ex)
     batch.examples = kept
     return batch

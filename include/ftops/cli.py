@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import sys
 from pathlib import Path
@@ -55,15 +54,13 @@ def data_prepare(
     out: Path = typer.Option(..., help="storage root to write the dataset version under"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
 ) -> None:
-    """Ingest, validate, clean, dedupe and snapshot files outside Airflow."""
+    """Ingest, validate, clean, dedupe and snapshot files outside Airflow (the same chain as the DAG)."""
     from rich.progress import Progress
 
-    from ftops import snapshot as snap
-    from ftops.clean import clean
-    from ftops.dedupe import dedupe
-    from ftops.ingest import Batch, SourceFile, parse_file
+    from ftops.ingest import local_files
+    from ftops.pipeline import prepare
     from ftops.storage import Store
-    from ftops.validate import validate
+    from ftops.validate import ValidationFailed
 
     try:
         check_customer_id(customer)
@@ -71,57 +68,26 @@ def data_prepare(
         policy = platform.customers[customer].data if customer in platform.customers else DataPolicy()
     except ConfigError as exc:
         _fail(str(exc))
-    files = sorted(p for i in inputs for p in ([i] if i.is_file() else i.rglob("*")) if p.is_file())
-    missing = [str(i) for i in inputs if not i.exists()]
+    missing = [str(i) for i in inputs if not i.exists() and not i.is_symlink()]
     if missing:
         _fail(f"no such input: {', '.join(missing)}")
+    files = local_files(inputs)
     store = Store(str(out.resolve()))
-    history, ingested, manifests = snap.load_history(store, customer)
-    batch = Batch()
     with Progress(console=Console(stderr=True), disable=as_json or not sys.stderr.isatty()) as progress:
-        task = progress.add_task("ingest", total=len(files))
-        for path in files:
-            data = path.read_bytes()
-            digest = hashlib.sha256(data).hexdigest()
-            if digest in ingested:
-                batch.sources.append(SourceFile(str(path), digest, 0, "already_ingested"))
-            else:
-                ingested.add(digest)
-                n = parse_file(str(path), data, batch)
-                batch.sources.append(SourceFile(str(path), digest, n, "" if n else "empty"))
-            progress.advance(task)
-    batch, validation = validate(batch, policy)
-    if not validation.success:
-        _fail("batch rejected: " + "; ".join(validation.failures))
-    batch = clean(batch, policy.pii)
-    batch, keys, sigs = dedupe(batch, history)
-    result = {
-        "read": batch.read,
-        "kept": len(keys),
-        "dropped": batch.dropped(),
-        "pii": batch.pii,
-        "train": 0,
-        "val": 0,
-        "dataset_version": None,
-    }
-    if keys or any(not s.skipped for s in batch.sources):
-        s = snap.write(
-            store,
-            customer,
-            batch,
-            keys,
-            sigs,
-            validation.result,
-            validation.html,
-            manifests[-1]["version"] if manifests else None,
-            policy.val_fraction,
-        )
-        result |= {
-            "train": s.manifest["counts"]["train"],
-            "val": s.manifest["counts"]["val"],
-            "dataset_version": s.version,
-            "dataset_uri": s.uri,
-        }
+        task = progress.add_task("prepare", total=len(files))
+        try:
+            result = prepare(
+                store,
+                customer,
+                files,
+                policy,
+                spill_root=settings().home / "work" / "spill",
+                progress=lambda name, n: progress.advance(task),
+            )
+        except ValidationFailed as exc:
+            _fail(str(exc))
+    result.pop("stages", None)
+    result.pop("validation_success", None)
     if as_json:
         print(json.dumps(result))
     else:
