@@ -324,7 +324,9 @@ def test_inbox_counter_counts_records_of_files_not_yet_ingested(tmp_path, monkey
     snap.write(store, "acme", batch, keys, sigs, {}, "", None, 0.2)  # a run ingested a.jsonl
     assert fresh.pending()[0] == 20
     reads = []
-    monkeypatch.setattr(ingest_mod, "scan", lambda f, limits, scan=ingest_mod.scan: reads.append(f.key) or scan(f, limits))
+    monkeypatch.setattr(
+        ingest_mod, "scan", lambda f, limits, scan=ingest_mod.scan: reads.append(f.key) or scan(f, limits)
+    )
     fresh.store.get = lambda key, get=fresh.store.get: reads.append(key) or get(key)
     assert fresh.pending()[0] == 20 and reads == []  # nothing changed: the next poll reads no object
     store.put("acme/inbox/c.jsonl", lines(chat("New question?", "New answer.")))
