@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import io
 import json
 import subprocess
 import sys
@@ -177,23 +178,14 @@ def test_dedupe_exact_and_near_within_batch_and_against_history():
 
 
 def prepared(store: Store, customer: str, data: bytes, name: str):
-    batch = Batch()
-    parse_file(name, data, batch)
-    batch, validation = validate(batch, DataPolicy())
-    batch = clean(batch)
-    history, _, manifests = snap.load_history(store, customer)
-    batch, keys, sigs = dedupe(batch, history)
-    return snap.write(
-        store,
-        customer,
-        batch,
-        keys,
-        sigs,
-        validation.result,
-        validation.html,
-        manifests[-1]["version"] if manifests else None,
-        0.3,
-    )
+    """One upload through the package's one data chain (`pipeline.prepare`), as the DAG and the CLI run it."""
+    from ftops.ingest import InboxFile
+    from ftops.pipeline import prepare
+
+    out = prepare(store, customer, [InboxFile(name, name, lambda: io.BytesIO(data))], DataPolicy(val_fraction=0.3))
+    version = out["dataset_version"]
+    manifest = json.loads(store.get(f"{customer}/datasets/{version}/manifest.json"))
+    return snap.Snapshot(version, out["dataset_uri"], manifest)
 
 
 def test_snapshot_is_immutable_and_split_is_stable(tmp_path):
