@@ -122,9 +122,6 @@ def _content(value, where: str) -> str:
         raise RecordError("unknown_schema", f"{where}: content is not a string")
     if not value.strip():
         raise RecordError("empty_content", f"{where}: empty")
-    if has_surrogate(value):
-        # a lone UTF-16 surrogate (only reachable as an escape): not text, cannot be encoded or tokenised
-        raise RecordError("unencodable_text", f"{where}: lone surrogate code point")
     return value
 
 
@@ -157,8 +154,6 @@ def to_messages(record) -> list[dict]:
         extra = record.get("input") or ""
         if not isinstance(extra, str):
             raise RecordError("unknown_schema", "input is not a string")
-        if has_surrogate(extra):
-            raise RecordError("unencodable_text", "input: lone surrogate code point")
         messages = [
             {"role": "user", "content": f"{prompt}\n\n{extra}" if extra.strip() else prompt},
             {"role": "assistant", "content": _content(record["output"], "output")},
@@ -250,7 +245,14 @@ def parse_record(
         # a bracket count is a cheap upper bound on the depth: walk only when it could exceed the limit
         if raw.count(b"[") + raw.count(b"{") > limits.max_depth and _depth_exceeds(record, limits.max_depth):
             return Quarantined(name, lineno, "too_deep", f"JSON nested deeper than {limits.max_depth}", text)
-        return to_example(record, name, lineno)
+        example = to_example(record, name, lineno)
+        # A lone UTF-16 surrogate can only arrive as a `\\udXXX` escape (raw ones are invalid UTF-8): look for
+        # one only when the line has such an escape. It is not text: it cannot be encoded or tokenised.
+        if _SURROGATE_ESCAPE.search(raw) and any(
+            has_surrogate(t) for t in [m["content"] for m in example.messages] + [example.rejected or ""]
+        ):
+            return Quarantined(name, lineno, "unencodable_text", "lone surrogate code point", text)
+        return example
     except RecordError as exc:
         return Quarantined(name, lineno, exc.reason, str(exc), raw.decode("utf-8", "replace"))
     except Exception as exc:  # noqa: BLE001 - the last line of per-record isolation: quarantine, never crash
@@ -260,6 +262,7 @@ def parse_record(
 # --- files ----------------------------------------------------------------------------------------------
 
 _EOL = re.compile(rb"\r\n|\r|\n")
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 
 
 def split_lines(stream: IO[bytes], max_line: int = MAX_LINE_BYTES) -> Iterator[tuple[int, bytes, int, bool]]:
