@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -365,3 +366,46 @@ def test_any_unicode_text_kept_by_the_chain_reaches_the_training_mix_intact(tmp_
     kept_sources = {r["line"] for r in rows + val}
     want = sorted(redact(normalise(records[i - 1]["messages"][0]["content"]))[0] for i in kept_sources)
     assert got == want
+
+
+# --- detection that holds up ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "text,value,kind",
+    [
+        ("ref 99 4111 1111 1111 1111 paid", "4111 1111 1111 1111", "CARD"),  # a longer run failing Luhn
+        ("IBAN GB82WEST12345698765432 99 attached", "GB82WEST12345698765432", "IBAN"),
+        ("mail ｊａｎｅ＠ｅｘａｍｐｌｅ．ｃｏｍ now", "ｊａｎｅ＠ｅｘａｍｐｌｅ．ｃｏｍ", "EMAIL"),
+        ("DATABASE_URL=postgresql://admin:S3cretPassw0rd@db.internal:5432/prod", "S3cretPassw0rd", "SECRET"),
+        (
+            "-----BEGIN PGP PRIVATE KEY BLOCK-----\nlQOYBF0EXAMPLE\n-----END PGP PRIVATE KEY BLOCK-----",
+            "lQOYBF0",
+            "SECRET",
+        ),
+    ],
+)
+def test_overlapping_and_international_candidates_are_found(text, value, kind):
+    from ftops.clean import redact
+
+    out, counts = redact(text)
+    assert value not in out and counts.get(kind) == 1, (out, counts)
+
+
+def test_order_numbers_are_not_cards_even_when_a_slice_passes_luhn():
+    from ftops.clean import redact
+
+    text = "Your order #112-3456789-1234567 has shipped."
+    assert redact(text) == (text, {})
+
+
+@pytest.mark.parametrize("split", ["compliance", "blind"])
+def test_compliance_cases_and_the_blind_set_are_detected(split):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    from pii_eval import load, score
+
+    from ftops.clean import find_pii
+
+    data = Path(__file__).parent / "data" / ("pii_blind.jsonl" if split == "blind" else "pii_labelled.jsonl")
+    result = score(load(data, split), find_pii)["overall"]
+    assert result["labelled"] >= 24 and result["recall"] >= 0.95 and result["precision"] >= 0.95, result
