@@ -161,6 +161,12 @@ DETECTORS: list[tuple[str, re.Pattern, object, tuple[str, ...] | None]] = [
 
 
 _GROUP = re.compile(r"[^ -]+")
+# Every needle, found in one pass (a lookahead, so needles that overlap are all seen)
+_NEEDLES = re.compile(
+    "(?=("
+    + "|".join(re.escape(n) for n in sorted({n for d in DETECTORS for n in d[3] or ()}, key=len, reverse=True))
+    + "))"
+)
 
 
 # How cards are written in groups: 4-4-4-4(-1..3), Amex 4-6-5, Diners 4-6-4; a sub-run of other groups
@@ -189,9 +195,9 @@ def _shorter(kind: str, pattern: re.Pattern, check, m: re.Match) -> tuple[int, i
 def find_pii(text: str) -> list[tuple[str, int, int]]:
     """Non-overlapping (type, start, end) spans, earlier detectors winning."""
     spans: list[tuple[str, int, int]] = []
-    lower = text.lower()
+    present = {m.group(1) for m in _NEEDLES.finditer(text.lower())}
     for kind, pattern, check, needles in DETECTORS:
-        if needles is not None and not any(n in lower for n in needles):
+        if needles is not None and present.isdisjoint(needles):
             continue
         for m in pattern.finditer(text):
             span: tuple[int, int] | None = (m.start(), m.end())
