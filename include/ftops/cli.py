@@ -94,6 +94,69 @@ def data_prepare(
         console.print_json(json.dumps(result))
 
 
+@data_app.command("erase")
+def data_erase(
+    customer: str = typer.Option(...),
+    match: str = typer.Option(None, "--match", help="erase every stored example containing this text"),
+    example: str = typer.Option(None, "--example", help="erase one example by its id (content key)"),
+    retrain: bool = typer.Option(False, "--retrain", help="trigger the customer's DAG with force=true"),
+    as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
+) -> None:
+    """Right to erasure: the matching examples never reach a future training or replay (a tombstone list;
+    the write-once versions stay). Reports the dataset and adapter versions that contained them."""
+    import subprocess
+
+    from ftops import snapshot as snap
+    from ftops.storage import Store
+
+    try:
+        check_customer_id(customer)
+        platform = load_platform()
+    except ConfigError as exc:
+        _fail(str(exc))
+    if (match is None) == (example is None):
+        _fail("give exactly one of --match TEXT or --example KEY")
+    if match is not None and not match.strip():
+        _fail("--match needs a non-empty text")
+    env = settings()
+    store = Store(env.storage_root)
+    found = snap.find_examples(store, customer, match=match, example=example)
+    ids = {i for v in found.values() for i in v}
+    result: dict = {
+        "customer": customer,
+        "examples": len(ids),
+        "dataset_versions": {v: len(i) for v, i in found.items()},
+        "tombstone": None,
+        "adapter_versions": None,
+    }
+    if ids:
+        result["tombstone"] = snap.erase(store, customer, ids, match if match is not None else example)
+    code = 0
+    if ids and customer in platform.customers:
+        from ftops.registry import Registry
+
+        try:
+            versions = Registry(env.mlflow_uri).versions(customer, platform.customers[customer].base_model)
+            result["adapter_versions"] = snap.adapters_containing(versions, set(found))
+        except Exception as exc:  # noqa: BLE001 - the erasure stands; say what could not be checked
+            result["adapter_versions_error"] = f"registry unavailable ({type(exc).__name__}): retry the report"
+            code = 3
+    if retrain and ids:
+        conf = json.dumps({"force": True})
+        done = subprocess.run(
+            [sys.executable, "-m", "airflow", "dags", "trigger", f"finetune_{customer}", "--conf", conf],
+            capture_output=True,
+            text=True,
+        )
+        result["retrain"] = "triggered" if done.returncode == 0 else f"failed: {done.stderr.strip()[-300:]}"
+        code = code or (0 if done.returncode == 0 else 4)
+    if as_json:
+        print(json.dumps(result))
+    else:
+        console.print_json(json.dumps(result))
+    raise typer.Exit(code)
+
+
 @data_app.command("generate")
 def data_generate(customer: str, inbox: Path, batch: int = 0, n: int = 60) -> None:
     """Write a synthetic upload for a demo customer into an inbox folder."""

@@ -250,6 +250,61 @@ def tombstones(store: Store, customer: str) -> set[str]:
     return ids
 
 
+def find_examples(store: Store, customer: str, match: str | None = None, example: str | None = None) -> dict[str, list]:
+    """Ids of the stored examples an erasure request names, per dataset version that holds them: `example` is
+    an id (content key); `match` a text, looked for as the pipeline stored it (normalised, case-folded) in
+    every turn and the rejected answer. Streams each version's files."""
+    from ftops.clean import normalise, redact
+    from ftops.records import iter_jsonl
+
+    needle = " ".join(redact(normalise(match))[0].casefold().split()) if match else None
+    found: dict[str, list] = {}
+    for m in versions(store, customer):
+        for split in ("train", "val"):
+            with store.open(f"{customer}/datasets/{m['version']}/{split}.jsonl") as f:
+                for row in iter_jsonl(f):
+                    if example is not None:
+                        hit = row["id"] == example
+                    else:
+                        texts = [t["content"] for t in row["messages"]] + [row.get("rejected") or ""]
+                        hit = any(needle in " ".join(t.casefold().split()) for t in texts)
+                    if hit:
+                        found.setdefault(m["version"], []).append(row["id"])
+    return found
+
+
+def erase(store: Store, customer: str, ids: set[str], request: str) -> str:
+    """Record a tombstone (write-once, like everything under a customer): the ids, and a hash of the request,
+    never its text (it may be the very PII being erased). Returns its key."""
+    now = datetime.now(UTC)
+    body = {
+        "ids": sorted(ids),
+        "created_at": now.isoformat(),
+        "request_sha256": hashlib.sha256(request.encode()).hexdigest(),
+    }
+    key = f"{customer}/erasure/{now:%Y%m%dT%H%M%S%fZ}-{body['request_sha256'][:8]}.json"
+    store.put(key, json.dumps(body, indent=2).encode())
+    return key
+
+
+def adapters_containing(adapter_versions, dataset_versions: set[str]) -> dict[str, list[str]]:
+    """Registry versions whose training saw the erased examples: `trained_on` (a version holding them was among
+    its new data), `may_carry` (trained later: replay samples older versions, and `init: production` starts
+    from the weights of the adapter before). Reads the `dataset.version`/`dataset.new_versions` tags."""
+    out: dict[str, list[str]] = {"trained_on": [], "may_carry": []}
+    if not dataset_versions:
+        return out
+    first = min(dataset_versions)
+    for v in adapter_versions:
+        new = set(filter(None, v.tags.get("dataset.new_versions", "").split(",")))
+        upto = v.tags.get("dataset.version", "")
+        if new & dataset_versions:
+            out["trained_on"].append(v.version)
+        elif upto and upto >= first:
+            out["may_carry"].append(v.version)
+    return out
+
+
 def _rows(store: Store, key: str, erased: set[str]) -> list[dict]:
     return [r for r in read_jsonl(store.get(key)) if r.get("id") not in erased]
 
