@@ -323,3 +323,14 @@ def test_inbox_counter_counts_records_of_files_not_yet_ingested(tmp_path, monkey
     assert fresh.pending()[0] == 20 and reads == []  # nothing changed: the next poll reads no object
     store.put("acme/inbox/c.jsonl", lines(chat("New question?", "New answer.")))
     assert fresh.pending()[0] == 21 and reads == ["c.jsonl"]  # only the new file
+
+
+def test_great_expectations_data_docs_are_kept_with_the_version(tmp_path):
+    store = Store(str(tmp_path))
+    v = prepared(store, "acme", lines(chat("Where is my order?", "In transit."), b"not json"), "d.jsonl")
+    keys = store.list(f"acme/datasets/{v.version}/data_docs")
+    assert f"acme/datasets/{v.version}/data_docs/index.html" in keys
+    assert any("/data_docs/validations/chat_batch/" in k for k in keys)
+    page = store.get(f"acme/datasets/{v.version}/validation.html").decode()
+    assert "Data documentation compiled by Great Expectations" in page and "chat_batch" in page
+    assert not any("/static/fonts/" in k for k in keys)  # 4 MB of fonts per version: left out

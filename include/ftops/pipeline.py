@@ -139,7 +139,7 @@ def prepare(
             "new_files": [s["name"] for s in sources if not s["skipped"]],
             "skipped_files": {s["name"]: s["skipped"] for s in sources if s["skipped"]},
         }
-        validation = validator.finish(writer.read, writer.dropped)
+        validation = validator.finish(writer.read, writer.dropped, docs_dir=writer.dir / "data_docs")
         out = writer.counts() | {"dataset_version": None, "stages": stages, "validation_success": validation.success}
         if not validation.success:
             err = ValidationFailed(f"{customer}: batch rejected before training: {'; '.join(validation.failures)}")
@@ -147,7 +147,7 @@ def prepare(
             raise err
         if any(s["skipped"] != "already_ingested" for s in sources):
             parent = manifests[-1]["version"] if manifests else None
-            s = writer.publish(validation.result, validation.html, parent, run)
+            s = writer.publish(validation.result, validation.html, parent, run, docs=validation.docs)
             out |= {"dataset_version": s.version, "dataset_uri": s.uri, "fingerprint": s.manifest["fingerprint"]}
         return out
     finally:

@@ -1,6 +1,7 @@
 """Snapshot: immutable dataset versions at `<root>/<customer>/datasets/<version>/`, and their history.
 
-A version holds `train.jsonl`, `val.jsonl`, `quarantine.jsonl`, the validation result, the dedupe index
+A version holds `train.jsonl`, `val.jsonl`, `quarantine.jsonl` (redacted), the validation result and page, the
+Great Expectations Data Docs site (`data_docs/`, without its fonts and images), the dedupe index
 (`index/keys.txt`, `index/minhash.npy`) and `manifest.json`, written last: a version without a
 manifest is incomplete and ignored. Every file is write-once. The train/validation split is decided by
 the example's content hash, so an example once in validation never lands in a later train split.
@@ -172,7 +173,9 @@ class Writer:
             self.store.put(f"{prefix}/validation.html", validation_html.encode())
             if docs is not None and docs.is_dir():
                 for path in sorted(p for p in docs.rglob("*") if p.is_file()):
-                    self.store.put_file(f"{prefix}/data_docs/{path.relative_to(docs).as_posix()}", path)
+                    rel = path.relative_to(docs).as_posix()
+                    if not rel.startswith(("static/fonts/", "static/images/")):  # ~4 MB a version; pages read fine
+                        self.store.put_file(f"{prefix}/data_docs/{rel}", path)
             self.store.put_file(f"{prefix}/index/keys.txt", self.dir / "keys.txt")
             self.store.put_file(f"{prefix}/index/minhash.npy", npy)
             manifest = {

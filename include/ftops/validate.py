@@ -3,7 +3,9 @@
 Row-level expectations (roles alternate and end with the assistant, non-empty turns, length bounds)
 quarantine the rows they reject with the suite's reason code; the batch-level expectation (share of
 quarantined records) fails the run before any GPU time is spent. The result and a Data Docs page are
-returned for the snapshot to keep and MLflow to log.
+returned for the snapshot to keep and MLflow to log: in the data chain the page is Great Expectations' own Data
+Docs (an ephemeral context with a filesystem site, `add_data_docs_site` + `build_data_docs`); the whole site is
+kept with the dataset version under `data_docs/`.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ class Validation:
     failures: list[str]
     result: dict
     html: str
+    docs: Path | None = None  # a Great Expectations Data Docs site, when one was built
 
 
 def _fill(value, params: dict):
@@ -95,7 +98,7 @@ class Validator:
         batch.examples = kept
         return batch
 
-    def finish(self, read: int, dropped: dict[str, int]) -> Validation:
+    def finish(self, read: int, dropped: dict[str, int], docs_dir: Path | None = None) -> Validation:
         """The whole suite over the run: `status` is `kept` for every record read less those quarantined for
         what they are (duplicates of data already kept are not a broken upload, so they do not count; PII
         drops under `pii: drop` do)."""
@@ -120,9 +123,12 @@ class Validator:
                 "n_tokens": np.r_[np.frombuffer(self._tokens, dtype=np.int32).astype(float), pad],
             }
         )
-        result = self.definition.get_batch(batch_parameters={"dataframe": df}).validate(
-            self.suite, result_format={"result_format": "SUMMARY"}
-        )
+        if docs_dir is None:
+            result = self.definition.get_batch(batch_parameters={"dataframe": df}).validate(
+                self.suite, result_format={"result_format": "SUMMARY"}
+            )
+        else:
+            result = self._checkpoint(df, Path(docs_dir))
         failures = [
             f"{r.expectation_config.type}({r.expectation_config.kwargs.get('column')}): "
             f"{r.result.get('unexpected_percent', 0):.1f}% unexpected"
@@ -130,7 +136,39 @@ class Validator:
             if not r.success and not _row_level(r, self.spec)
         ]
         report = result.to_json_dict()
-        return Validation(success=not failures, failures=failures, result=report, html=_html(report, self.spec))
+        page = _html(report, self.spec)
+        if docs_dir is not None:
+            pages = sorted(Path(docs_dir).glob("validations/**/*.html"))
+            page = pages[-1].read_text() if pages else page
+        return Validation(success=not failures, failures=failures, result=report, html=page, docs=docs_dir)
+
+    def _checkpoint(self, df, docs_dir: Path):
+        """Validate through a Checkpoint whose action updates a filesystem Data Docs site at `docs_dir`, then
+        build it: Great Expectations' own pages (suite, validation result, index), kept with the version."""
+        import great_expectations as gx
+
+        self.context.add_data_docs_site(
+            site_name="ftops",
+            site_config={
+                "class_name": "SiteBuilder",
+                "store_backend": {"class_name": "TupleFilesystemStoreBackend", "base_directory": str(docs_dir)},
+                "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
+            },
+        )
+        vd = self.context.validation_definitions.add(
+            gx.ValidationDefinition(data=self.definition, suite=self.suite, name=self.spec["name"])
+        )
+        checkpoint = self.context.checkpoints.add(
+            gx.Checkpoint(
+                name="ftops",
+                validation_definitions=[vd],
+                actions=[gx.checkpoint.UpdateDataDocsAction(name="data_docs")],
+                result_format={"result_format": "SUMMARY"},
+            )
+        )
+        result = next(iter(checkpoint.run(batch_parameters={"dataframe": df}).run_results.values()))
+        self.context.build_data_docs()
+        return result
 
 
 def validate(batch: Batch, policy: DataPolicy, suite_path: Path = SUITE_PATH) -> tuple[Batch, Validation]:
