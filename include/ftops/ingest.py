@@ -585,8 +585,12 @@ class InboxCounter:
     def pending(self) -> tuple[int, set[str]]:
         done = self.ingested() | self.signalled
         count, files = 0, set()
-        entries = {f.key: f for f in inbox_files(self.inbox.root)}
-        for key, token in self.inbox.list_info("").items():
+        info = self.inbox.list_info("")
+        if self.inbox.is_s3:  # one listing per poll, one client for the counter's life
+            entries = {k: InboxFile(k, k, lambda k=k: self.inbox.open(k)) for k in info if k.endswith(DATA_SUFFIXES)}
+        else:
+            entries = {f.key: f for f in _local_entries(self.inbox.base)}
+        for key, token in info.items():
             f = entries.get(key)
             if f is None or f.refused:
                 continue
