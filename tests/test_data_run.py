@@ -58,3 +58,28 @@ def test_scratch_left_by_a_killed_run_expires(home, monkeypatch):
     assert store.exists("brightdesk/runs/new1/started")
     assert store.exists("brightdesk/runs/legacy/started")  # first seen now: expires one retention later
     assert pipeline.expire_scratch(store, "brightdesk", home, max_age_s=0) == ["legacy", "new1"]
+
+
+def test_on_s3_files_stream_limits_hold_and_cleanup_removes_scratch(s3_server, monkeypatch):
+    import gzip
+    import uuid
+
+    from ftops.ingest import InboxCounter
+
+    root = f"s3://ftops/hostile-{uuid.uuid4().hex[:8]}"
+    monkeypatch.setenv("FTOPS_STORAGE_ROOT", root)
+    monkeypatch.setenv("FTOPS_DATA_MAX_RECORDS_PER_FILE", "50")
+    store = Store(root)
+    rows = [
+        {"messages": [{"role": "user", "content": f"Q{i}?"}, {"role": "assistant", "content": f"A{i}."}]}
+        for i in range(60)
+    ]
+    data = b"".join(json.dumps(r).encode() + b"\n" for r in rows)
+    store.put("brightdesk/inbox/ok.jsonl.gz", gzip.compress(data[: data.index(b"\n", 2000) + 1]))
+    store.put("brightdesk/inbox/big.jsonl", data)  # 60 records > 50
+    assert 0 < InboxCounter(root, "brightdesk").pending()[0] < 50  # the too-large file counts nothing
+    run = pipeline.Run("brightdesk", "s3-hostile", "finetune_brightdesk")
+    pipeline.ingest(run)
+    out = pipeline.snapshot(run)
+    assert out["dropped"] == {"too_large": 1} and out["kept"] > 0
+    assert pipeline.cleanup(run)["removed_objects"] == 2 and store.list(run.scratch) == []
