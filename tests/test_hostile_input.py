@@ -8,6 +8,7 @@ written reads back, nothing outside the inbox is read.
 from __future__ import annotations
 
 import gzip
+import io
 import json
 import os
 import subprocess
@@ -220,12 +221,35 @@ def test_file_names_with_path_or_pii_characters_never_reach_lineage_raw(tmp_path
 
 
 def test_a_gzip_bomb_is_quarantined_as_too_large_with_counts(tmp_path):
-    bomb = gzip.compress(b"\n" * (20 << 20))  # ~20 KB expanding to 20 MB
+    bomb = gzip.compress(b" " * (20 << 20))  # ~20 KB expanding to 20 MB
     assert len(bomb) < 100_000
     store, out = run_prepare(tmp_path, {"bomb.jsonl.gz": bomb, "ok.jsonl": jl(GOOD)})
     assert out["kept"] == 1 and out["dropped"] == {"too_large": 1}
     [q] = version_files(store, out)["quarantine"]
     assert q["source"] == "bomb.jsonl.gz" and "compression ratio" in q["detail"] and "bytes" in q["detail"]
+
+
+def test_a_file_of_blank_lines_stops_at_the_line_limit():
+    from ftops.ingest import InboxFile, chunks
+
+    blank = InboxFile("blank.jsonl", "blank.jsonl", lambda: io.BytesIO(b"\n" * 3_000_000))
+    [batch] = list(chunks([blank], set(), Limits(max_records_per_file=1_000_000)))
+    assert [(q.reason, q.detail.split(" (")[0]) for q in batch.quarantine] == [("too_large", "more than 1000000 lines")]
+
+
+@pytest.mark.parametrize(
+    "content",
+    ["1 " * 400_000, "x" * 900_000, "a@" * 400_000, "4111 " * 200_000, "key=" * 200_000, "-----BEGIN " * 80_000],
+    ids=["digits", "one-word", "ats", "card-groups", "keys", "pem"],
+)
+def test_pathological_content_is_cleaned_in_bounded_time(content):
+    import time
+
+    from ftops.clean import redact
+
+    t0 = time.process_time()
+    redact(content)
+    assert time.process_time() - t0 < 10, "a hostile record must not stall the run"
 
 
 def test_records_and_bytes_per_file_obey_the_limits(tmp_path, monkeypatch):

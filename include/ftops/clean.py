@@ -179,6 +179,8 @@ def _shorter(kind: str, pattern: re.Pattern, check, m: re.Match) -> tuple[int, i
     run of its space/dash-separated groups that matches the pattern on its own and passes the check."""
     text, base = m.group(), m.start()
     groups = [(g.start(), g.end()) for g in _GROUP.finditer(text)]
+    if len(groups) > 8:  # bounded work per candidate: a card or IBAN is at most 8 groups, hostile text can be 19
+        return None
     for size in range(len(groups) - 1, 0, -1):
         for i in range(len(groups) - size + 1):
             s, e = groups[i][0], groups[i + size - 1][1]

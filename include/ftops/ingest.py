@@ -366,11 +366,13 @@ def scan(f: InboxFile, limits: Limits) -> Scan:
         with f.open() as raw:
             hashing = _Hashing(raw, digest)
             stream = _decompressed(f.key, hashing, limits)
+            lines = 0
             for _, line, _size, _ in split_lines(io.BufferedReader(stream, READ_CHUNK)):
+                lines += 1  # blank lines count toward the limit too: they cost work, not records
+                if lines > limits.max_records_per_file:
+                    raise TooLarge(f"more than {limits.max_records_per_file} lines")
                 if line.strip():
                     records += 1
-                    if records > limits.max_records_per_file:
-                        raise TooLarge(f"more than {limits.max_records_per_file} records")
             while hashing.read(READ_CHUNK):  # hash what a gzip trailer-less reader left unread
                 pass
     except TooLarge as exc:
