@@ -258,7 +258,7 @@ def test_records_and_bytes_per_file_obey_the_limits(tmp_path, monkeypatch):
         tmp_path, {"many.jsonl": many, "ok.jsonl": jl(GOOD)}, limits=Limits(max_records_per_file=20)
     )
     assert out["kept"] == 1 and out["dropped"] == {"too_large": 1}
-    assert "more than 20 records" in version_files(store, out)["quarantine"][0]["detail"]
+    assert "more than 20 lines (read 20 records" in version_files(store, out)["quarantine"][0]["detail"]
     monkeypatch.setenv("FTOPS_DATA_MAX_FILE_BYTES", "1000")
     assert Limits.from_env().max_file_bytes == 1000
     root = tmp_path / "r2"
