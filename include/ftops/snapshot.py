@@ -81,6 +81,9 @@ def load_history(store: Store, customer: str) -> tuple[History, set[str], list[d
     return history, ingested_files(store, customer, manifests), manifests
 
 
+NPY_HEADER = 128  # a version-1 .npy header for a 2-D uint64 array of up to 10^30 rows pads to 128 bytes
+
+
 @dataclass
 class Snapshot:
     version: str
@@ -100,8 +103,9 @@ class Writer:
         self.dir = Path(tempfile.mkdtemp(prefix="ftops-prepare-", dir=spill_root))
         self.files = {
             n: open(self.dir / n, "wb")
-            for n in ("train.jsonl", "val.jsonl", "quarantine.jsonl", "keys.txt", "sigs.u64")
+            for n in ("train.jsonl", "val.jsonl", "quarantine.jsonl", "keys.txt", "minhash.npy")
         }  # noqa: SIM115
+        self.files["minhash.npy"].write(b"\0" * NPY_HEADER)
         self.train_hash, self.val_hash = hashlib.sha256(), hashlib.sha256()
         self.read, self.kept, self.train, self.val = 0, 0, 0, 0
         self.dropped: dict[str, int] = {}
@@ -123,7 +127,7 @@ class Writer:
                 self.train_hash.update(key.encode())
                 self.train += 1
             f["keys.txt"].write(key.encode() + b"\n")
-        f["sigs.u64"].write(np.ascontiguousarray(sigs, dtype=np.uint64).tobytes())
+        f["minhash.npy"].write(np.ascontiguousarray(sigs, dtype=np.uint64).tobytes())
         for q in batch.quarantine:
             f["quarantine.jsonl"].write(dump_line(asdict(q)))
             self.dropped[q.reason] = self.dropped.get(q.reason, 0) + 1
@@ -163,10 +167,11 @@ class Writer:
             if self.store.list(prefix):
                 raise FileExistsError(self.store.uri(prefix))
             npy = self.dir / "minhash.npy"
-            with open(npy, "wb") as out, open(self.dir / "sigs.u64", "rb") as raw:
+            with open(npy, "r+b") as out:  # the rows were written after a reserved header: fill it in now
                 header = {"descr": "<u8", "fortran_order": False, "shape": (self.kept, NUM_PERM)}
                 np.lib.format.write_array_header_1_0(out, header)
-                shutil.copyfileobj(raw, out, 1 << 20)
+                if out.tell() != NPY_HEADER:
+                    raise RuntimeError(f"npy header is {out.tell()} bytes, not {NPY_HEADER}")
             for name in ("train.jsonl", "val.jsonl", "quarantine.jsonl"):
                 self.store.put_file(f"{prefix}/{name}", self.dir / name)
             self.store.put(f"{prefix}/validation.json", json.dumps(validation).encode())

@@ -100,7 +100,11 @@ class Store:
         fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=".tmp-")
         os.close(fd)
         try:
-            shutil.copyfile(path, tmp)
+            try:  # same filesystem (a spill folder beside the store): a link, not a copy of a large file
+                os.unlink(tmp)
+                os.link(path, tmp)
+            except OSError:
+                shutil.copyfile(path, tmp)
             if overwrite:
                 os.replace(tmp, dest)
             else:
