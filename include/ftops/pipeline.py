@@ -93,7 +93,7 @@ def prepare(
     *,
     run: dict | None = None,
     spill_root: Path | str | None = None,
-    chunk_size: int = 10_000,
+    chunk_size: int = 50_000,  # each chunk costs one Great Expectations run; 50k rows stay a few hundred MB
     limits=None,
     progress=None,
 ) -> dict:
