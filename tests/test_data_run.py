@@ -34,6 +34,7 @@ def test_data_tasks_share_one_chain_and_keep_no_raw_data_in_scratch(home):
     assert "@" not in run.store.get(f"{run.scratch}/prepare.json").decode()
     assert not list((home / "work" / "spill").glob("ftops-prepare-*"))
     assert pipeline.cleanup(run)["removed_objects"] == 2 and run.store.list(run.scratch) == []
+    assert pipeline.snapshot(run) == out  # a task retried after cleanup finds the version by its run
 
 
 def test_a_rejected_batch_fails_the_validate_task_and_writes_nothing(home):
