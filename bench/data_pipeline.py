@@ -2,9 +2,12 @@
 with planted exact duplicates, near duplicates and PII (plus hard negatives), next to the naive baseline of
 the source document (md5 of each record's JSON + three regexes) in the same run.
 
-    .venv/bin/python bench/data_pipeline.py --n 200000
+    .venv/bin/python bench/data_pipeline.py [--sizes 200000,1000000] [--naive]
 
-Each size runs in its own subprocess so peak memory (max RSS) is per size. Prints one JSON line last.
+For each size the input inbox (part files of 100k records) is generated first, in its own process; then the
+pipeline runs alone in a fresh process (`ftops.pipeline.prepare`, the chain the DAG and the CLI run), which
+reports its time and peak RSS; the decisions are scored afterwards from the version it wrote. Prints one JSON
+line last.
 """
 
 from __future__ import annotations
@@ -12,13 +15,16 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import random
 import re
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 WORDS = (
     "account invoice lease contract clause notice refund export dashboard report ticket plan policy "
@@ -96,45 +102,80 @@ def synth(n: int, seed: int = 0):
     return ("\n".join(lines) + "\n").encode(), labels
 
 
-def ours(data: bytes, labels) -> dict:
-    from ftops import snapshot as snap
-    from ftops.clean import clean
+PART = 100_000  # records per generated inbox file
+
+
+def generate(n: int, folder: Path) -> None:
+    """The inbox for one size, written before the measured process starts: part files of PART records, and
+    the labels (kind, has_pii) per global line."""
+    data, labels = synth(n)
+    folder.mkdir(parents=True, exist_ok=True)
+    lines = data.split(b"\n")[:-1]
+    for k in range(0, n, PART):
+        (folder / f"part-{k // PART:04d}.jsonl").write_bytes(b"\n".join(lines[k : k + PART]) + b"\n")
+    (folder.parent / f"{folder.name}.labels.json").write_text(json.dumps(labels))
+
+
+def _global(source: str, line: int) -> int:
+    return int(source.split("-")[1].split(".")[0]) * PART + line
+
+
+def ours(folder: Path, out: Path) -> dict:
+    """The package's data chain (`ftops.pipeline.prepare`) on the inbox folder; counts only in memory."""
     from ftops.config import DataPolicy
-    from ftops.dedupe import History, dedupe
-    from ftops.ingest import Batch, parse_file
+    from ftops.ingest import inbox_files
+    from ftops.pipeline import prepare
     from ftops.storage import Store
-    from ftops.validate import validate
 
-    t0 = time.perf_counter()
-    batch = Batch()
-    parse_file("bench.jsonl", data, batch)
-    batch, validation = validate(batch, DataPolicy())
-    batch = clean(batch, "redact")
-    flagged_pii = {ex.line for ex in batch.examples if PLACEHOLDER.search(ex.messages[-1]["content"])}
-    batch, keys, sigs = dedupe(batch, History())
-    with tempfile.TemporaryDirectory() as root:
-        snap.write(Store(root), "bench", batch, keys, sigs, validation.result, validation.html, None, 0.1)
-    seconds = time.perf_counter() - t0
-    dup = {q.line: q.reason for q in batch.quarantine if q.reason.startswith("duplicate")}
-    return {"seconds": seconds, "dup": dup, "pii": flagged_pii, "kept": len(keys)}
+    t0, c0 = time.perf_counter(), time.process_time()
+    result = prepare(Store(str(out)), "bench", inbox_files(str(folder)), DataPolicy(val_fraction=0.1), spill_root=out)
+    return {
+        "seconds": time.perf_counter() - t0,
+        "cpu_seconds": time.process_time() - c0,
+        "version": result["dataset_version"],
+        "kept": result["kept"],
+    }
 
 
-def naive(data: bytes, labels) -> dict:
+def ours_flags(out: Path, version: str) -> dict:
+    """What the chain decided, read back from the version it wrote: duplicates and PII placeholders per line."""
+    from ftops.records import iter_jsonl
+
+    base = out / "bench" / "datasets" / version
+    dup, pii = {}, set()
+    with open(base / "quarantine.jsonl", "rb") as f:
+        for q in iter_jsonl(f):
+            i = _global(q["source"], q["line"])
+            if q["reason"].startswith("duplicate"):
+                dup[i] = q["reason"]
+            if PLACEHOLDER.search(q["raw"]):
+                pii.add(i)
+    for split in ("train", "val"):
+        with open(base / f"{split}.jsonl", "rb") as f:
+            for r in iter_jsonl(f):
+                if PLACEHOLDER.search(r["messages"][-1]["content"]):
+                    pii.add(_global(r["source"], r["line"]))
+    return {"dup": dup, "pii": pii}
+
+
+def naive(folder: Path) -> dict:
     """The source document's pipeline: md5 of the JSON per record, three PII regexes."""
     patterns = [r"\b\d{3}-\d{2}-\d{4}\b", r"\b\d{16}\b", r"\b[A-Za-z0-9._%+-]+@[A-Za-z0-9.-]+\.[A-Z|a-z]{2,}\b"]
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     seen, dup, pii = set(), {}, set()
-    for i, line in enumerate(data.decode().splitlines(), start=1):
-        rec = json.loads(line)
-        rec.pop("_pii", None)
-        fp = hashlib.md5(json.dumps(rec, sort_keys=True).encode()).hexdigest()
-        if fp in seen:
-            dup[i] = "duplicate_exact"
-            continue
-        seen.add(fp)
-        if any(re.search(p, json.dumps(rec["messages"])) for p in patterns):
-            pii.add(i)
-    return {"seconds": time.perf_counter() - t0, "dup": dup, "pii": pii}
+    for path in sorted(folder.glob("part-*.jsonl")):
+        for j, line in enumerate(path.read_text().splitlines(), start=1):
+            i = _global(path.name, j)
+            rec = json.loads(line)
+            rec.pop("_pii", None)
+            fp = hashlib.md5(json.dumps(rec, sort_keys=True).encode()).hexdigest()
+            if fp in seen:
+                dup[i] = "duplicate_exact"
+                continue
+            seen.add(fp)
+            if any(re.search(p, json.dumps(rec["messages"])) for p in patterns):
+                pii.add(i)
+    return {"seconds": time.perf_counter() - t0, "cpu_seconds": time.process_time() - c0, "dup": dup, "pii": pii}
 
 
 def score(result: dict, labels) -> dict:
@@ -148,6 +189,8 @@ def score(result: dict, labels) -> dict:
     return {
         "examples_per_s": round(n / result["seconds"]),
         "seconds": round(result["seconds"], 2),
+        # the machine's CPUs are shared: examples per CPU-second of this process is the steadier figure
+        "examples_per_cpu_s": round(n / result["cpu_seconds"]),
         "near_dup_recall": round(len(caught_near) / max(len(near), 1), 4),
         "near_dup_precision": round(len(flagged_near & dups) / max(len(flagged_near), 1), 4),
         "dup_precision": round(len(flagged_any & dups) / max(len(flagged_any), 1), 4),
@@ -156,36 +199,51 @@ def score(result: dict, labels) -> dict:
     }
 
 
-def one_size(n: int, which: str) -> dict:
-    data, labels = synth(n)
-    result = (ours if which == "ours" else naive)(data, labels)
-    out = score(result, labels) | {"peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}
-    return out
+def one_size(folder: Path, which: str, out: Path) -> dict:
+    """Runs in its own process: the pipeline alone (input already on disk), then its peak RSS."""
+    result = ours(folder, out) if which == "ours" else naive(folder)
+    rss = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    if which == "naive":
+        result |= {"dup": {str(k): v for k, v in result["dup"].items()}, "pii": sorted(result["pii"])}
+    return result | {"peak_rss_mb": rss}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--n", type=int, default=200_000)
-    ap.add_argument("--one", nargs=2, metavar=("N", "WHICH"), help=argparse.SUPPRESS)
+    ap.add_argument("--sizes", default="200000,1000000", help="comma-separated example counts")
+    ap.add_argument("--naive", action="store_true", help="also run the naive baseline (same input)")
+    ap.add_argument("--generate", nargs=2, metavar=("N", "DIR"), help=argparse.SUPPRESS)
+    ap.add_argument("--one", nargs=3, metavar=("DIR", "WHICH", "OUT"), help=argparse.SUPPRESS)
     args = ap.parse_args()
-    if args.one:
-        print(json.dumps(one_size(int(args.one[0]), args.one[1])))
+    if args.generate:
+        generate(int(args.generate[0]), Path(args.generate[1]))
         return
-    figures: dict = {"n": args.n}
-    for n in (args.n // 4, args.n):
-        for which in ("naive", "ours"):
-            out = subprocess.run(
-                [sys.executable, __file__, "--one", str(n), which], capture_output=True, text=True, check=True
-            )
-            figures[f"{which}_{n}"] = json.loads(out.stdout.strip().splitlines()[-1])
-            print(f"{which} n={n}: {figures[f'{which}_{n}']}", file=sys.stderr)
-    small, big = figures[f"ours_{args.n // 4}"], figures[f"ours_{args.n}"]
-    figures["memory_growth_per_example_kb"] = round(
-        (big["peak_rss_mb"] - small["peak_rss_mb"]) * 1024 / (args.n - args.n // 4), 3
-    )
-    figures["speed_ratio_ours_vs_naive"] = round(
-        big["examples_per_s"] / figures[f"naive_{args.n}"]["examples_per_s"], 3
-    )
+    if args.one:
+        print(json.dumps(one_size(Path(args.one[0]), args.one[1], Path(args.one[2]))))
+        return
+    sizes = [int(x) for x in args.sizes.split(",")]
+    figures: dict = {"cpus": os.cpu_count()}
+    with tempfile.TemporaryDirectory(prefix="ftops-bench-") as tmp:
+        for n in sizes:
+            folder, out = Path(tmp) / f"in{n}", Path(tmp) / f"out{n}"
+            subprocess.run([sys.executable, __file__, "--generate", str(n), str(folder)], check=True)
+            labels = json.loads((Path(tmp) / f"in{n}.labels.json").read_text())
+            for which in ("naive", "ours") if args.naive else ("ours",):
+                done = subprocess.run(
+                    [sys.executable, __file__, "--one", str(folder), which, str(out)],
+                    capture_output=True,
+                    text=True,
+                    check=True,
+                )
+                result = json.loads(done.stdout.strip().splitlines()[-1])
+                if which == "ours":
+                    result |= ours_flags(out, result["version"])
+                else:
+                    result |= {"dup": {int(k): v for k, v in result["dup"].items()}, "pii": set(result["pii"])}
+                figures[f"{which}_{n}"] = score(result, labels) | {"peak_rss_mb": result["peak_rss_mb"]}
+                print(f"{which} n={n}: {figures[f'{which}_{n}']}", file=sys.stderr)
+            shutil.rmtree(folder)
+            shutil.rmtree(out, ignore_errors=True)
     print(json.dumps(figures))
 
 

@@ -66,7 +66,10 @@ class Naive:
         self.store, self.inbox = Store(root), Store(f"{root}/{CUSTOMER}/inbox")
 
     def pending(self) -> tuple[int, set[str]]:
-        from ftops.ingest import read_lines
+        import gzip
+        import io
+
+        from ftops.ingest import split_lines
         from ftops.snapshot import ingested_files
 
         done = ingested_files(self.store, CUSTOMER)
@@ -75,7 +78,8 @@ class Naive:
             data = self.inbox.get(key)
             digest = hashlib.sha256(data).hexdigest()
             if digest not in done and digest not in files:
-                count += sum(1 for _ in read_lines(key, data))
+                raw = gzip.decompress(data) if key.endswith(".gz") else data
+                count += sum(1 for _, line, _, _ in split_lines(io.BytesIO(raw)) if line.strip())
                 files.add(digest)
         return count, files
 

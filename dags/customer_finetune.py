@@ -20,6 +20,7 @@ from airflow.sdk import (
     get_current_context,
     get_parsing_context,
     task,
+    teardown,
 )
 from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
@@ -198,6 +199,16 @@ def promote(registered: dict, decision: dict) -> dict:
         raise AirflowFailException(str(exc)) from exc
 
 
+# A teardown: it runs once the run is over, whatever happened (success, failed gate, crash), and does not
+# change the run's state. It removes the run's scratch (training mix, checkpoints): no customer data waits
+# in storage after a run; `expire_scratch` removes what a killed run could not.
+@teardown
+def cleanup() -> dict:
+    from ftops import pipeline
+
+    return pipeline.cleanup(run())
+
+
 def customer_dag(c: CustomerConfig):
     cron = weekly_cron(c.id, c.schedule_weekday)
 
@@ -246,9 +257,11 @@ def customer_dag(c: CustomerConfig):
                 response_timeout=timedelta(days=7),
                 execution_timeout=timedelta(days=7, minutes=5),
             )
-            registered >> require_gate(decision) >> approve >> promote(registered, decision)
+            promoted = promote(registered, decision)
+            registered >> require_gate(decision) >> approve >> promoted
         else:
-            promote(registered, decision)
+            promoted = promote(registered, decision)
+        promoted >> cleanup()
 
     built = finetune()
     # Params join the DAG once its tasks exist: each task built before would deep-copy every Param (four

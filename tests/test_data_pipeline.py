@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import io
 import json
 import subprocess
 import sys
@@ -177,23 +178,14 @@ def test_dedupe_exact_and_near_within_batch_and_against_history():
 
 
 def prepared(store: Store, customer: str, data: bytes, name: str):
-    batch = Batch()
-    parse_file(name, data, batch)
-    batch, validation = validate(batch, DataPolicy())
-    batch = clean(batch)
-    history, _, manifests = snap.load_history(store, customer)
-    batch, keys, sigs = dedupe(batch, history)
-    return snap.write(
-        store,
-        customer,
-        batch,
-        keys,
-        sigs,
-        validation.result,
-        validation.html,
-        manifests[-1]["version"] if manifests else None,
-        0.3,
-    )
+    """One upload through the package's one data chain (`pipeline.prepare`), as the DAG and the CLI run it."""
+    from ftops.ingest import InboxFile
+    from ftops.pipeline import prepare
+
+    out = prepare(store, customer, [InboxFile(name, name, lambda: io.BytesIO(data))], DataPolicy(val_fraction=0.3))
+    version = out["dataset_version"]
+    manifest = json.loads(store.get(f"{customer}/datasets/{version}/manifest.json"))
+    return snap.Snapshot(version, out["dataset_uri"], manifest)
 
 
 def test_snapshot_is_immutable_and_split_is_stable(tmp_path):
@@ -303,7 +295,8 @@ def test_preference_pairs_flow_into_the_snapshot_for_dpo(tmp_path):
     assert v.manifest["counts"]["dropped"] == {"empty_content": 1} and v.manifest["counts"]["pii"]["EMAIL"] == 1
 
 
-def test_inbox_counter_counts_records_of_files_not_yet_ingested(tmp_path):
+def test_inbox_counter_counts_records_of_files_not_yet_ingested(tmp_path, monkeypatch):
+    from ftops import ingest as ingest_mod
     from ftops.ingest import InboxCounter
 
     store = Store(str(tmp_path))
@@ -323,8 +316,21 @@ def test_inbox_counter_counts_records_of_files_not_yet_ingested(tmp_path):
     snap.write(store, "acme", batch, keys, sigs, {}, "", None, 0.2)  # a run ingested a.jsonl
     assert fresh.pending()[0] == 20
     reads = []
-    fresh.inbox.get = lambda key, get=fresh.inbox.get: reads.append(key) or get(key)
+    monkeypatch.setattr(
+        ingest_mod, "scan", lambda f, limits, scan=ingest_mod.scan: reads.append(f.key) or scan(f, limits)
+    )
     fresh.store.get = lambda key, get=fresh.store.get: reads.append(key) or get(key)
     assert fresh.pending()[0] == 20 and reads == []  # nothing changed: the next poll reads no object
     store.put("acme/inbox/c.jsonl", lines(chat("New question?", "New answer.")))
     assert fresh.pending()[0] == 21 and reads == ["c.jsonl"]  # only the new file
+
+
+def test_great_expectations_data_docs_are_kept_with_the_version(tmp_path):
+    store = Store(str(tmp_path))
+    v = prepared(store, "acme", lines(chat("Where is my order?", "In transit."), b"not json"), "d.jsonl")
+    keys = store.list(f"acme/datasets/{v.version}/data_docs")
+    assert f"acme/datasets/{v.version}/data_docs/index.html" in keys
+    assert any("/data_docs/validations/chat_batch/" in k for k in keys)
+    page = store.get(f"acme/datasets/{v.version}/validation.html").decode()
+    assert "Data documentation compiled by Great Expectations" in page and "chat_batch" in page
+    assert not any("/static/fonts/" in k for k in keys)  # 4 MB of fonts per version: left out

@@ -143,22 +143,23 @@ def test_rollback_moves_production_back_and_sync_serves_it(stack):
     assert unknown.returncode == 2 and "unknown customer" in unknown.stderr
 
 
-def test_retried_tasks_of_a_finished_run_duplicate_nothing(stack):
-    """A cleared or retried task re-runs with the same run id: it must find what it made, not make it again."""
+def test_tasks_of_a_finished_run_cleared_again_duplicate_and_delete_nothing(stack):
+    """A run's scratch is gone once it ends (teardown). Clearing its tasks afterwards must find what the run
+    made, never make a second version, and never touch the adapter it registered."""
     from ftops import pipeline
 
     reg = stack["registry"]
     v1 = reg.get(CUSTOMER, BASE, "1")
+    files = tree_hashes(stack["home"] / "storage" / v1.adapter_prefix)
     before = [v.version for v in reg.versions(CUSTOMER, BASE)]
     run = pipeline.Run(CUSTOMER, v1.tags["airflow.run_id"], v1.tags["airflow.dag_id"])
-    snap = pipeline.snapshot(run)
-    assert snap["dataset_version"] == v1.tags["dataset.version"]
-    trained = pipeline.train(run)
-    assert trained["adapter_version"] == v1.adapter_version
-    metrics = pipeline.evaluate(run, trained)
-    decision = pipeline.gate(run, metrics)
-    registered = pipeline.register(run, trained, metrics, decision)
-    assert registered["registry_version"] == "1"
+    assert run.store.list(run.scratch) == []  # the teardown removed the run's scratch
+    assert pipeline.snapshot(run)["dataset_version"] == v1.tags["dataset.version"]
+    with pytest.raises(pipeline.NothingToTrain):  # production (v1 after the rollback) already holds its data
+        pipeline.train(run)
+    with pytest.raises(RuntimeError, match="registered adapter"):  # forced: refuses rather than redo or delete
+        pipeline.train(run, force=True)
+    assert tree_hashes(stack["home"] / "storage" / v1.adapter_prefix) == files
     assert [v.version for v in reg.versions(CUSTOMER, BASE)] == before
 
 

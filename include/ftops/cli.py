@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import sys
 from pathlib import Path
@@ -59,15 +58,13 @@ def data_prepare(
     out: Path = typer.Option(..., help="storage root to write the dataset version under"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
 ) -> None:
-    """Ingest, validate, clean, dedupe and snapshot files outside Airflow."""
+    """Ingest, validate, clean, dedupe and snapshot files outside Airflow (the same chain as the DAG)."""
     from rich.progress import Progress
 
-    from ftops import snapshot as snap
-    from ftops.clean import clean
-    from ftops.dedupe import dedupe
-    from ftops.ingest import Batch, SourceFile, parse_file
+    from ftops.ingest import local_files
+    from ftops.pipeline import prepare
     from ftops.storage import Store
-    from ftops.validate import validate
+    from ftops.validate import ValidationFailed
 
     try:
         check_customer_id(customer)
@@ -75,61 +72,93 @@ def data_prepare(
         policy = platform.customers[customer].data if customer in platform.customers else DataPolicy()
     except ConfigError as exc:
         _fail(str(exc))
-    files = sorted(p for i in inputs for p in ([i] if i.is_file() else i.rglob("*")) if p.is_file())
-    missing = [str(i) for i in inputs if not i.exists()]
+    missing = [str(i) for i in inputs if not i.exists() and not i.is_symlink()]
     if missing:
         _fail(f"no such input: {', '.join(missing)}")
+    files = local_files(inputs)
     store = Store(str(out.resolve()))
-    history, ingested, manifests = snap.load_history(store, customer)
-    batch = Batch()
     with Progress(console=Console(stderr=True), disable=as_json or not sys.stderr.isatty()) as progress:
-        task = progress.add_task("ingest", total=len(files))
-        for path in files:
-            data = path.read_bytes()
-            digest = hashlib.sha256(data).hexdigest()
-            if digest in ingested:
-                batch.sources.append(SourceFile(str(path), digest, 0, "already_ingested"))
-            else:
-                ingested.add(digest)
-                n = parse_file(str(path), data, batch)
-                batch.sources.append(SourceFile(str(path), digest, n, "" if n else "empty"))
-            progress.advance(task)
-    batch, validation = validate(batch, policy)
-    if not validation.success:
-        _fail("batch rejected: " + "; ".join(validation.failures))
-    batch = clean(batch, policy.pii)
-    batch, keys, sigs = dedupe(batch, history)
-    result = {
-        "read": batch.read,
-        "kept": len(keys),
-        "dropped": batch.dropped(),
-        "pii": batch.pii,
-        "train": 0,
-        "val": 0,
-        "dataset_version": None,
-    }
-    if keys or any(not s.skipped for s in batch.sources):
-        s = snap.write(
-            store,
-            customer,
-            batch,
-            keys,
-            sigs,
-            validation.result,
-            validation.html,
-            manifests[-1]["version"] if manifests else None,
-            policy.val_fraction,
-        )
-        result |= {
-            "train": s.manifest["counts"]["train"],
-            "val": s.manifest["counts"]["val"],
-            "dataset_version": s.version,
-            "dataset_uri": s.uri,
-        }
+        task = progress.add_task("prepare", total=len(files))
+        try:
+            result = prepare(
+                store,
+                customer,
+                files,
+                policy,
+                spill_root=settings().home / "work" / "spill",
+                progress=lambda name, n: progress.advance(task),
+            )
+        except ValidationFailed as exc:
+            _fail(str(exc))
+    result.pop("stages", None)
+    result.pop("validation_success", None)
     if as_json:
         print(json.dumps(result))
     else:
         console.print_json(json.dumps(result))
+
+
+@data_app.command("erase")
+def data_erase(
+    customer: str = typer.Option(...),
+    match: str = typer.Option(None, "--match", help="erase every stored example containing this text"),
+    example: str = typer.Option(None, "--example", help="erase one example by its id (content key)"),
+    retrain: bool = typer.Option(False, "--retrain", help="trigger the customer's DAG with force=true"),
+    as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
+) -> None:
+    """Right to erasure: the matching examples never reach a future training or replay (a tombstone list;
+    the write-once versions stay). Reports the dataset and adapter versions that contained them."""
+    import subprocess
+
+    from ftops import snapshot as snap
+    from ftops.storage import Store
+
+    try:
+        check_customer_id(customer)
+        platform = load_platform()
+    except ConfigError as exc:
+        _fail(str(exc))
+    if (match is None) == (example is None):
+        _fail("give exactly one of --match TEXT or --example KEY")
+    if match is not None and not match.strip():
+        _fail("--match needs a non-empty text")
+    env = settings()
+    store = Store(env.storage_root)
+    found = snap.find_examples(store, customer, match=match, example=example)
+    ids = {i for v in found.values() for i in v}
+    result: dict = {
+        "customer": customer,
+        "examples": len(ids),
+        "dataset_versions": {v: len(i) for v, i in found.items()},
+        "tombstone": None,
+        "adapter_versions": None,
+    }
+    if ids:
+        result["tombstone"] = snap.erase(store, customer, ids, match if match is not None else example)
+    code = 0
+    if ids and customer in platform.customers:
+        from ftops.registry import Registry
+
+        try:
+            versions = Registry(env.mlflow_uri).versions(customer, platform.customers[customer].base_model)
+            result["adapter_versions"] = snap.adapters_containing(versions, set(found))
+        except Exception as exc:  # noqa: BLE001 - the erasure stands; say what could not be checked
+            result["adapter_versions_error"] = f"registry unavailable ({type(exc).__name__}): retry the report"
+            code = 3
+    if retrain and ids:
+        conf = json.dumps({"force": True})
+        done = subprocess.run(
+            [sys.executable, "-m", "airflow", "dags", "trigger", f"finetune_{customer}", "--conf", conf],
+            capture_output=True,
+            text=True,
+        )
+        result["retrain"] = "triggered" if done.returncode == 0 else f"failed: {done.stderr.strip()[-300:]}"
+        code = code or (0 if done.returncode == 0 else 4)
+    if as_json:
+        print(json.dumps(result))
+    else:
+        console.print_json(json.dumps(result))
+    raise typer.Exit(code)
 
 
 @data_app.command("generate")

@@ -2,22 +2,50 @@
 
 Accepted per record, detected record by record: OpenAI `messages`, ShareGPT `conversations`, Alpaca
 (`instruction`/`input`/`output`), and preference pairs (`prompt`/`chosen`/`rejected`, TRL's format) for
-the optional DPO stage; JSON Lines, optionally gzip. Every non-blank line ends in exactly one
-place: an `Example`, or a `Quarantined` record with a reason code, its source file, line and raw text.
-Files are identified by content hash, so a file already ingested (under any name) is skipped.
+the optional DPO stage; JSON Lines (`\\n`, `\\r\\n` or `\\r` line ends, an optional UTF-8 BOM), optionally
+gzip. Every non-blank line ends in exactly one place: an `Example`, or a `Quarantined` record with a
+reason code, its source file and line (text redacted). Nothing one record or one file holds can stop the
+run: a file that cannot be read, is too large, or is a symlink is one quarantine entry with its reason.
+
+Files are streamed (constant memory whatever their size) in two passes: the first hashes the bytes (a
+file already ingested, under any name, is skipped) and checks the per-file limits before any record of
+it is accepted; the second parses. Source names are sanitised before they reach lineage.
 """
 
 from __future__ import annotations
 
 import gzip
 import hashlib
+import io
 import json
-from dataclasses import asdict, dataclass, field
+import os
+import re
+import zlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO
 
+from ftops.records import Batch, Example, Quarantined, RecordError, SourceFile, has_surrogate
 from ftops.storage import Store
 
+__all__ = [  # the record types used to live here; their importers keep working
+    "Batch",
+    "Example",
+    "Quarantined",
+    "RecordError",
+    "SourceFile",
+    "Limits",
+    "ingest",
+    "parse_file",
+    "chunks",
+    "InboxCounter",
+]
+
 MAX_LINE_BYTES = 1 << 20
-RAW_KEEP_CHARS = 20_000
+READ_CHUNK = 1 << 20
+HEAD_BYTES = 2_000  # what quarantine keeps of an over-long line
+DATA_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".ndjson")
 SHAREGPT_ROLES = {
     "human": "user",
     "user": "user",
@@ -29,80 +57,64 @@ SHAREGPT_ROLES = {
 }
 
 
-@dataclass
-class Example:
-    messages: list[dict]
-    source: str
-    line: int
-    rejected: str | None = None  # preference pairs: `messages` ends with the chosen answer
-
-    def text(self) -> str:
-        return "\n".join(f"{m['role']}: {m['content']}" for m in self.messages)
-
-
-@dataclass
-class Quarantined:
-    source: str
-    line: int
-    reason: str
-    detail: str
-    raw: str
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name, "").strip()
+    if not value:
+        return default
+    try:
+        out = int(value)
+    except ValueError as exc:
+        raise ValueError(f"{name}={value!r}: not an integer") from exc
+    if out < 1:
+        raise ValueError(f"{name}={value!r}: must be at least 1")
+    return out
 
 
-@dataclass
-class SourceFile:
-    name: str
-    sha256: str
-    records: int
-    skipped: str = ""  # why the file was not read ("already_ingested", "empty")
+@dataclass(frozen=True)
+class Limits:
+    """Work allowed per inbox file and per record. Defaults are generous for real uploads (hundreds of MB of
+    chat data compress 4-10x) and stop what is not data: a gzip bomb, a file of a billion tiny lines."""
 
-
-@dataclass
-class Batch:
-    """What a stage hands the next: kept examples, quarantine, and the files they came from."""
-
-    examples: list[Example] = field(default_factory=list)
-    quarantine: list[Quarantined] = field(default_factory=list)
-    sources: list[SourceFile] = field(default_factory=list)
-    read: int = 0
-    pii: dict[str, int] = field(default_factory=dict)
-
-    def drop(self, example: Example, reason: str, detail: str) -> None:
-        self.quarantine.append(
-            Quarantined(
-                example.source,
-                example.line,
-                reason,
-                detail,
-                json.dumps({"messages": example.messages})[:RAW_KEEP_CHARS],
-            )
-        )
-
-    def dropped(self) -> dict[str, int]:
-        counts: dict[str, int] = {}
-        for q in self.quarantine:
-            counts[q.reason] = counts.get(q.reason, 0) + 1
-        return dict(sorted(counts.items()))
-
-    def to_json(self) -> bytes:
-        return json.dumps(asdict(self)).encode()
+    max_file_bytes: int = 1 << 30  # decompressed bytes per file
+    max_records_per_file: int = 2_000_000
+    max_compression_ratio: int = 100  # decompressed / compressed, checked once past 16 MiB decompressed
+    max_line_bytes: int = MAX_LINE_BYTES
+    max_depth: int = 32  # JSON nesting; accepted formats need 4
+    max_number_chars: int = 100  # a number literal longer than this is not chat data (int() stops at 4300)
 
     @classmethod
-    def from_json(cls, data: bytes) -> Batch:
-        d = json.loads(data)
+    def from_env(cls) -> Limits:
+        """`FTOPS_DATA_MAX_FILE_BYTES`, `FTOPS_DATA_MAX_RECORDS_PER_FILE`, `FTOPS_DATA_MAX_COMPRESSION_RATIO`."""
+        d = cls()
         return cls(
-            examples=[Example(**e) for e in d["examples"]],
-            quarantine=[Quarantined(**q) for q in d["quarantine"]],
-            sources=[SourceFile(**s) for s in d["sources"]],
-            read=d["read"],
-            pii=d["pii"],
+            max_file_bytes=_env_int("FTOPS_DATA_MAX_FILE_BYTES", d.max_file_bytes),
+            max_records_per_file=_env_int("FTOPS_DATA_MAX_RECORDS_PER_FILE", d.max_records_per_file),
+            max_compression_ratio=_env_int("FTOPS_DATA_MAX_COMPRESSION_RATIO", d.max_compression_ratio),
         )
 
 
-class RecordError(ValueError):
-    def __init__(self, reason: str, detail: str):
-        super().__init__(detail)
-        self.reason = reason
+RATIO_CHECK_AFTER = 16 << 20
+
+# --- names ----------------------------------------------------------------------------------------------
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9._/-]")
+
+
+def safe_name(name: str) -> str:
+    """A file name fit for lineage (manifests, quarantine, example `source`): PII redacted, only
+    `[A-Za-z0-9._/-]`, no `..` or empty segments, bounded; a short hash of the original name is appended
+    when anything was changed, so two names never collide."""
+    from ftops.clean import redact
+
+    out = redact(name)[0] if len(name) < 4096 else name[:200]
+    out = _UNSAFE.sub("_", out)
+    out = "/".join(seg for seg in out.split("/") if seg not in ("", ".", ".."))[:200] or "_"
+    if out != name:
+        out += "~" + hashlib.sha256(name.encode("utf-8", "surrogatepass")).hexdigest()[:8]
+    return out
+
+
+# --- records --------------------------------------------------------------------------------------------
 
 
 def _content(value, where: str) -> str:
@@ -113,21 +125,27 @@ def _content(value, where: str) -> str:
     return value
 
 
+def _role(m, where: str) -> str:
+    role = m.get("role") if isinstance(m, dict) else None
+    if not isinstance(role, str) or role not in ("system", "user", "assistant"):
+        raise RecordError("unknown_schema", f"{where}: role must be system, user or assistant")
+    return role
+
+
 def to_messages(record) -> list[dict]:
     """One JSON record in any accepted format to [{'role', 'content'}, ...]; RecordError if unusable."""
     if not isinstance(record, dict):
         raise RecordError("unknown_schema", "record is not a JSON object")
     if isinstance(record.get("messages"), list):
-        turns = record["messages"]
         messages = []
-        for i, m in enumerate(turns):
-            if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant"):
-                raise RecordError("unknown_schema", f"messages[{i}]: role must be system, user or assistant")
-            messages.append({"role": m["role"], "content": _content(m.get("content"), f"messages[{i}]")})
+        for i, m in enumerate(record["messages"]):
+            role = _role(m, f"messages[{i}]")
+            messages.append({"role": role, "content": _content(m.get("content"), f"messages[{i}]")})
     elif isinstance(record.get("conversations"), list):
         messages = []
         for i, m in enumerate(record["conversations"]):
-            role = SHAREGPT_ROLES.get(m.get("from")) if isinstance(m, dict) else None
+            speaker = m.get("from") if isinstance(m, dict) else None
+            role = SHAREGPT_ROLES.get(speaker) if isinstance(speaker, str) else None
             if role is None:
                 raise RecordError("unknown_schema", f"conversations[{i}]: unknown speaker")
             messages.append({"role": role, "content": _content(m.get("value"), f"conversations[{i}]")})
@@ -141,9 +159,7 @@ def to_messages(record) -> list[dict]:
             {"role": "assistant", "content": _content(record["output"], "output")},
         ]
     else:
-        raise RecordError(
-            "unknown_schema", f"no messages, conversations or instruction/output (keys: {sorted(record)[:8]})"
-        )
+        raise RecordError("unknown_schema", f"no messages, conversations or instruction/output ({len(record)} keys)")
     if not any(m["role"] == "assistant" for m in messages):
         raise RecordError("no_assistant_turn", "no assistant turn to learn from")
     return messages
@@ -154,12 +170,10 @@ def _prompt(value) -> list[dict]:
         return [{"role": "user", "content": _content(value, "prompt")}]
     if not isinstance(value, list):
         raise RecordError("unknown_schema", "prompt: neither a string nor a list of messages")
-    turns = []
-    for i, m in enumerate(value):
-        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant"):
-            raise RecordError("unknown_schema", f"prompt[{i}]: role must be system, user or assistant")
-        turns.append({"role": m["role"], "content": _content(m.get("content"), f"prompt[{i}]")})
-    return turns
+    return [
+        {"role": _role(m, f"prompt[{i}]"), "content": _content(m.get("content"), f"prompt[{i}]")}
+        for i, m in enumerate(value)
+    ]
 
 
 def _answer(value, where: str) -> str:
@@ -185,79 +199,360 @@ def to_example(record, source: str, line: int) -> Example:
     return Example(to_messages(record), source, line)
 
 
-def read_lines(name: str, data: bytes):
-    """Yield (line number, bytes, is_last_without_newline) for each non-blank line."""
-    if name.endswith(".gz"):
-        data = gzip.decompress(data)
-    lines = data.split(b"\n")
-    truncated_tail = not data.endswith(b"\n")
-    for i, raw in enumerate(lines, start=1):
-        if raw.strip():
-            yield i, raw, truncated_tail and i == len(lines)
+def _decoder(limits: Limits) -> json.JSONDecoder:
+    def number(kind):
+        def parse(s: str):
+            if len(s) > limits.max_number_chars:
+                raise RecordError("number_too_large", f"a {len(s)}-character number (limit {limits.max_number_chars})")
+            return kind(s)
+
+        return parse
+
+    return json.JSONDecoder(parse_int=number(int), parse_float=number(float))
 
 
-def parse_file(name: str, data: bytes, batch: Batch) -> int:
-    """Parse one file's bytes into `batch`; returns how many records it held."""
-    n = 0
+def _depth_exceeds(obj, limit: int) -> bool:
+    stack = [(obj, 1)]
+    while stack:
+        o, d = stack.pop()
+        if d > limit:
+            return True
+        if isinstance(o, dict):
+            stack.extend((v, d + 1) for v in o.values())
+        elif isinstance(o, list):
+            stack.extend((v, d + 1) for v in o)
+    return False
+
+
+def parse_record(
+    raw: bytes, name: str, lineno: int, last_unterminated: bool, limits: Limits, decoder: json.JSONDecoder
+) -> Example | Quarantined:
+    """One line to an Example or a Quarantined record; never raises."""
     try:
-        lines = list(read_lines(name, data))
-    except (OSError, EOFError) as exc:
-        batch.read += 1
-        batch.quarantine.append(Quarantined(name, 0, "unreadable_file", str(exc), ""))
-        return 1
-    for lineno, raw, last_unterminated in lines:
-        n += 1
-        batch.read += 1
-        if len(raw) > MAX_LINE_BYTES:
-            batch.quarantine.append(
-                Quarantined(
-                    name,
-                    lineno,
-                    "oversized_line",
-                    f"{len(raw)} bytes > {MAX_LINE_BYTES}",
-                    raw[:RAW_KEEP_CHARS].decode("utf-8", "replace"),
-                )
-            )
-            continue
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError as exc:
-            batch.quarantine.append(
-                Quarantined(name, lineno, "invalid_utf8", str(exc), raw[:RAW_KEEP_CHARS].decode("utf-8", "replace"))
+            return Quarantined(
+                name, lineno, "invalid_utf8", f"byte {exc.start}: {exc.reason}", raw.decode("utf-8", "replace")
             )
-            continue
         try:
-            record = json.loads(text)
+            record = decoder.decode(text)
         except json.JSONDecodeError as exc:
             reason = "truncated_line" if last_unterminated else "malformed_json"
-            batch.quarantine.append(Quarantined(name, lineno, reason, str(exc), text[:RAW_KEEP_CHARS]))
-            continue
-        try:
-            batch.examples.append(to_example(record, name, lineno))
-        except RecordError as exc:
-            batch.quarantine.append(Quarantined(name, lineno, exc.reason, str(exc), text[:RAW_KEEP_CHARS]))
-    return n
+            return Quarantined(name, lineno, reason, f"{exc.msg} at column {exc.colno}", text)
+        except RecursionError:
+            return Quarantined(name, lineno, "too_deep", f"JSON nested deeper than {limits.max_depth}", text)
+        # a bracket count is a cheap upper bound on the depth: walk only when it could exceed the limit
+        if raw.count(b"[") + raw.count(b"{") > limits.max_depth and _depth_exceeds(record, limits.max_depth):
+            return Quarantined(name, lineno, "too_deep", f"JSON nested deeper than {limits.max_depth}", text)
+        example = to_example(record, name, lineno)
+        # A lone UTF-16 surrogate can only arrive as a `\\udXXX` escape (raw ones are invalid UTF-8): look for
+        # one only when the line has such an escape. It is not text: it cannot be encoded or tokenised.
+        if _SURROGATE_ESCAPE.search(raw) and any(
+            has_surrogate(t) for t in [m["content"] for m in example.messages] + [example.rejected or ""]
+        ):
+            return Quarantined(name, lineno, "unencodable_text", "lone surrogate code point", text)
+        return example
+    except RecordError as exc:
+        return Quarantined(name, lineno, exc.reason, str(exc), raw.decode("utf-8", "replace"))
+    except Exception as exc:  # noqa: BLE001 - the last line of per-record isolation: quarantine, never crash
+        return Quarantined(name, lineno, "invalid_record", type(exc).__name__, raw.decode("utf-8", "replace"))
 
 
-def ingest(inbox_uri: str, already_ingested: set[str], progress=None) -> Batch:
-    """Read every new file of an inbox. `already_ingested`: content hashes of files in earlier versions."""
+# --- files ----------------------------------------------------------------------------------------------
+
+_EOL = re.compile(rb"\r\n|\r|\n")
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+def split_lines(stream: IO[bytes], max_line: int = MAX_LINE_BYTES) -> Iterator[tuple[int, bytes, int, bool]]:
+    """(line number, bytes, size, terminated) for every line; a line longer than `max_line` comes as its
+    first `HEAD_BYTES` only, with its full size (the caller quarantines it).
+
+    Lines end at `\n`, `\r\n` or a lone `\r` (files saved by old Mac tools); raw CR and LF cannot occur
+    inside valid JSON, so this never splits a record. Memory is bounded by `max_line` plus one chunk."""
+    lineno, tail = 0, b""
+    head, skipped = b"", -1  # skipped >= 0: bytes of an over-long line consumed so far
+    while True:
+        chunk = stream.read(READ_CHUNK)
+        eof = not chunk
+        data = tail + chunk
+        tail = b""
+        if not eof and data.endswith(b"\r"):  # maybe half of a CRLF: decide with the next chunk
+            data, tail = data[:-1], b"\r"
+        pieces = _EOL.split(data)
+        rest = pieces.pop()
+        for p in pieces:
+            lineno += 1
+            if skipped >= 0:
+                yield lineno, head, skipped + len(p), True
+                skipped = -1
+            else:
+                yield lineno, p if len(p) <= max_line else p[:HEAD_BYTES], len(p), True
+        if eof:
+            if skipped >= 0:
+                yield lineno + 1, head, skipped + len(rest), False
+            elif rest:
+                yield lineno + 1, rest if len(rest) <= max_line else rest[:HEAD_BYTES], len(rest), False
+            return
+        if skipped >= 0:
+            skipped += len(rest)
+        elif len(rest) > max_line:
+            head, skipped = rest[:HEAD_BYTES], len(rest)
+        else:
+            tail = rest + tail
+
+
+class TooLarge(Exception):
+    pass
+
+
+class _Counted(io.RawIOBase):
+    """A read-only stream that counts the bytes read through it and stops past a limit."""
+
+    def __init__(self, inner: IO[bytes], limit: int | None = None, compressed: _Counted | None = None, ratio=0):
+        self.inner, self.limit, self.n = inner, limit, 0
+        self.compressed, self.ratio = compressed, ratio
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        data = self.inner.read(len(b))
+        self.n += len(data)
+        if self.limit is not None and self.n > self.limit:
+            raise TooLarge(f"more than {self.limit} bytes decompressed")
+        if self.compressed is not None and self.n > RATIO_CHECK_AFTER and self.n > self.ratio * self.compressed.n:
+            raise TooLarge(f"compression ratio above {self.ratio}:1 ({self.n} bytes from {self.compressed.n})")
+        b[: len(data)] = data
+        return len(data)
+
+
+def _decompressed(name: str, raw: IO[bytes], limits: Limits) -> _Counted:
+    if name.endswith(".gz"):
+        compressed = _Counted(raw)
+        return _Counted(
+            gzip.GzipFile(fileobj=io.BufferedReader(compressed)),
+            limits.max_file_bytes,
+            compressed,
+            limits.max_compression_ratio,
+        )
+    return _Counted(raw, limits.max_file_bytes)
+
+
+_READ_ERRORS = (OSError, EOFError, zlib.error)
+
+
+@dataclass
+class InboxFile:
+    key: str  # as listed (relative to the inbox)
+    name: str  # sanitised, for lineage
+    open: Callable[[], IO[bytes]]
+    refused: str = ""  # reason code when the entry is never opened (a symlink)
+
+
+@dataclass
+class Scan:
+    sha256: str
+    records: int
+    problem: str = ""  # reason code: too_large, unreadable_file
+    detail: str = ""
+
+
+def scan(f: InboxFile, limits: Limits) -> Scan:
+    """First pass over a file: content hash, records (non-blank lines), and whether it may be parsed."""
+    digest, records = hashlib.sha256(), 0
+    try:
+        with f.open() as raw:
+            hashing = _Hashing(raw, digest)
+            stream = _decompressed(f.key, hashing, limits)
+            lines = 0
+            for _, line, _size, _ in split_lines(io.BufferedReader(stream, READ_CHUNK)):
+                lines += 1  # blank lines count toward the limit too: they cost work, not records
+                if lines > limits.max_records_per_file:
+                    raise TooLarge(f"more than {limits.max_records_per_file} lines")
+                if line.strip():
+                    records += 1
+            while hashing.read(READ_CHUNK):  # hash what a gzip trailer-less reader left unread
+                pass
+    except TooLarge as exc:
+        return Scan(digest.hexdigest(), records, "too_large", f"{exc} (read {records} records before stopping)")
+    except _READ_ERRORS as exc:
+        return Scan(digest.hexdigest(), records, "unreadable_file", type(exc).__name__ + ": " + str(exc)[:200])
+    return Scan(digest.hexdigest(), records)
+
+
+class _Hashing(io.RawIOBase):
+    def __init__(self, inner: IO[bytes], digest):
+        self.inner, self.digest = inner, digest
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        data = self.inner.read(len(b))
+        self.digest.update(data)
+        b[: len(data)] = data
+        return len(data)
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.inner.read(n)
+        self.digest.update(data)
+        return data
+
+
+def records(f: InboxFile, limits: Limits) -> Iterator[Example | Quarantined]:
+    """Second pass: every non-blank line of a file as an Example or a Quarantined record.
+    A read error part-way ends the file with one `unreadable_file` entry (the records before it stand)."""
+    decoder = _decoder(limits)
+    first = True
+    try:
+        with f.open() as raw:
+            stream = io.BufferedReader(_decompressed(f.key, raw, limits), READ_CHUNK)
+            for lineno, line, size, terminated in split_lines(stream, limits.max_line_bytes):
+                if size > limits.max_line_bytes:
+                    yield Quarantined(
+                        f.name,
+                        lineno,
+                        "oversized_line",
+                        f"{size} bytes > {limits.max_line_bytes}",
+                        line.decode("utf-8", "replace"),
+                    )
+                    continue
+                if first:
+                    first = False
+                    line = line.removeprefix(b"\xef\xbb\xbf")  # a UTF-8 BOM (Windows editors) is not content
+                if not line.strip():
+                    continue
+                yield parse_record(line, f.name, lineno, not terminated, limits, decoder)
+    except (TooLarge, *_READ_ERRORS) as exc:
+        yield Quarantined(f.name, 0, "unreadable_file", type(exc).__name__ + ": " + str(exc)[:200], "")
+
+
+def _local_entries(base: Path) -> Iterator[InboxFile]:
+    """Files under a local inbox, never following a symlink (a link could point at any file on the host)."""
+    if not base.is_dir():
+        return
+    for dirpath, dirnames, filenames in os.walk(base, followlinks=False):
+        here = Path(dirpath)
+        for d in sorted(dirnames):
+            if (here / d).is_symlink():
+                rel = (here / d).relative_to(base).as_posix()
+                yield InboxFile(rel, safe_name(rel), lambda: io.BytesIO(), refused="symlink")
+        dirnames[:] = sorted(d for d in dirnames if not (here / d).is_symlink())
+        for fn in sorted(filenames):
+            path = here / fn
+            rel = path.relative_to(base).as_posix()
+            if fn.startswith(".tmp-") or not rel.endswith(DATA_SUFFIXES):
+                continue
+            if path.is_symlink():
+                yield InboxFile(rel, safe_name(rel), lambda: io.BytesIO(), refused="symlink")
+            elif path.is_file():
+                yield InboxFile(rel, safe_name(rel), _opener(path))
+
+
+def _opener(path: Path) -> Callable[[], IO[bytes]]:
+    def open_no_follow() -> IO[bytes]:
+        # O_NOFOLLOW: a file swapped for a symlink between listing and reading is refused, not followed
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+        return os.fdopen(fd, "rb")
+
+    return open_no_follow
+
+
+def inbox_files(inbox_uri: str) -> list[InboxFile]:
     store = Store(inbox_uri)
-    batch = Batch()
+    if not store.is_s3:
+        return sorted(_local_entries(store.base), key=lambda f: f.key)
+    return [
+        InboxFile(key, safe_name(key), lambda key=key: store.open(key))
+        for key in store.list("")
+        if key.endswith(DATA_SUFFIXES)
+    ]
+
+
+def local_files(paths: list[Path]) -> list[InboxFile]:
+    """Files given on a command line: a file as named; a folder like an inbox (symlinks inside refused)."""
+    out: list[InboxFile] = []
+    for p in paths:
+        if p.is_dir():
+            out += [InboxFile(f.key, safe_name(f"{p.name}/{f.key}"), f.open, f.refused) for f in _local_entries(p)]
+        else:
+            out.append(
+                InboxFile(p.name, safe_name(p.name), _opener(p) if not p.is_symlink() else (lambda p=p: open(p, "rb")))
+            )
+    return out
+
+
+def chunks(
+    files: list[InboxFile],
+    already_ingested: set[str],
+    limits: Limits | None = None,
+    size: int = 10_000,
+    progress=None,
+) -> Iterator[Batch]:
+    """Batches of at most `size` examples (plus their quarantine) over every new file, in order; each
+    file's SourceFile rides on the batch that finishes it. Constant memory whatever the inbox holds."""
+    limits = limits or Limits.from_env()
     seen: set[str] = set(already_ingested)
-    for key in store.list(""):
-        if not key.endswith((".jsonl", ".jsonl.gz", ".json", ".ndjson")):
+    batch = Batch()
+    for f in files:
+        if f.refused:
+            batch.read += 1
+            batch.quarantine.append(Quarantined(f.name, 0, f.refused, "not followed: only regular files are read", ""))
+            batch.sources.append(SourceFile(f.name, "", 1, skipped=f.refused))
             continue
-        data = store.get(key)
-        digest = hashlib.sha256(data).hexdigest()
-        if digest in seen:
-            batch.sources.append(SourceFile(key, digest, 0, skipped="already_ingested"))
+        s = scan(f, limits)
+        if s.problem:
+            batch.read += 1
+            batch.quarantine.append(Quarantined(f.name, 0, s.problem, s.detail, ""))
+            batch.sources.append(SourceFile(f.name, s.sha256, 1, skipped=s.problem))
             continue
-        seen.add(digest)
-        n = parse_file(key, data, batch)
-        batch.sources.append(SourceFile(key, digest, n, skipped="" if n else "empty"))
+        if s.sha256 in seen:
+            batch.sources.append(SourceFile(f.name, s.sha256, 0, skipped="already_ingested"))
+            continue
+        seen.add(s.sha256)
+        n = 0
+        for item in records(f, limits):
+            n += 1
+            batch.read += 1
+            if isinstance(item, Example):
+                batch.examples.append(item)
+            else:
+                batch.quarantine.append(item)
+            if len(batch.examples) >= size or len(batch.quarantine) >= size:
+                yield batch
+                batch = Batch()
+        batch.sources.append(SourceFile(f.name, s.sha256, n, skipped="" if n else "empty"))
         if progress:
-            progress(key, n)
-    return batch
+            progress(f.name, n)
+    yield batch
+
+
+def merge(batches) -> Batch:
+    out = Batch()
+    for b in batches:
+        out.examples += b.examples
+        out.quarantine += b.quarantine
+        out.sources += b.sources
+        out.read += b.read
+    return out
+
+
+def parse_file(name: str, data: bytes, batch: Batch, limits: Limits | None = None) -> int:
+    """Parse one file's bytes into `batch`; returns how many records it held."""
+    f = InboxFile(name, name, lambda: io.BytesIO(data))
+    before = batch.read
+    for b in chunks([f], set(), limits, size=1 << 62):
+        batch.examples += b.examples
+        batch.quarantine += b.quarantine
+        batch.read += b.read
+    return batch.read - before
+
+
+def ingest(inbox_uri: str, already_ingested: set[str], progress=None, limits: Limits | None = None) -> Batch:
+    """Read every new file of an inbox into one Batch (small inboxes and tests; `chunks` streams)."""
+    return merge(chunks(inbox_files(inbox_uri), already_ingested, limits, size=1 << 62, progress=progress))
 
 
 class InboxCounter:
@@ -265,12 +560,14 @@ class InboxCounter:
 
     It polls every customer every minute or so, 500 customers at once in one triggerer, so a poll reads
     only what changed: the inbox is listed with change tokens and a file is read again only when its
-    token moves; dataset manifests are write-once, so each is read once.
+    token moves; dataset manifests are write-once, so each is read once. It reads files as ingest does
+    (same limits, no symlinks): a file ingest would refuse counts nothing, so junk never starts a run.
     """
 
-    def __init__(self, storage_root: str, customer: str):
+    def __init__(self, storage_root: str, customer: str, limits: Limits | None = None):
         self.customer = customer
         self.store, self.inbox = Store(storage_root), Store(f"{storage_root}/{customer}/inbox")
+        self.limits = limits or Limits.from_env()
         self.signalled: set[str] = set()  # file hashes already reported
         self._seen: dict[str, tuple[str, str, int]] = {}  # key -> (change token, sha256, records)
         self._ingested: dict[str, set[str]] = {}  # complete dataset version -> hashes of files it ingested
@@ -290,19 +587,21 @@ class InboxCounter:
     def pending(self) -> tuple[int, set[str]]:
         done = self.ingested() | self.signalled
         count, files = 0, set()
-        for key, token in self.inbox.list_info("").items():
-            if not key.endswith((".jsonl", ".jsonl.gz", ".json", ".ndjson")):
+        info = self.inbox.list_info("")
+        if self.inbox.is_s3:  # one listing per poll, one client for the counter's life
+            entries = {k: InboxFile(k, k, lambda k=k: self.inbox.open(k)) for k in info if k.endswith(DATA_SUFFIXES)}
+        else:
+            entries = {f.key: f for f in _local_entries(self.inbox.base)}
+        for key, token in info.items():
+            f = entries.get(key)
+            if f is None or f.refused:
                 continue
             cached = self._seen.get(key)
             if cached is None or cached[0] != token:
-                data = self.inbox.get(key)
-                try:
-                    records = sum(1 for _ in read_lines(key, data))
-                except (OSError, EOFError):
-                    records = 0
-                self._seen[key] = cached = (token, hashlib.sha256(data).hexdigest(), records)
-            _, digest, records = cached
-            if digest not in done and digest not in files:
-                count += records
+                s = scan(f, self.limits)
+                self._seen[key] = cached = (token, s.sha256, 0 if s.problem else s.records)
+            _, digest, n = cached
+            if n and digest not in done and digest not in files:
+                count += n
                 files.add(digest)
         return count, files

@@ -10,22 +10,19 @@ or overwrites them. Heavy work (training, evaluation) runs as `ftops` subprocess
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 import shutil
 import subprocess
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
 
-import numpy as np
-
 from ftops import snapshot as snap
 from ftops.config import CustomerConfig, Platform, Settings, load_platform, settings
 from ftops.handoffs import Decision, Metrics, Promotion, Registration
-from ftops.ingest import Batch
 from ftops.registry import AdapterVersion, RegistryError, model_name
 from ftops.serving import Desired, Plan
 from ftops.storage import Store
@@ -84,89 +81,193 @@ class Run:
 # --- data -----------------------------------------------------------------------------------------------
 
 
-def ingest(run: Run) -> dict:
-    from ftops.ingest import ingest as read_inbox
+def _retention_s() -> float:
+    hours = float(os.environ.get("FTOPS_SCRATCH_RETENTION_HOURS", "48"))
+    if hours <= 0:
+        raise ValueError("FTOPS_SCRATCH_RETENTION_HOURS must be positive")
+    return hours * 3600
 
-    _, ingested, _ = snap.load_history(run.store, run.id)
-    batch = read_inbox(run.inbox, ingested)
-    run.save("ingested.json", batch.to_json())
-    new_files = [s.name for s in batch.sources if not s.skipped]
+
+def prepare(
+    store: Store,
+    customer: str,
+    files: list,
+    policy,
+    *,
+    run: dict | None = None,
+    spill_root: Path | str | None = None,
+    chunk_size: int = 50_000,  # each chunk costs one Great Expectations run; 50k rows stay a few hundred MB
+    limits=None,
+    progress=None,
+) -> dict:
+    """The data chain, once: ingest → validate → clean → dedupe → snapshot, streamed in chunks of
+    `chunk_size` examples (memory stays flat at any size; the dedupe history is on disk).
+
+    `files`: `ingest.inbox_files(uri)` or `ingest.local_files(paths)`. Returns the counts of every stage
+    (`stages`) and of the version written (`dataset_version` None when no new file arrived). Raises
+    `ValidationFailed` (nothing written) when the batch breaks a batch-level expectation; PII drops under
+    `pii: drop` count against `max_quarantine_share` like any other quarantined record."""
+    from ftops.clean import clean as scrub
+    from ftops.dedupe import dedupe as drop_duplicates
+    from ftops.ingest import chunks
+    from ftops.validate import ValidationFailed, Validator
+
+    if spill_root is not None:
+        snap.expire_spill(spill_root, _retention_s())
+    history, ingested, manifests = snap.load_history(store, customer)
+    writer = snap.Writer(store, customer, policy.val_fraction, spill_root)
+    stages: dict[str, dict] = {k: {"examples": 0, "dropped": {}} for k in ("ingest", "validate", "clean", "dedupe")}
+
+    def count(stage: str, batch) -> None:
+        st = stages[stage]
+        st["examples"] += len(batch.examples)
+        for reason, n in batch.dropped().items():
+            st["dropped"][reason] = st["dropped"].get(reason, 0) + n
+
+    try:
+        validator = Validator(policy)
+        for batch in chunks(files, ingested, limits, chunk_size, progress):
+            count("ingest", batch)
+            batch = validator.rows(batch)
+            count("validate", batch)
+            batch = scrub(batch, policy.pii)
+            count("clean", batch)
+            batch, keys, sigs = drop_duplicates(batch, history)
+            count("dedupe", batch)
+            writer.add(batch, keys, sigs)
+        for st in stages.values():
+            st["dropped"] = dict(sorted(st["dropped"].items()))
+        sources = writer.sources
+        stages["ingest"] |= {
+            "new_files": [s["name"] for s in sources if not s["skipped"]],
+            "skipped_files": {s["name"]: s["skipped"] for s in sources if s["skipped"]},
+        }
+        validation = validator.finish(writer.read, writer.dropped, docs_dir=writer.dir / "data_docs")
+        out = writer.counts() | {"dataset_version": None, "stages": stages, "validation_success": validation.success}
+        if not validation.success:
+            err = ValidationFailed(f"{customer}: batch rejected before training: {'; '.join(validation.failures)}")
+            err.summary = out
+            raise err
+        if any(s["skipped"] != "already_ingested" for s in sources):
+            parent = manifests[-1]["version"] if manifests else None
+            s = writer.publish(validation.result, validation.html, parent, run, docs=validation.docs)
+            out |= {"dataset_version": s.version, "dataset_uri": s.uri, "fingerprint": s.manifest["fingerprint"]}
+        return out
+    finally:
+        writer.discard()
+        history.close()
+
+
+def _prepared(run: Run) -> dict:
+    return json.loads(run.load("prepare.json"))
+
+
+def ingest(run: Run) -> dict:
+    """Run the whole data chain (`prepare`) in this task, streaming, and keep only its counts in scratch:
+    no bulk data, so nothing raw (no PII) waits in the run's scratch between tasks. The later data tasks
+    report their stage's counts and fail where their stage failed. A retry reuses the counts once written."""
+    from ftops.ingest import inbox_files
+    from ftops.validate import ValidationFailed
+
+    run.store.put(f"{run.scratch}/started", str(time.time()).encode(), overwrite=True)
+    expire_scratch(run.store, run.id, run.env.home, keep=run.key)
+    if not run.store.exists(f"{run.scratch}/prepare.json"):
+        try:
+            out = prepare(
+                run.store,
+                run.id,
+                inbox_files(run.inbox),
+                run.customer.data,
+                run=run.lineage(),
+                spill_root=run.env.home / "work" / "spill",
+            )
+        except ValidationFailed as exc:
+            out = getattr(exc, "summary", {}) | {"failed": str(exc)}
+        run.save("prepare.json", json.dumps(out).encode())
+    out = _prepared(run)
+    st = out.get("stages", {}).get("ingest", {})
+    dropped = st.get("dropped", {})
     return {
-        "read": batch.read,
-        "examples": len(batch.examples),
-        "quarantined": len(batch.quarantine),
-        "new_files": new_files,
-        "skipped_files": {s.name: s.skipped for s in batch.sources if s.skipped},
+        "read": out.get("read", 0),
+        "examples": st.get("examples", 0),
+        "quarantined": sum(dropped.values()),
+        "new_files": st.get("new_files", []),
+        "skipped_files": st.get("skipped_files", {}),
     }
 
 
 def validate(run: Run) -> dict:
     from ftops.validate import ValidationFailed
-    from ftops.validate import validate as check
 
-    batch, result = check(Batch.from_json(run.load("ingested.json")), run.customer.data)
-    run.save("validated.json", batch.to_json())
-    run.save("validation.json", json.dumps(result.result).encode())
-    run.save("validation.html", result.html.encode())
-    if not result.success:
-        raise ValidationFailed(f"{run.id}: batch rejected before training: {'; '.join(result.failures)}")
-    return {"success": True, "examples": len(batch.examples), "dropped": batch.dropped()}
+    out = _prepared(run)
+    if "failed" in out:
+        raise ValidationFailed(out["failed"])
+    st = out["stages"]["validate"]
+    return {"success": True, "examples": st["examples"], "dropped": st["dropped"]}
 
 
 def clean(run: Run) -> dict:
-    from ftops.clean import clean as scrub
-
-    batch = scrub(Batch.from_json(run.load("validated.json")), run.customer.data.pii)
-    run.save("cleaned.json", batch.to_json())
-    return {"examples": len(batch.examples), "pii": batch.pii, "dropped": batch.dropped()}
+    out = _prepared(run)
+    st = out["stages"]["clean"]
+    return {"examples": st["examples"], "pii": out["pii"], "dropped": st["dropped"]}
 
 
 def dedupe(run: Run) -> dict:
-    from ftops.dedupe import dedupe as drop_duplicates
-
-    history, _, _ = snap.load_history(run.store, run.id)
-    batch, keys, sigs = drop_duplicates(Batch.from_json(run.load("cleaned.json")), history)
-    buf = io.BytesIO()
-    np.save(buf, sigs)
-    run.save("deduped.json", batch.to_json())
-    run.save("keys.txt", "\n".join(keys).encode())
-    run.save("minhash.npy", buf.getvalue())
-    return {"examples": len(batch.examples), "dropped": batch.dropped()}
+    st = _prepared(run)["stages"]["dedupe"]
+    return {"examples": st["examples"], "dropped": st["dropped"]}
 
 
 def snapshot(run: Run) -> dict:
-    """Write the dataset version (once per run: a retry returns the version already written)."""
-    if run.store.exists(f"{run.scratch}/snapshot.json"):
-        return json.loads(run.load("snapshot.json"))
-    batch = Batch.from_json(run.load("deduped.json"))
-    keys = [k for k in run.load("keys.txt").decode().split() if k]
-    sigs = np.load(io.BytesIO(run.load("minhash.npy")))
-    history = snap.versions(run.store, run.id)
-    summary = {"read": batch.read, "kept": len(keys), "dropped": batch.dropped(), "pii": batch.pii}
-    if not keys and not any(not s.skipped for s in batch.sources):
-        out = summary | {"dataset_version": None, "train": 0, "val": 0}
-    else:
-        s = snap.write(
-            run.store,
-            run.id,
-            batch,
-            keys,
-            sigs,
-            json.loads(run.load("validation.json")),
-            run.load("validation.html").decode(),
-            history[-1]["version"] if history else None,
-            run.customer.data.val_fraction,
-            run.lineage(),
-        )
-        out = summary | {
-            "dataset_version": s.version,
-            "dataset_uri": s.uri,
-            "train": s.manifest["counts"]["train"],
-            "val": s.manifest["counts"]["val"],
-            "fingerprint": s.manifest["fingerprint"],
+    """The dataset version the chain wrote (once per run: a retry returns the same, also after `cleanup`
+    removed the scratch: the version's manifest names its run)."""
+    keys = ("read", "kept", "dropped", "pii", "dataset_version", "dataset_uri", "train", "val", "fingerprint")
+    try:
+        out = _prepared(run)
+    except FileNotFoundError:
+        mine = [m for m in snap.versions(run.store, run.id) if m["run"].get("airflow.run_id") == run.run_id]
+        if not mine:
+            raise
+        m = mine[-1]
+        out = {k: m["counts"][k] for k in ("read", "kept", "dropped", "pii", "train", "val")} | {
+            "dataset_version": m["version"],
+            "dataset_uri": run.store.uri(f"{run.id}/datasets/{m['version']}"),
+            "fingerprint": m["fingerprint"],
         }
-    run.save("snapshot.json", json.dumps(out).encode())
-    return out
+    return {k: out[k] for k in keys if k in out}
+
+
+def cleanup(run: Run) -> dict:
+    """Remove the run's scratch (object storage) and work folder. Wire it as the DAG's last task with
+    `trigger_rule="all_done"` so it runs after success and failure alike; `expire_scratch` catches what a
+    killed run leaves."""
+    removed = run.store.delete_prefix(run.scratch)
+    shutil.rmtree(run.workdir, ignore_errors=True)
+    return {"removed_objects": removed}
+
+
+def expire_scratch(
+    store: Store, customer: str, home: Path, keep: str = "", max_age_s: float | None = None
+) -> list[str]:
+    """Remove the scratch of this customer's runs started more than the retention ago
+    (`FTOPS_SCRATCH_RETENTION_HOURS`, default 48: longer than any run), and their work folders."""
+    max_age_s = _retention_s() if max_age_s is None else max_age_s
+    expired = []
+    for key in store.children(f"{customer}/runs"):
+        if key == keep:
+            continue
+        marker = f"{customer}/runs/{key}/started"
+        try:
+            started = float(store.get(marker))
+        except (FileNotFoundError, ValueError):
+            # a run from before the marker (or not started through `ingest`): its age counts from now
+            store.put(marker, str(time.time()).encode(), overwrite=True)
+            continue
+        if time.time() - started > max_age_s:
+            store.delete_prefix(f"{customer}/runs/{key}")
+            shutil.rmtree(home / "work" / customer / key, ignore_errors=True)
+            expired.append(key)
+    snap.expire_spill(home / "work" / "spill", max_age_s)
+    return expired
 
 
 # --- model ----------------------------------------------------------------------------------------------
@@ -201,12 +302,17 @@ def train(run: Run, force: bool = False, overrides: dict | None = None) -> dict:
             f"{run.id}: production v{prod.version} names dataset {trained_upto[:80]!r}, which is not one of this "
             "customer's dataset versions; refusing to guess what it was trained on"
         )
-    new = [m["version"] for m in manifests if m["version"] > trained_upto]
+    # This run trains on versions up to its own snapshot, never on a later run's: a task cleared after the
+    # run ended (or retried late) then redoes the same work or, with production past it, nothing.
+    upto = snapshot(run).get("dataset_version") or (manifests[-1]["version"] if manifests else "")
+    new = [m["version"] for m in manifests if trained_upto < m["version"] <= upto]
     old = [m["version"] for m in manifests if m["version"] <= trained_upto]
     if not new and not force:
         raise NothingToTrain(f"{run.id}: no new examples since production's dataset {trained_upto or '(none)'}")
+    if not new:  # forced: everything up to this run's snapshot, as one fresh training
+        new, old = [m["version"] for m in manifests if m["version"] <= upto], []
     if not new:
-        new, old = [m["version"] for m in manifests], []
+        raise NothingToTrain(f"{run.id}: no dataset version to train on")
     t = run.customer.training.overridden(overrides or {})
     rows, val, replayed = snap.training_mix(run.store, run.id, new, old, t.replay_fraction, t.seed)
     run.workdir.mkdir(parents=True, exist_ok=True)
@@ -260,8 +366,14 @@ def train(run: Run, force: bool = False, overrides: dict | None = None) -> dict:
     # run's adapter prefix is a crashed try's partial upload (no version refers to it yet): it goes, and the
     # training resumes from its last checkpoint in storage.
     if not run.store.exists(args.result_key):
-        if leftover := run.store.delete_prefix(adapter_prefix):
-            print(f"removed {len(leftover)} objects of an interrupted upload under {adapter_prefix}")
+        if run.store.list(adapter_prefix):
+            if _registered(run, adapter_prefix):  # never a partial upload: the run is over, its scratch gone
+                raise RuntimeError(
+                    f"{run.id}: {adapter_prefix} is a registered adapter and this run's records were cleaned up "
+                    "when it ended: nothing is retrained or removed; start a new run instead"
+                )
+            n = run.store.delete_prefix(adapter_prefix)
+            print(f"removed {n} objects of an interrupted upload under {adapter_prefix}")
         _ftops("train", "--config", str(config))
     result = json.loads(run.store.get(args.result_key))
     out = result | {
@@ -277,6 +389,11 @@ def train(run: Run, force: bool = False, overrides: dict | None = None) -> dict:
     }
     run.save("train.json", json.dumps(out).encode())
     return out
+
+
+def _registered(run: Run, adapter_prefix: str) -> bool:
+    """Does a registry version point at this adapter prefix? (Unreadable registry: raises, fail closed.)"""
+    return any(v.adapter_prefix == adapter_prefix for v in run.registry().versions(run.id, run.base_slug))
 
 
 def production(run: Run) -> AdapterVersion | None:

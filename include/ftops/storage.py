@@ -113,6 +113,61 @@ class Store:
                 raise FileNotFoundError(self.uri(key)) from exc
         return (self.base / key).read_bytes()
 
+    def open(self, key: str):
+        """A binary stream of an object (read in chunks: constant memory whatever its size)."""
+        if self.is_s3:
+            try:
+                return self.s3.get_object(Bucket=self.bucket, Key=self._s3key(key))["Body"]
+            except self.s3.exceptions.NoSuchKey as exc:
+                raise FileNotFoundError(self.uri(key)) from exc
+        return (self.base / key).open("rb")
+
+    def put_file(self, key: str, path: str | Path, overwrite: bool = False) -> str:
+        """`put` from a local file, streamed (large dataset files are never held in memory)."""
+        if self.is_s3:
+            extra = {} if overwrite else {"IfNoneMatch": "*"}
+            with open(path, "rb") as f:
+                try:
+                    self.s3.put_object(Bucket=self.bucket, Key=self._s3key(key), Body=f, **extra)
+                except self.s3.exceptions.ClientError as exc:
+                    if exc.response.get("Error", {}).get("Code") in ("PreconditionFailed", "412"):
+                        raise AlreadyExists(self.uri(key)) from exc
+                    raise
+            return self.uri(key)
+        dest = self.base / key
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=".tmp-")
+        os.close(fd)
+        try:
+            try:  # same filesystem (a spill folder beside the store): a link, not a copy of a large file
+                os.unlink(tmp)
+                os.link(path, tmp)
+            except OSError:
+                shutil.copyfile(path, tmp)
+            if overwrite:
+                os.replace(tmp, dest)
+            else:
+                try:
+                    os.link(tmp, dest)
+                except FileExistsError as exc:
+                    raise AlreadyExists(self.uri(key)) from exc
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        return self.uri(key)
+
+    def delete_prefix(self, prefix: str) -> int:
+        """Remove every object under a prefix (run scratch only: versioned paths are never deleted)."""
+        keys = self.list(prefix)
+        if self.is_s3:
+            for i in range(0, len(keys), 1000):
+                self.s3.delete_objects(
+                    Bucket=self.bucket, Delete={"Objects": [{"Key": self._s3key(k)} for k in keys[i : i + 1000]]}
+                )
+        else:
+            shutil.rmtree(self.base / prefix.strip("/"), ignore_errors=True)
+        return len(keys)
+
     def exists(self, key: str) -> bool:
         if self.is_s3:
             try:
@@ -173,17 +228,6 @@ class Store:
             return sorted(names)
         top = self.base / prefix
         return sorted(p.name for p in top.iterdir() if not p.name.startswith(".tmp-")) if top.is_dir() else []
-
-    def delete_prefix(self, prefix: str) -> list[str]:
-        """Remove every object under a prefix; returns their keys. Only for what no version refers to yet
-        (a crashed try's partial upload); versions themselves are never deleted or replaced."""
-        keys = self.list(prefix)
-        for key in keys:
-            if self.is_s3:
-                self.s3.delete_object(Bucket=self.bucket, Key=self._s3key(key))
-            else:
-                (self.base / key).unlink(missing_ok=True)
-        return keys
 
     def upload_dir(self, local_dir: str | Path, prefix: str) -> str:
         """Copy a folder to a write-once prefix. Re-uploading identical files (a retried task finishing an

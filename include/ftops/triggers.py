@@ -4,7 +4,8 @@
 inbox (local folder or `s3://`), counts the *records* in files not yet ingested (by content hash, as
 ingest does), and fires an asset event when they reach the customer's threshold. Files it has already
 signalled are not counted again, so a burst of uploads makes one event, not ten; the customer DAG (one
-active run at a time) consumes queued events in one run.
+active run at a time) consumes queued events in one run. Files are read as ingest reads them (same per-file
+limits, `FTOPS_DATA_MAX_*`, no symlinks): a file ingest would refuse counts nothing, so junk never starts a run.
 """
 
 from __future__ import annotations

@@ -3,17 +3,20 @@
 Row-level expectations (roles alternate and end with the assistant, non-empty turns, length bounds)
 quarantine the rows they reject with the suite's reason code; the batch-level expectation (share of
 quarantined records) fails the run before any GPU time is spent. The result and a Data Docs page are
-returned for the snapshot to keep and MLflow to log.
+returned for the snapshot to keep and MLflow to log: in the data chain the page is Great Expectations' own Data
+Docs (an ephemeral context with a filesystem site, `add_data_docs_site` + `build_data_docs`); the whole site is
+kept with the dataset version under `data_docs/`.
 """
 
 from __future__ import annotations
 
 import json
+from array import array
 from dataclasses import dataclass
 from pathlib import Path
 
 from ftops.config import DataPolicy
-from ftops.ingest import Batch
+from ftops.records import Batch
 
 SUITE_PATH = Path(__file__).resolve().parents[1] / "expectations" / "chat_batch.json"
 
@@ -28,6 +31,7 @@ class Validation:
     failures: list[str]
     result: dict
     html: str
+    docs: Path | None = None  # a Great Expectations Data Docs site, when one was built
 
 
 def _fill(value, params: dict):
@@ -36,68 +40,142 @@ def _fill(value, params: dict):
     return value
 
 
-def _frame(batch: Batch):
-    import pandas as pd
+class Validator:
+    """The suite over a stream of chunks: row-level expectations quarantine rows chunk by chunk (one Great
+    Expectations context for the whole run), and `finish` checks the batch as a whole from compact per-row
+    figures (a few bytes per row, so a million rows fit in tens of MB)."""
 
-    rows = [
-        {
-            "status": "kept",
-            "roles": ",".join(m["role"] for m in ex.messages),
-            "min_turn_chars": min(len(m["content"].strip()) for m in ex.messages),
-            "n_tokens": sum(len(m["content"].split()) for m in ex.messages),
-        }
-        for ex in batch.examples
-    ]
-    rows += [
-        {"status": "quarantined", "roles": None, "min_turn_chars": None, "n_tokens": None} for _ in batch.quarantine
-    ]
-    return pd.DataFrame(rows, columns=["status", "roles", "min_turn_chars", "n_tokens"])
+    def __init__(self, policy: DataPolicy, suite_path: Path = SUITE_PATH):
+        import great_expectations as gx
 
+        self.spec = json.loads(suite_path.read_text())
+        params = {"max_tokens": policy.max_tokens, "min_kept_share": 1 - policy.max_quarantine_share}
+        self.context = gx.get_context(mode="ephemeral")
+        asset = self.context.data_sources.add_pandas("ftops").add_dataframe_asset("batch")
+        self.definition = asset.add_batch_definition_whole_dataframe("whole")
+        self.row_level = [e for e in self.spec["expectations"] if e["row_level"]]
 
-def validate(batch: Batch, policy: DataPolicy, suite_path: Path = SUITE_PATH) -> tuple[Batch, Validation]:
-    """Quarantine rows that break row-level expectations, then check the batch as a whole."""
-    import great_expectations as gx
+        def suite(name: str, expectations: list[dict]):
+            s = self.context.suites.add(gx.ExpectationSuite(name=name))
+            for e in expectations:
+                cls = gx.expectations.registry.get_expectation_impl(e["type"])
+                s.add_expectation(cls(**{k: _fill(v, params) for k, v in e["kwargs"].items()}, meta=e.get("meta", {})))
+            return s
 
-    spec = json.loads(suite_path.read_text())
-    params = {"max_tokens": policy.max_tokens, "min_kept_share": 1 - policy.max_quarantine_share}
-    context = gx.get_context(mode="ephemeral")
-    asset = context.data_sources.add_pandas("ftops").add_dataframe_asset("batch")
-    definition = asset.add_batch_definition_whole_dataframe("whole")
+        self.rows_suite = suite(f"{self.spec['name']}_rows", self.row_level)
+        self.suite = suite(self.spec["name"], self.spec["expectations"])
+        self._roles: dict[str, int] = {}
+        self._role_codes = array("i")
+        self._min_chars = array("i")
+        self._tokens = array("i")
 
-    def run(df, expectations):
-        suite = context.suites.add_or_update(gx.ExpectationSuite(name=spec["name"]))
-        for e in expectations:
-            cls = gx.expectations.registry.get_expectation_impl(e["type"])
-            suite.add_expectation(cls(**{k: _fill(v, params) for k, v in e["kwargs"].items()}, meta=e.get("meta", {})))
-        return definition.get_batch(batch_parameters={"dataframe": df}).validate(
-            suite, result_format={"result_format": "COMPLETE"}
+    def rows(self, batch: Batch) -> Batch:
+        """Quarantine this chunk's rows that break a row-level expectation, with the suite's reason code."""
+        import pandas as pd
+
+        if not batch.examples:
+            return batch
+        roles = [",".join(m["role"] for m in ex.messages) for ex in batch.examples]
+        min_chars = [min(len(m["content"].strip()) for m in ex.messages) for ex in batch.examples]
+        tokens = [sum(len(m["content"].split()) for m in ex.messages) for ex in batch.examples]
+        df = pd.DataFrame({"status": "kept", "roles": roles, "min_turn_chars": min_chars, "n_tokens": tokens})
+        result = self.definition.get_batch(batch_parameters={"dataframe": df}).validate(
+            self.rows_suite, result_format={"result_format": "COMPLETE"}
         )
-
-    row_level = [e for e in spec["expectations"] if e["row_level"]]
-    kept_rows = _frame(Batch(examples=batch.examples))
-    if len(kept_rows):
-        result = run(kept_rows, row_level)
         bad: dict[int, str] = {}
-        for r, e in zip(result.results, row_level, strict=True):
+        for r, e in zip(result.results, self.row_level, strict=True):
             for idx in r.result.get("unexpected_index_list") or []:
                 bad.setdefault(int(idx), f"{e['reason']}: {e['kwargs']['column']} fails {e['type']}")
-        examples = []
+        kept = []
         for i, ex in enumerate(batch.examples):
             if i in bad:
                 batch.drop(ex, bad[i].split(":")[0], bad[i])
-            else:
-                examples.append(ex)
-        batch.examples = examples
+                continue
+            kept.append(ex)
+            self._role_codes.append(self._roles.setdefault(roles[i], len(self._roles)))
+            self._min_chars.append(min_chars[i])
+            self._tokens.append(tokens[i])
+        batch.examples = kept
+        return batch
 
-    result = run(_frame(batch), spec["expectations"])
-    failures = [
-        f"{r.expectation_config.type}({r.expectation_config.kwargs.get('column')}): "
-        f"{r.result.get('unexpected_percent', 0):.1f}% unexpected"
-        for r in result.results
-        if not r.success and not _row_level(r, spec)
-    ]
-    report = result.to_json_dict()
-    return batch, Validation(success=not failures, failures=failures, result=report, html=_html(report, spec))
+    def finish(self, read: int, dropped: dict[str, int], docs_dir: Path | None = None) -> Validation:
+        """The whole suite over the run: `status` is `kept` for every record read less those quarantined for
+        what they are (duplicates of data already kept are not a broken upload, so they do not count; PII
+        drops under `pii: drop` do)."""
+        import numpy as np
+        import pandas as pd
+
+        bad = sum(n for reason, n in dropped.items() if not reason.startswith("duplicate_"))
+        n, m = max(read, len(self._tokens)), len(self._tokens)
+        ok = max(0, min(read - bad, n))
+        status = pd.Categorical.from_codes(
+            np.r_[np.zeros(ok, dtype=np.int8), np.ones(n - ok, dtype=np.int8)],
+            categories=["kept", "quarantined"],
+        )
+        codes = np.full(n, -1, dtype=np.int32)
+        codes[:m] = np.frombuffer(self._role_codes, dtype=np.int32) if m else codes[:0]
+        pad = np.full(n - m, np.nan)
+        df = pd.DataFrame(
+            {
+                "status": status,
+                "roles": pd.Categorical.from_codes(codes, categories=list(self._roles) or ["-"]).astype(object),
+                "min_turn_chars": np.r_[np.frombuffer(self._min_chars, dtype=np.int32).astype(float), pad],
+                "n_tokens": np.r_[np.frombuffer(self._tokens, dtype=np.int32).astype(float), pad],
+            }
+        )
+        if docs_dir is None:
+            result = self.definition.get_batch(batch_parameters={"dataframe": df}).validate(
+                self.suite, result_format={"result_format": "SUMMARY"}
+            )
+        else:
+            result = self._checkpoint(df, Path(docs_dir))
+        failures = [
+            f"{r.expectation_config.type}({r.expectation_config.kwargs.get('column')}): "
+            f"{r.result.get('unexpected_percent', 0):.1f}% unexpected"
+            for r in result.results
+            if not r.success and not _row_level(r, self.spec)
+        ]
+        report = result.to_json_dict()
+        page = _html(report, self.spec)
+        if docs_dir is not None:
+            pages = sorted(Path(docs_dir).glob("validations/**/*.html"))
+            page = pages[-1].read_text() if pages else page
+        return Validation(success=not failures, failures=failures, result=report, html=page, docs=docs_dir)
+
+    def _checkpoint(self, df, docs_dir: Path):
+        """Validate through a Checkpoint whose action updates a filesystem Data Docs site at `docs_dir`, then
+        build it: Great Expectations' own pages (suite, validation result, index), kept with the version."""
+        import great_expectations as gx
+
+        self.context.add_data_docs_site(
+            site_name="ftops",
+            site_config={
+                "class_name": "SiteBuilder",
+                "store_backend": {"class_name": "TupleFilesystemStoreBackend", "base_directory": str(docs_dir)},
+                "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
+            },
+        )
+        vd = self.context.validation_definitions.add(
+            gx.ValidationDefinition(data=self.definition, suite=self.suite, name=self.spec["name"])
+        )
+        checkpoint = self.context.checkpoints.add(
+            gx.Checkpoint(
+                name="ftops",
+                validation_definitions=[vd],
+                actions=[gx.checkpoint.UpdateDataDocsAction(name="data_docs")],
+                result_format={"result_format": "SUMMARY"},
+            )
+        )
+        result = next(iter(checkpoint.run(batch_parameters={"dataframe": df}).run_results.values()))
+        self.context.build_data_docs()
+        return result
+
+
+def validate(batch: Batch, policy: DataPolicy, suite_path: Path = SUITE_PATH) -> tuple[Batch, Validation]:
+    """One batch in memory: quarantine rows that break row-level expectations, then check the batch as a whole."""
+    v = Validator(policy, suite_path)
+    batch = v.rows(batch)
+    return batch, v.finish(batch.read, batch.dropped())
 
 
 def _row_level(r, spec) -> bool:
