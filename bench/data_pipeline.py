@@ -244,6 +244,9 @@ def main() -> None:
                 print(f"{which} n={n}: {figures[f'{which}_{n}']}", file=sys.stderr)
             shutil.rmtree(folder)
             shutil.rmtree(out, ignore_errors=True)
+    from near_dup import evaluate as near_dup_bands  # bench/ is on sys.path: this file runs as a script
+
+    figures |= near_dup_bands()  # planted Jaccard bands + hard negatives, ours and datasketch in one run
     print(json.dumps(figures))
 
 
