@@ -20,7 +20,6 @@ from airflow.sdk import (
     get_current_context,
     get_parsing_context,
     task,
-    teardown,
 )
 from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
@@ -40,7 +39,8 @@ DOC = """
 **ingest** the inbox → **validate** (Great Expectations) → **clean** (normalise, PII: `{pii}`) →
 **dedupe** (exact + MinHash, against the whole history) → **snapshot** (immutable dataset version) →
 **train** (TRL SFT + LoRA r={r}, replay {replay:.0%}) → **evaluate** (held-out loss vs production and base) →
-**gate** → **register** (MLflow, lineage tags) → **promote** (`production` alias; mode `{promote}`).
+**gate** → **register** (MLflow, lineage tags) → **promote** (`production` alias; mode `{promote}`) →
+**cleanup** (a teardown: the run's scratch is removed however the run ended).
 
 Trigger by hand with *Trigger DAG w/ config* to force a run with no new data, stop before training
 (`dry_run`), override epochs, steps or learning rate, or the promotion mode. Runs weekly on its own staggered slot
@@ -202,7 +202,7 @@ def promote(registered: dict, decision: dict) -> dict:
 # A teardown: it runs once the run is over, whatever happened (success, failed gate, crash), and does not
 # change the run's state. It removes the run's scratch (training mix, checkpoints): no customer data waits
 # in storage after a run; `expire_scratch` removes what a killed run could not.
-@teardown
+@task
 def cleanup() -> dict:
     from ftops import pipeline
 
@@ -261,7 +261,8 @@ def customer_dag(c: CustomerConfig):
             registered >> require_gate(decision) >> approve >> promoted
         else:
             promoted = promote(registered, decision)
-        promoted >> cleanup()
+        # A teardown per DAG (the decorator form cannot be shared across DAGs: it edits its own arguments).
+        promoted >> cleanup().as_teardown()
 
     built = finetune()
     # Params join the DAG once its tasks exist: each task built before would deep-copy every Param (four

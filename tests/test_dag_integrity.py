@@ -69,6 +69,8 @@ def test_customer_dag_reads_as_the_pipeline(dagbag):
     for up, down in zip(order, order[1:], strict=False):
         assert down in dag.get_task(up).downstream_task_ids, (up, down)
     assert {"force", "dry_run", "promote", "epochs", "max_steps", "learning_rate"} <= set(dag.params)
+    # The scratch is removed after every run, whatever happened, without changing the run's state.
+    assert dag.get_task("cleanup").is_teardown and "cleanup" in dag.get_task("promote").downstream_task_ids
     assert all(dag.params.get_param(k).description for k in dag.params)  # the UI form explains each field
 
 
