@@ -90,8 +90,10 @@ def test_operator_commands_show_what_is_served_and_why(stack):
     section = "\n".join(lines[: next((i for i, x in enumerate(lines) if x.startswith("─")), len(lines))])
     assert "production: registry version 1" in section and "Counsel" in section, report.stdout
     run_id = stack["registry"].client.get_model_version(f"ftops.{CUSTOMER}.{BASE}", "1").run_id
-    artifacts = {a.path for d in ("gate", "dataset") for a in stack["registry"].client.list_artifacts(run_id, d)}
+    client = stack["registry"].client
+    artifacts = {a.path for d in ("gate", "dataset", "dataset/data_docs") for a in client.list_artifacts(run_id, d)}
     assert {"gate/gate_report.html", "gate/gate_decision.json", "dataset/validation.html"} <= artifacts, artifacts
+    assert any(a.startswith("dataset/data_docs/") for a in artifacts), artifacts  # Great Expectations' Data Docs
 
 
 def test_second_run_adds_a_version_and_never_overwrites_the_first(stack):

@@ -328,6 +328,10 @@ def train(run: Run, force: bool = False, overrides: dict | None = None) -> dict:
     dataset_dir.mkdir(exist_ok=True)
     for name in ("manifest.json", "validation.json", "validation.html"):
         (dataset_dir / name).write_bytes(run.store.get(f"{run.id}/datasets/{dataset_version}/{name}"))
+    # Great Expectations' Data Docs site of the version goes to MLflow with the run (under dataset/data_docs/).
+    docs = f"{run.id}/datasets/{dataset_version}/data_docs"
+    if run.store.list(docs):
+        run.store.download_dir(docs, dataset_dir / "data_docs")
     adapter_version = f"{dataset_version[:15]}-{run.key[:8]}"  # derives from the run: a retry reuses it
     adapter_prefix = f"{run.id}/adapters/{run.base_slug}/{adapter_version}"
     args = TrainArgs(
