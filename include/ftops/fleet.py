@@ -29,14 +29,12 @@ import httpx
 
 from ftops import registry as _registry
 from ftops.config import CustomerConfig, Platform, Settings
-from ftops.registry import CANDIDATE, PREVIOUS, PRODUCTION, RegistryError, model_name
+from ftops.registry import CANDIDATE, MODEL_PREFIX, PREVIOUS, PRODUCTION, RegistryError, model_name
 
 # Version tags an action from the fleet page writes: who moved production to this version, when, how.
 TAG_BY, TAG_AT, TAG_ACTION = "promoted.by", "promoted.at", "promoted.action"
-# What every registered model's name starts with, from the registry's own naming (which may change): the
-# batched searches filter on it; models are then told apart by their `customer`/`base_model` tags.
-# (Cut at a LIKE wildcard: a shorter prefix matches a superset, which the tags then narrow.)
-MODEL_PREFIX = re.split(r"[%_]", model_name("\0", "\0").split("\0")[0])[0]
+# The batched searches filter on the registry's name prefix; models are then told apart by their
+# `customer`/`base_model` tags, not by parsing names.
 METRIC_KEYS = {
     "val_loss": "metrics.candidate_val_loss",
     "golden_chrf": "metrics.candidate_golden_chrf",

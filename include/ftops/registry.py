@@ -38,10 +38,13 @@ class UntrustedVersion(RegistryError):
     hash): it is refused and the customer keeps what it has."""
 
 
+MODEL_PREFIX = "ftops."  # every registered model's name starts with it (batched searches filter on it)
+
+
 def model_name(customer: str, base_slug: str) -> str:
     """`ftops.<customer>.<base>`: a customer id cannot hold a dot, so every (customer, base) pair gets its
     own name (with `-` as separator, `acme` on `x-y` and `acme-x` on `y` shared one)."""
-    return f"ftops.{check_customer_id(customer)}.{check_base_slug(base_slug)}"
+    return f"{MODEL_PREFIX}{check_customer_id(customer)}.{check_base_slug(base_slug)}"
 
 
 def _absent(exc) -> str | None:
