@@ -116,3 +116,14 @@ def test_a_malformed_hand_off_is_an_error_not_a_missing_comparison():
         decide({"base": {"val_loss": 3.0}}, GatePolicy())  # no candidate
     with pytest.raises(ValidationError):
         decide(metrics({}) | {"production": "v3"}, GatePolicy())  # production must be scores, not a name
+
+
+def test_a_non_finite_figure_crosses_the_xcom_as_null_and_still_fails():
+    import json
+
+    from ftops.handoffs import Metrics
+
+    m = Metrics.model_validate(metrics({"val_loss": float("nan")}))
+    wire = json.loads(m.model_dump_json())  # what pipeline.evaluate hands to Airflow
+    assert wire["candidate"]["val_loss"] is None and json.dumps(wire, allow_nan=False)
+    assert not decide(wire, GatePolicy()).passed

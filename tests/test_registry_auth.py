@@ -15,7 +15,7 @@ from mlflow.server import get_app_client
 
 from conftest import _service
 from ftops.identities import mlflow_auth_ini
-from ftops.registry import PRODUCTION, Registry, RegistryError
+from ftops.registry import PRODUCTION, Registry, RegistryError, model_name
 
 pytestmark = pytest.mark.e2e
 CUSTOMER, BASE = "acme", "tiny"
@@ -62,7 +62,7 @@ def test_only_the_service_user_moves_aliases(mlflow_auth, monkeypatch):
     with pytest.raises(MlflowException, match="PERMISSION_DENIED|403"):
         ro.set_tags(CUSTOMER, BASE, v2.version, {"gate.decision": "passed"})
     with pytest.raises(MlflowException, match="PERMISSION_DENIED|403"):
-        ro.client.delete_registered_model_alias("ftops-acme-tiny", PRODUCTION)
+        ro.client.delete_registered_model_alias(model_name(CUSTOMER, BASE), PRODUCTION)
 
     login(monkeypatch, "ftops", service_password)
     assert Registry(url).by_alias(CUSTOMER, BASE, PRODUCTION).version == v1.version  # nothing moved

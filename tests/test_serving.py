@@ -319,10 +319,14 @@ def test_storage_stopped_mid_copy_leaves_every_replica_as_it_was(
     sync_serving()
     urls = [vllm_server.url, second_replica.url]
     before = {u: Replica(u).adapters() for u in urls}
-    # The same adapters on S3, and a fresh replica-side folder: v2 must be copied from S3.
+    # The same adapters on S3 (every customer's production, and v2), and a fresh replica-side folder: what is
+    # served must be copied from S3.
     v2 = reg.get(CUSTOMER, BASE, versions[1])
     s3 = Store("s3://ftops/failsafe")
-    s3.upload_dir(Path(settings().storage_root) / v2.adapter_prefix, v2.adapter_prefix)
+    wanted = [v2] + [p for c in ("sterling-law",) if (p := reg.by_alias(c, BASE, "production"))]
+    for v in wanted:
+        if not s3.list(v.adapter_prefix):
+            s3.upload_dir(Path(settings().storage_root) / v.adapter_prefix, v.adapter_prefix)
     monkeypatch.setenv("FTOPS_STORAGE_ROOT", s3.root)
     monkeypatch.setenv("FTOPS_VLLM_ADAPTER_DIR", str(tmp_path / "adapters"))
     reg.promote(CUSTOMER, BASE, versions[1])

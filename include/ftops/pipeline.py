@@ -494,7 +494,8 @@ def evaluate(run: Run, trained: dict) -> dict:
     run.save("eval.json", json.dumps(metrics).encode())
     shutil.rmtree(adapters, ignore_errors=True)  # unloaded from the replica by answers_from; scores are saved
     # The XCom keeps the figures (typed); answers and findings stay in the scratch file and the report.
-    return Metrics.model_validate(metrics).model_dump(mode="json")
+    # JSON has no NaN (PostgreSQL refuses it in an XCom): a figure that could not be measured becomes null.
+    return json.loads(Metrics.model_validate(metrics).model_dump_json())
 
 
 def gate(run: Run, metrics: dict) -> dict:
