@@ -127,3 +127,12 @@ def test_a_non_finite_figure_crosses_the_xcom_as_null_and_still_fails():
     wire = json.loads(m.model_dump_json())  # what pipeline.evaluate hands to Airflow
     assert wire["candidate"]["val_loss"] is None and json.dumps(wire, allow_nan=False)
     assert not decide(wire, GatePolicy()).passed
+
+
+def test_a_nul_character_in_an_answer_never_reaches_the_xcom():
+    """PostgreSQL's JSONB refuses U+0000, and a byte-level model can generate it (seen in a test run)."""
+    from ftops.handoffs import Metrics
+
+    m = Metrics.model_validate(metrics({"sample": {"prompt": "Q?", "answer": "a\x00b"}}))
+    assert "\x00" not in m.model_dump_json().encode().decode("unicode_escape")
+    assert m.candidate.sample["answer"] == "a\ufffdb"

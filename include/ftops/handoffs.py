@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, field_validator
 
 
 def finite(x: float | None) -> bool:
@@ -31,6 +31,12 @@ class Scores(BaseModel):
     cross_tenant_leaks: int | None = None
     pii_answers: int | None = None
     sample: dict[str, str] | None = None  # the first golden prompt and its answer (the serving probe)
+
+    @field_validator("sample")
+    @classmethod
+    def _no_nul(cls, v: dict[str, str] | None) -> dict[str, str] | None:
+        # A model can generate U+0000 (byte-level tokens); PostgreSQL's JSONB refuses it in an XCom.
+        return {k: x.replace("\x00", "\ufffd") for k, x in v.items()} if v else v
 
 
 class Metrics(BaseModel):
