@@ -25,6 +25,7 @@ import pytest
 from conftest import _service
 from ftops.demo_data import registered_style_version, write_batch
 from ftops.fleet import parse_metrics, traffic
+from ftops.keys import auth_headers
 from ftops.registry import Registry, model_name
 
 pytestmark = pytest.mark.e2e
@@ -147,7 +148,7 @@ def fleet_rows(admin: httpx.Client) -> dict[str, dict]:
 
 
 def served_root(vllm_url: str, customer: str) -> str | None:
-    models = httpx.get(f"{vllm_url}/v1/models", timeout=30).json()["data"]
+    models = httpx.get(f"{vllm_url}/v1/models", timeout=30, headers=auth_headers()).json()["data"]
     return next((m["root"] for m in models if m["id"] == customer), None)
 
 
@@ -191,8 +192,9 @@ def test_fleet_rows_say_what_registry_airflow_vllm_and_storage_say(airflow, stat
         sum(manifest["counts"]["dropped"].values()) / manifest["counts"]["read"], 4
     )
     assert here["quarantine_share"] > 0
-    # vLLM has no per-customer metrics here: the column says so rather than inventing figures.
-    assert here["traffic"] is None and served["traffic"] is None
+    # The replicas' tenant middleware exports per-customer counters; a customer without samples shows n/a.
+    for row in (here, served):
+        assert row["traffic"] is None or row["traffic"]["requests"] >= row["traffic"]["errors"] >= 0, row
 
 
 def test_traffic_is_read_from_per_customer_prometheus_metrics():
@@ -210,6 +212,14 @@ vllm:num_requests_running 3
     assert t["acme"] == {"requests": 100, "errors": 10, "p95_ms": 1000.0}  # 95th of 100 falls in (0.5, 1.0]
     assert t["zed"] == {"requests": 5, "errors": 0, "p95_ms": None}
     assert "other" not in t
+    # What ftops.serving_auth exports: errors counted by the exporter itself, not again from the status codes.
+    middleware = """ftops_tenant_requests_total{customer="acme",route="/v1/completions",code="200"} 40
+ftops_tenant_requests_total{customer="acme",route="/v1/completions",code="403"} 2
+ftops_tenant_errors_total{customer="acme",reason="forbidden"} 2
+ftops_tenant_request_seconds_bucket{customer="acme",le="0.25"} 41
+ftops_tenant_request_seconds_bucket{customer="acme",le="+Inf"} 42
+"""
+    assert traffic(parse_metrics(middleware))["acme"] == {"requests": 42, "errors": 2, "p95_ms": 250.0}
 
 
 def test_an_unreachable_registry_or_replica_is_reported_not_shown_as_empty(monkeypatch):

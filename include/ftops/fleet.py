@@ -29,6 +29,7 @@ import httpx
 
 from ftops import registry as _registry
 from ftops.config import CustomerConfig, Platform, Settings
+from ftops.keys import auth_headers
 from ftops.registry import CANDIDATE, MODEL_PREFIX, PREVIOUS, PRODUCTION, RegistryError, model_name
 
 # Version tags an action from the fleet page writes: who moved production to this version, when, how.
@@ -234,7 +235,8 @@ def replica_adapters(urls: Iterable[str], timeout: float = 3.0) -> dict[str, dic
 
     def ask(url: str) -> dict[str, str] | None:
         try:
-            r = httpx.get(f"{url}/v1/models", timeout=timeout)
+            # The serving admin key: the replicas' middleware shows every adapter only to it.
+            r = httpx.get(f"{url}/v1/models", timeout=timeout, headers=auth_headers())
             r.raise_for_status()
             return {m["id"]: m.get("root", "") for m in r.json()["data"] if m.get("parent")}
         except (httpx.HTTPError, ValueError, KeyError, TypeError):
@@ -295,6 +297,9 @@ def traffic(samples: list[tuple[str, dict[str, str], float]]) -> dict[str, dict]
     Customers with no labelled samples are absent (the page shows n/a)."""
     per: dict[str, dict] = {}
     buckets: dict[str, dict[float, float]] = {}
+    # Where the exporter counts errors itself (ftops.serving_auth's `ftops_tenant_errors_total`), those are the
+    # errors; only otherwise are they read from the requests' status codes (never both: double counting).
+    counted = {lb.get("customer") for n, lb, _ in samples if n.endswith(("_errors_total", "_failures_total"))}
     for name, labels, value in samples:
         c = labels.get("customer")
         if not c:
@@ -303,11 +308,11 @@ def traffic(samples: list[tuple[str, dict[str, str], float]]) -> dict[str, dict]
         status = labels.get("status", labels.get("code", ""))
         if name.endswith("_requests_total"):
             row["requests"] += value
-            if status[:1] in ("4", "5"):
+            if status[:1] in ("4", "5") and c not in counted:
                 row["errors"] += value
         elif name.endswith(("_errors_total", "_failures_total")):
             row["errors"] += value
-        elif name.endswith("_bucket") and ("latency" in name or "duration" in name) and "le" in labels:
+        elif name.endswith("_bucket") and any(w in name for w in ("latency", "duration", "seconds")) and "le" in labels:
             le = math.inf if labels["le"] in ("+Inf", "Inf") else float(labels["le"])
             b = buckets.setdefault(c, {})
             b[le] = b.get(le, 0.0) + value
@@ -333,7 +338,7 @@ def metrics_urls(env: Settings) -> list[str]:
 def read_traffic(urls: list[str], timeout: float = 3.0) -> dict[str, dict]:
     def get(url: str) -> str:
         try:
-            r = httpx.get(url, timeout=timeout)
+            r = httpx.get(url, timeout=timeout, headers=auth_headers())  # `/metrics` is admin-only
             return r.text if r.status_code == 200 else ""
         except httpx.HTTPError:
             return ""
