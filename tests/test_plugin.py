@@ -50,7 +50,27 @@ def token(url: str, user: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def airflow(home, tiny_model, mlflow_server, vllm_server, postgres):
+def plugin_mlflow(home, mlflow_server):
+    """This module's own registry and storage: the fleet is compared with exactly what this module made, not with
+    what earlier modules left in the session's (e2e's poisoned brightdesk history, for one)."""
+    own = home / "plugin-mlflow"
+    extra = {"MLFLOW_BACKEND": f"sqlite:///{own}/mlflow.db", "MLFLOW_ARTIFACTS": str(own / "artifacts")}
+    saved = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "FTOPS_STORAGE_ROOT")}
+    own.mkdir()
+    for svc in _service("mlflow", extra, "MLFLOW_PORT"):
+        os.environ.update(MLFLOW_TRACKING_URI=svc.url, FTOPS_STORAGE_ROOT=str(home / "plugin-storage"))
+        try:
+            yield svc
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+
+
+@pytest.fixture(scope="module")
+def airflow(home, tiny_model, plugin_mlflow, vllm_server, postgres):
     ah = home / "airflow-plugin"
     ah.mkdir()
     passwords = ah / "passwords.json"
@@ -84,16 +104,16 @@ def wait_run(admin: httpx.Client, dag: str, run_id: str, timeout: float = 600) -
 
 
 @pytest.fixture(scope="module")
-def state(airflow, home, tiny_model, mlflow_server):
+def state(airflow, home, tiny_model, plugin_mlflow):
     """The demo-like state; returns what the tests compare the plugin's answers with."""
     from mlflow import MlflowClient
 
     from ftops.pipeline import sync_serving
 
     svc, admin = airflow
-    uri = mlflow_server.url
+    uri = plugin_mlflow.url
     # A real run of brightdesk's DAG on a dirty upload (duplicates, PII, a malformed line).
-    write_batch(HERE, home / "storage" / HERE / "inbox", n=60, batch=0, dirty=True)
+    write_batch(HERE, home / "plugin-storage" / HERE / "inbox", n=60, batch=0, dirty=True)
     r = admin.post(f"/api/v2/dags/finetune_{HERE}/dagRuns", json={"logical_date": None, "conf": {}})
     assert r.status_code == 200, r.text
     run_id = r.json()["dag_run_id"]
@@ -123,7 +143,7 @@ def state(airflow, home, tiny_model, mlflow_server):
     ).version
     for v in versions:  # as two DAG runs would have: v1, then v2 (v1 becomes `previous`)
         reg.promote(SERVED, "tiny", v)
-    write_batch(SERVED, home / "storage" / SERVED / "inbox", n=25, batch=7, dirty=False)  # waiting, not yet run
+    write_batch(SERVED, home / "plugin-storage" / SERVED / "inbox", n=25, batch=7, dirty=False)  # waiting, not yet run
     assert wait_run(admin, f"finetune_{HERE}", run_id) == "success"
     sync_serving()
     return {"run_id": run_id, "versions": versions, "failed": failed, "registry": reg}
@@ -186,7 +206,7 @@ def test_fleet_rows_say_what_registry_airflow_vllm_and_storage_say(airflow, stat
     assert here["next_run"] and _t(here["next_run"]) == _t(dag["next_dagrun_run_after"])  # its weekly slot
     # Data: 25 examples wait in sterling-law's inbox; brightdesk's last batch lost its planted bad lines.
     assert served["inbox"] == 25 and here["inbox"] == 0
-    versions = sorted((home / "storage" / HERE / "datasets").iterdir())
+    versions = sorted((home / "plugin-storage" / HERE / "datasets").iterdir())
     manifest = json.loads((versions[-1] / "manifest.json").read_text())
     assert here["quarantine_share"] == round(
         sum(manifest["counts"]["dropped"].values()) / manifest["counts"]["read"], 4
