@@ -93,7 +93,8 @@ def run():
 
     ctx = get_current_context()
     dag_id = ctx["dag"].dag_id
-    return Run(dag_id.removeprefix("finetune_"), ctx["dag_run"].run_id, dag_id)
+    dag_run = ctx["dag_run"]
+    return Run(dag_id.removeprefix("finetune_"), dag_run.run_id, dag_id, started_at=dag_run.start_date)
 
 
 @task

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import time
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
@@ -30,11 +31,36 @@ def test_data_tasks_share_one_chain_and_keep_no_raw_data_in_scratch(home):
     assert pipeline.snapshot(run) == out  # a retried task returns the same version
     assert [m["version"] for m in snap.versions(run.store, "brightdesk")] == [out["dataset_version"]]
     scratch = run.store.list(run.scratch)
-    assert sorted(k.rsplit("/", 1)[1] for k in scratch) == ["prepare.json", "started"]
+    assert sorted(k.rsplit("/", 1)[1] for k in scratch) == ["dataset-version", "prepare.json", "started"]
     assert "@" not in run.store.get(f"{run.scratch}/prepare.json").decode()
     assert not list((home / "work" / "spill").glob("ftops-prepare-*"))
-    assert pipeline.cleanup(run)["removed_objects"] == 2 and run.store.list(run.scratch) == []
+    assert pipeline.cleanup(run)["removed_objects"] == 3 and run.store.list(run.scratch) == []
     assert pipeline.snapshot(run) == out  # a task retried after cleanup finds the version by its run
+
+
+def test_the_dataset_version_is_named_by_the_run_and_a_lost_try_leaves_no_second_version(home, tmp_path, monkeypatch):
+    monkeypatch.setenv("FTOPS_STORAGE_ROOT", str(tmp_path))  # a history of its own
+    started = datetime(2026, 11, 2, 1, 7, 9, 120000, tzinfo=UTC)
+    run = pipeline.Run("brightdesk", "scheduled__w45", "finetune_brightdesk", started_at=started)
+    write_batch("brightdesk", tmp_path / "brightdesk" / "inbox", n=30, batch=0)
+    name = f"20261102T010709120000Z-{run.key}"
+    # A first try died while publishing: some of the version's files, no manifest.
+    run.store.put(f"brightdesk/datasets/{name}/train.jsonl", b'{"partial": true}\n')
+    out = pipeline.ingest(run)
+    assert pipeline.snapshot(run)["dataset_version"] == name
+    assert b"partial" not in run.store.get(f"brightdesk/datasets/{name}/train.jsonl")
+    # The next try died after publishing, before it could record its counts: the retry adopts the version.
+    run.store.delete_prefix(f"{run.scratch}/prepare.json")
+    assert pipeline.ingest(run) == out and pipeline.validate(run)["success"]
+    assert pipeline.dedupe(run)["examples"] == pipeline.snapshot(run)["kept"] > 0
+    assert [m["version"] for m in snap.versions(run.store, "brightdesk")] == [name]
+    # A later run back-dated before it (a manual run with an old start, a clock behind) still sorts after it.
+    late = pipeline.Run("brightdesk", "manual__old", "finetune_brightdesk", started_at=started - timedelta(days=9))
+    write_batch("brightdesk", tmp_path / "brightdesk" / "inbox", n=30, batch=1)
+    pipeline.ingest(late)
+    versions = [m["version"] for m in snap.versions(run.store, "brightdesk")]
+    assert versions[0] == name and versions[1] == pipeline.snapshot(late)["dataset_version"]
+    assert versions[1].endswith(late.key) and versions[1] == late.dataset_version()
 
 
 def test_a_rejected_batch_fails_the_validate_task_and_writes_nothing(home):
@@ -83,4 +109,4 @@ def test_on_s3_files_stream_limits_hold_and_cleanup_removes_scratch(s3_server, m
     pipeline.ingest(run)
     out = pipeline.snapshot(run)
     assert out["dropped"] == {"too_large": 1} and out["kept"] > 0
-    assert pipeline.cleanup(run)["removed_objects"] == 2 and store.list(run.scratch) == []
+    assert pipeline.cleanup(run)["removed_objects"] == 3 and store.list(run.scratch) == []

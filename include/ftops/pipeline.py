@@ -18,6 +18,7 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
+from datetime import UTC, datetime
 from pathlib import Path
 
 from ftops import snapshot as snap
@@ -46,12 +47,13 @@ class Run:
         dag_id: str = "",
         platform: Platform | None = None,
         env: Settings | None = None,
+        started_at: datetime | None = None,
     ):
         self.env = env or settings()
         self.platform = platform or load_platform(self.env.customers_file)
         self.customer: CustomerConfig = self.platform.customer(customer_id)
         self.id = customer_id
-        self.run_id, self.dag_id = run_id, dag_id
+        self.run_id, self.dag_id, self.started_at = run_id, dag_id, started_at
         self.key = hashlib.sha256(run_id.encode()).hexdigest()[:12]
         self.store = Store(self.env.storage_root)
         self.scratch = f"{customer_id}/runs/{self.key}"
@@ -77,6 +79,30 @@ class Run:
 
         return Registry(self.env.mlflow_uri)
 
+    def dataset_version(self) -> str:
+        """The name of the dataset version this run writes: `<run start, UTC>-<run key>`, chosen by the first
+        try and kept in the scratch, so every retry on any worker writes the same version. Names sort in the
+        order runs started (one run at a time per customer); a name that would sort before the newest version
+        (a back-dated run, a clock behind) takes the present time instead."""
+        key = f"{self.scratch}/dataset-version"
+        try:
+            return self.store.get(key).decode()
+        except FileNotFoundError:
+            pass
+        stamp = "{:%Y%m%dT%H%M%S%fZ}-" + self.key
+        name = stamp.format((self.started_at or datetime.now(UTC)).astimezone(UTC))
+        others = [v for v in self.store.children(f"{self.id}/datasets") if not v.endswith(f"-{self.key}")]
+        newest = others[-1:]  # (what a lost try of this run left does not count)
+        if newest and name <= newest[0]:
+            name = stamp.format(datetime.now(UTC))
+            if name <= newest[0]:
+                raise RuntimeError(f"{self.id}: the clock is behind the newest dataset version {newest[0]}")
+        try:
+            self.store.put(key, name.encode())
+        except FileExistsError:  # a concurrent try chose first: use its name
+            return self.store.get(key).decode()
+        return name
+
 
 # --- data -----------------------------------------------------------------------------------------------
 
@@ -99,6 +125,7 @@ def prepare(
     chunk_size: int = 50_000,  # each chunk costs one Great Expectations run; 50k rows stay a few hundred MB
     limits=None,
     progress=None,
+    version: str | None = None,
 ) -> dict:
     """The data chain, once: ingest → validate → clean → dedupe → snapshot, streamed in chunks of
     `chunk_size` examples (memory stays flat at any size; the dedupe history is on disk).
@@ -106,7 +133,8 @@ def prepare(
     `files`: `ingest.inbox_files(uri)` or `ingest.local_files(paths)`. Returns the counts of every stage
     (`stages`) and of the version written (`dataset_version` None when no new file arrived). Raises
     `ValidationFailed` (nothing written) when the batch breaks a batch-level expectation; PII drops under
-    `pii: drop` count against `max_quarantine_share` like any other quarantined record."""
+    `pii: drop` count against `max_quarantine_share` like any other quarantined record. `version` names the
+    version to write (a run's, so that a retry writes the same one); default: the clock and the content."""
     from ftops.clean import clean as scrub
     from ftops.dedupe import dedupe as drop_duplicates
     from ftops.ingest import chunks
@@ -150,7 +178,9 @@ def prepare(
             raise err
         if any(s["skipped"] != "already_ingested" for s in sources):
             parent = manifests[-1]["version"] if manifests else None
-            s = writer.publish(validation.result, validation.html, parent, run, docs=validation.docs)
+            s = writer.publish(
+                validation.result, validation.html, parent, run, docs=validation.docs, version=version, stages=stages
+            )
             out |= {"dataset_version": s.version, "dataset_uri": s.uri, "fingerprint": s.manifest["fingerprint"]}
         return out
     finally:
@@ -172,17 +202,21 @@ def ingest(run: Run) -> dict:
     run.store.put(f"{run.scratch}/started", str(time.time()).encode(), overwrite=True)
     expire_scratch(run.store, run.id, run.env.home, keep=run.key)
     if not run.store.exists(f"{run.scratch}/prepare.json"):
-        try:
-            out = prepare(
-                run.store,
-                run.id,
-                inbox_files(run.inbox),
-                run.customer.data,
-                run=run.lineage(),
-                spill_root=run.env.home / "work" / "spill",
-            )
-        except ValidationFailed as exc:
-            out = getattr(exc, "summary", {}) | {"failed": str(exc)}
+        if published := _published(run):  # an earlier try wrote the version, then was lost before this
+            out = _from_manifest(run, published)
+        else:
+            try:
+                out = prepare(
+                    run.store,
+                    run.id,
+                    inbox_files(run.inbox),
+                    run.customer.data,
+                    run=run.lineage(),
+                    spill_root=run.env.home / "work" / "spill",
+                    version=run.dataset_version(),
+                )
+            except ValidationFailed as exc:
+                out = getattr(exc, "summary", {}) | {"failed": str(exc)}
         run.save("prepare.json", json.dumps(out).encode())
     out = _prepared(run)
     st = out.get("stages", {}).get("ingest", {})
@@ -224,16 +258,27 @@ def snapshot(run: Run) -> dict:
     try:
         out = _prepared(run)
     except FileNotFoundError:
-        mine = [m for m in snap.versions(run.store, run.id) if m["run"].get("airflow.run_id") == run.run_id]
-        if not mine:
+        if not (published := _published(run)):
             raise
-        m = mine[-1]
-        out = {k: m["counts"][k] for k in ("read", "kept", "dropped", "pii", "train", "val")} | {
-            "dataset_version": m["version"],
-            "dataset_uri": run.store.uri(f"{run.id}/datasets/{m['version']}"),
-            "fingerprint": m["fingerprint"],
-        }
+        out = _from_manifest(run, published)
     return {k: out[k] for k in keys if k in out}
+
+
+def _published(run: Run) -> dict | None:
+    """The manifest of the dataset version this run wrote, if a try of it got that far."""
+    mine = [m for m in snap.versions(run.store, run.id) if m["run"].get("airflow.run_id") == run.run_id]
+    return mine[-1] if mine else None
+
+
+def _from_manifest(run: Run, m: dict) -> dict:
+    """`prepare`'s summary of a published version, rebuilt from its manifest."""
+    return m["counts"] | {
+        "stages": m.get("stages", {}),
+        "validation_success": m.get("validation_success"),
+        "dataset_version": m["version"],
+        "dataset_uri": run.store.uri(f"{run.id}/datasets/{m['version']}"),
+        "fingerprint": m["fingerprint"],
+    }
 
 
 def cleanup(run: Run) -> dict:

@@ -154,18 +154,23 @@ class Writer:
         parent: str | None,
         run: dict | None = None,
         docs: Path | None = None,
+        version: str | None = None,
+        stages: dict | None = None,
     ) -> Snapshot:
-        """Write the version; never touches an existing one (AlreadyExists if the version path is taken)."""
+        """Write the version `version` (a run's own name, see `pipeline.Run.dataset_version`; else the clock
+        and the content). Never touches a complete version (FileExistsError when its manifest exists); files
+        without a manifest under the same name are a crashed try's of the same run, removed first."""
         try:
             for fh in self.files.values():
                 fh.close()
             keys = (self.dir / "keys.txt").read_text().split()
             fingerprint = hashlib.sha256("\n".join(sorted(keys)).encode()).hexdigest()
             del keys
-            version = f"{datetime.now(UTC):%Y%m%dT%H%M%S%fZ}-{fingerprint[:8]}"
+            version = version or f"{datetime.now(UTC):%Y%m%dT%H%M%S%fZ}-{fingerprint[:8]}"
             prefix = f"{self.customer}/datasets/{version}"
-            if self.store.list(prefix):
+            if self.store.exists(f"{prefix}/manifest.json"):
                 raise FileExistsError(self.store.uri(prefix))
+            self.store.delete_prefix(prefix + "/")
             npy = self.dir / "minhash.npy"
             with open(npy, "r+b") as out:  # the rows were written after a reserved header: fill it in now
                 header = {"descr": "<u8", "fortran_order": False, "shape": (self.kept, NUM_PERM)}
@@ -197,6 +202,7 @@ class Writer:
                 "val_fraction": self.val_fraction,
                 "sources": self.sources,
                 "validation_success": validation.get("success"),
+                "stages": stages or {},
             }
             self.store.put(f"{prefix}/manifest.json", json.dumps(manifest, indent=2).encode())
             return Snapshot(version, self.store.uri(prefix), manifest)

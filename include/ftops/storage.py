@@ -157,7 +157,8 @@ class Store:
         return self.uri(key)
 
     def delete_prefix(self, prefix: str) -> int:
-        """Remove every object under a prefix (run scratch only: versioned paths are never deleted)."""
+        """Remove every object under a prefix: a run's scratch, or what a crashed try left of its own unpublished
+        version (no manifest). Never a published version."""
         keys = self.list(prefix)
         if self.is_s3:
             for i in range(0, len(keys), 1000):
