@@ -6,9 +6,10 @@ the page must still come back fast). Measured in the same run:
   - `fleet_fn_s`: `ftops.fleet.fleet` in-process with a fresh registry read (two batched searches);
   - `baseline_per_customer_s`: what a page reading the registry customer by customer would spend on the
     registry alone (`Registry.by_alias` production + `Registry.versions`, 2 calls per customer, as the CLI does);
-  - `api_cold_s`: the first `GET /ftops/api/customers` through the api-server (auth, Airflow's tables, a
-    fresh registry read, storage, replicas); `api_s`: the following ones (registry snapshot reused,
-    refreshed in the background), with the api-server's own per-source timings;
+  - `api_cold_s`: the first `GET /ftops/api/customers`, sent the moment the api-server answers its health
+    check after a start (auth, Airflow's tables, the registry snapshot the plugin began reading at startup,
+    storage, replicas); `api_s`: the following ones (registry snapshot reused, refreshed in the background),
+    with the api-server's own per-source timings;
   - `page_s`: the fleet page in headless Chromium, from navigation to the 500 rows drawn (when Chromium is
     installed).
 
@@ -163,7 +164,12 @@ def main() -> None:
         t0 = time.perf_counter()
         populate(os.environ["MLFLOW_TRACKING_URI"], ids, a.versions)
         print(f"populated {a.customers} models in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
-        subprocess.run([services, "start", "airflow"], check=True)
+        subprocess.run([services, "start", "airflow"], check=True)  # returns once the api-server is healthy
+        url = f"http://127.0.0.1:{ports['AIRFLOW_PORT']}"
+        with httpx.Client(base_url=url, timeout=120) as http:  # the first page load right after a restart
+            t0 = time.perf_counter()
+            first = http.get("/ftops/api/customers").raise_for_status().json()
+            api_cold, cold_timings = time.perf_counter() - t0, first["timings"]
         env, platform = settings(), load_platform()
         fn, base, api = [], [], []
         for _ in range(a.rounds):
@@ -172,11 +178,7 @@ def main() -> None:
             fn.append(time.perf_counter() - t0)
             assert len(rows) == a.customers and all(r["production"] for r in rows)
             base.append(baseline(env.mlflow_uri, ids))
-        url = f"http://127.0.0.1:{ports['AIRFLOW_PORT']}"
         with httpx.Client(base_url=url, timeout=120) as http:
-            t0 = time.perf_counter()
-            first = http.get("/ftops/api/customers").raise_for_status().json()  # empty registry snapshot
-            api_cold, cold_timings = time.perf_counter() - t0, first["timings"]
             for _ in range(a.rounds):
                 t0 = time.perf_counter()
                 r = http.get("/ftops/api/customers")

@@ -4,7 +4,8 @@ next to the base model alone (the baseline) in the same run, median of `--repeat
 share of failed requests while 10 adapters are swapped (`load_inplace`) under load.
 Tenant isolation's cost in the same run: a second vLLM with the key-checking middleware (ftops.serving_auth,
 every request with its customer's own key) against the first one without it (VLLM_MIDDLEWARE=none), on the
-same 10 adapters, in short paired rounds (alternating which goes first) so both see the same machine load;
+same 10 adapters, in short paired rounds (alternating which goes first) so both see the same machine load,
+the other server frozen (SIGSTOP) while one is measured;
 `keys_throughput_ratio` is the median over pairs of requests/s with keys / without. `middleware_cost` is the
 middleware's own time per request, measured in-process around a stand-in app (no engine, no noise from it).
 `--explore` then restarts vLLM under other LoRA settings (--max-loras, --max-cpu-loras, client concurrency)
@@ -23,6 +24,7 @@ import argparse
 import asyncio
 import json
 import os
+import signal
 import socket
 import statistics
 import subprocess
@@ -154,7 +156,21 @@ class Server:
         subprocess.run([str(ROOT / "scripts" / "services.sh"), "start", "vllm"], env=self.env, check=True)
 
     def stop(self) -> None:
+        self.resume()
         subprocess.run([str(ROOT / "scripts" / "services.sh"), "stop", "vllm"], env=self.env)
+
+    def _signal(self, sig: int) -> None:
+        pid = Path(self.env["FTOPS_HOME"], "run", f"vllm-{self.env['VLLM_PORT']}.pid")
+        if pid.exists():
+            os.killpg(int(pid.read_text()), sig)  # started with setsid: the API server and its engine process
+
+    def pause(self) -> None:
+        """Freeze the whole server: an idle vLLM still takes CPU (its engine loop), which on 2 cores skews
+        whichever server is being measured."""
+        self._signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        self._signal(signal.SIGCONT)
 
     def setup(self, adapters: list[Path], admin: dict) -> str:
         http = httpx.Client(base_url=self.url, timeout=120, headers=admin)
@@ -217,9 +233,15 @@ def main() -> None:
         for r in range(a.key_rounds):  # short paired rounds: a pair shares the machine's load of the moment
             order = [(keyed, customer_keys, with_keys), (plain, None, without)]
             for server, ks, out in order if r % 2 else order[::-1]:
+                other = plain if server is keyed else keyed
+                other.pause()  # only the measured server runs
+                server.resume()
+                time.sleep(0.5)
                 result = asyncio.run(load(server.url, names, max(a.requests // 2, 16), a.concurrency, ks))
                 assert result["failed"] == 0, result
                 out.append(result)
+        plain.resume()
+        keyed.pause()  # the scenarios below run on the plain server alone
         figures["keys_enforced"] = {
             "with_keys_req_per_s": [x["req_per_s"] for x in with_keys],
             "without_req_per_s": [x["req_per_s"] for x in without],

@@ -68,6 +68,18 @@ def _service(name: str, extra: dict[str, str], port_var: str, port: int | None =
         svc.run("stop")
 
 
+@pytest.fixture(scope="module")
+def postgres(home):
+    """Airflow's metadata database, PostgreSQL as in production (one per module): SQLite stalls under the
+    standalone's concurrent writers (a 30 s API stall failed a run of this suite). Yields Airflow's settings."""
+    for svc in _service("postgres", {"PG_DATABASES": "airflow"}, "PG_PORT"):
+        where = f"postgres@127.0.0.1:{svc.url.rsplit(':', 1)[1]}/airflow"
+        yield {  # psycopg 3 for both engines (Airflow would pick asyncpg for the async one)
+            "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"postgresql+psycopg://{where}",
+            "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN_ASYNC": f"postgresql+psycopg_async://{where}",
+        }
+
+
 @pytest.fixture(scope="session")
 def s3_server(home):
     """A real S3-compatible server (SeaweedFS); its components use S3_PORT..S3_PORT+5 (+10000 for gRPC)."""

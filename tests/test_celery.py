@@ -3,8 +3,9 @@ Celery workers started by `scripts/services.sh start celery` (a `default` worker
 own FTOPS_HOME: they share object storage and nothing else). A customer's run sends training to the `gpu` queue
 and everything else to `default`; the gpu worker is SIGKILLed mid-training with its whole process tree (a lost
 machine); the scheduler notices the missing heartbeats and retries the task on a *different* gpu worker, which
-resumes from the last checkpoint in object storage; the scheduler itself is killed and restarted mid-run; the
-run ends with one dataset version, one adapter and one registry version."""
+resumes from the last checkpoint in object storage; the default worker is lost mid-ingest and the retry writes the
+run's one dataset version; the scheduler itself is killed and restarted mid-run; the run ends with one dataset
+version, one adapter and one registry version."""
 
 from __future__ import annotations
 
@@ -87,7 +88,13 @@ def lose(home: Path, svc: Service, component: str, worker_home: Path | None = No
     """SIGKILL a component's whole process group, as when its machine disappears; and, for a worker, any
     process still running with its FTOPS_HOME (a task that left the group would survive a lost machine here)."""
     leader = pid(home, svc, component)
+    tree = descendants(leader)  # Airflow runs each task in a process group of its own: killpg misses it
     os.killpg(leader, signal.SIGKILL)
+    for p in tree:
+        try:
+            os.kill(p, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
     deadline = time.time() + 30
     while running(leader):  # gone, so that `start celery` sees it down
         assert time.time() < deadline, f"{component} survived SIGKILL"
@@ -100,6 +107,23 @@ def lose(home: Path, svc: Service, component: str, worker_home: Path | None = No
                 os.kill(int(proc.name), signal.SIGKILL)
         except (OSError, ProcessLookupError):
             continue
+
+
+def descendants(root: int) -> set[int]:
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(stat.parent.name))
+    out, todo = set(), [root]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            if c not in out:
+                out.add(c)
+                todo.append(c)
+    return out
 
 
 def running(p: int) -> bool:
@@ -121,18 +145,30 @@ def attempts(worker_home: Path, run_id: str) -> dict[str, list[str]]:
     return out
 
 
-def test_lost_gpu_worker_retries_elsewhere_and_resumes_from_its_checkpoint(stack, home):
+def test_lost_workers_retry_elsewhere_and_training_resumes_from_its_checkpoint(stack, home):
     svc, http = stack
     storage = Path(os.environ["FTOPS_STORAGE_ROOT"])
-    write_batch("brightdesk", storage / CUSTOMER / "inbox", n=80, dirty=False)
+    upload = write_batch("brightdesk", storage / CUSTOMER / "inbox", n=80, dirty=False)
+    # The same records again, 300 times: dedupe keeps none of them, but ingest takes seconds (time to kill it).
+    (upload.parent / "resent.jsonl").write_text(upload.read_text() * 300)
     started = time.time()
     r = http.post(f"/dags/{DAG}/dagRuns", json={"logical_date": None, "conf": {}})
     assert r.status_code == 200, r.text
     run_id = r.json()["dag_run_id"]
     scratch = storage / CUSTOMER / "runs" / hashlib.sha256(run_id.encode()).hexdigest()[:12]
 
+    # Lose the default worker's machine mid-ingest (the chain has begun, its counts are not written yet).
+    deadline = time.time() + 180
+    while not (scratch / "dataset-version").exists():
+        assert time.time() < deadline, f"ingest never began: { {k: v['state'] for k, v in tis(http, run_id).items()} }"
+        time.sleep(0.1)
+    time.sleep(1)
+    assert not (scratch / "prepare.json").exists(), "ingest finished before it could be interrupted"
+    lose(home, svc, "worker-default", home / "workers" / "default")
+    svc.run("start")  # the default worker's machine comes back (empty work folder: scratch is in storage)
+
     # Wait for a complete checkpoint in object storage, then lose the gpu worker's machine.
-    deadline = time.time() + 300
+    deadline = time.time() + 420
     while not (marks := sorted(scratch.glob("checkpoints/checkpoint-*/COMPLETE"))):
         assert time.time() < deadline, f"no checkpoint: { {k: v['state'] for k, v in tis(http, run_id).items()} }"
         assert not (scratch / "train-result.json").exists(), "training finished before it could be interrupted"
@@ -159,10 +195,11 @@ def test_lost_gpu_worker_retries_elsewhere_and_resumes_from_its_checkpoint(stack
     # Routing, from the Airflow REST API and from where each task's log was written.
     assert ti["train"]["queue"] == "gpu"
     assert {t["queue"] for k, t in ti.items() if k != "train"} == {"default"}
-    assert ti["train"]["try_number"] == 2  # the lost try, then the retry
+    assert ti["train"]["try_number"] == 2 and ti["ingest"]["try_number"] == 2  # the lost tries, then the retries
     gpu1, gpu2, default = (attempts(home / "workers" / w, run_id) for w in ("gpu1", "gpu2", "default"))
     assert gpu1 == {"train": ["attempt=1.log"]} and gpu2 == {"train": ["attempt=2.log"]}
     assert "train" not in default and {"ingest", "snapshot", "evaluate", "register"} <= set(default)
+    assert "attempt=2.log" in default["ingest"]
 
     # The retry resumed from the lost try's last checkpoint in object storage, on a worker that never saw it
     # (the train task's result, from Airflow: the run's scratch is gone, removed by its cleanup teardown).
@@ -172,8 +209,11 @@ def test_lost_gpu_worker_retries_elsewhere_and_resumes_from_its_checkpoint(stack
     assert result["resumed_from_step"] >= killed_at > 0 and result["steps"] == 30
     print(f"resumed from step {result['resumed_from_step']} (last complete checkpoint seen: {killed_at})")
 
-    # Exactly one of everything.
-    assert len([p for p in (storage / CUSTOMER / "datasets").iterdir() if p.is_dir()]) == 1
+    # Exactly one of everything; the dataset version is named by the run (its start, its key), not by a try.
+    datasets = [p.name for p in (storage / CUSTOMER / "datasets").iterdir() if p.is_dir()]
+    run_start = http.get(f"/dags/{DAG}/dagRuns/{run_id}").json()["start_date"]
+    assert len(datasets) == 1 and datasets[0].endswith(f"-{scratch.name}"), datasets
+    assert datasets[0][:15] == run_start[:19].replace("-", "").replace(":", ""), (datasets, run_start)
     adapter = result["adapter_uri"].split("/")[-1]
     assert [p.name for p in (storage / CUSTOMER / "adapters" / "tiny").iterdir()] == [adapter]
     versions = Registry(os.environ["MLFLOW_TRACKING_URI"]).versions(CUSTOMER, "tiny")

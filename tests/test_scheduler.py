@@ -37,18 +37,6 @@ def customers_file(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def postgres(home):
-    """Airflow's metadata database, PostgreSQL as in production: SQLite stalls under the standalone's
-    concurrent writers (a 30 s API stall failed a run of this suite)."""
-    for svc in _service("postgres", {"PG_DATABASES": "airflow"}, "PG_PORT"):
-        where = f"postgres@127.0.0.1:{svc.url.rsplit(':', 1)[1]}/airflow"
-        yield {  # psycopg 3 for both engines (Airflow would pick asyncpg for the async one)
-            "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"postgresql+psycopg://{where}",
-            "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN_ASYNC": f"postgresql+psycopg_async://{where}",
-        }
-
-
-@pytest.fixture(scope="module")
 def airflow(home, tiny_model, mlflow_server, customers_file, postgres):
     old = os.environ["FTOPS_CUSTOMERS"]
     os.environ["FTOPS_CUSTOMERS"] = str(customers_file)

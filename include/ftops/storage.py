@@ -78,32 +78,10 @@ class Store:
         return f"{self.prefix}/{key}" if self.prefix else key
 
     def put(self, key: str, data: bytes, overwrite: bool = False) -> str:
+        """Write an object; write-once unless `overwrite` (AlreadyExists if the key is taken)."""
         if self.is_s3:
-            extra = {} if overwrite else {"IfNoneMatch": "*"}
-            try:
-                self.s3.put_object(Bucket=self.bucket, Key=self._s3key(key), Body=data, **extra)
-            except self.s3.exceptions.ClientError as exc:
-                if exc.response.get("Error", {}).get("Code") in ("PreconditionFailed", "412"):
-                    raise AlreadyExists(self.uri(key)) from exc
-                raise
-            return self.uri(key)
-        path = self.base / key
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-            if overwrite:
-                os.replace(tmp, path)
-            else:
-                try:
-                    os.link(tmp, path)
-                except FileExistsError as exc:
-                    raise AlreadyExists(self.uri(key)) from exc
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-        return self.uri(key)
+            return self._put_s3(key, data, overwrite)
+        return self._publish(key, overwrite, lambda tmp: Path(tmp).write_bytes(data))
 
     def get(self, key: str) -> bytes:
         if self.is_s3:
@@ -125,25 +103,37 @@ class Store:
     def put_file(self, key: str, path: str | Path, overwrite: bool = False) -> str:
         """`put` from a local file, streamed (large dataset files are never held in memory)."""
         if self.is_s3:
-            extra = {} if overwrite else {"IfNoneMatch": "*"}
             with open(path, "rb") as f:
-                try:
-                    self.s3.put_object(Bucket=self.bucket, Key=self._s3key(key), Body=f, **extra)
-                except self.s3.exceptions.ClientError as exc:
-                    if exc.response.get("Error", {}).get("Code") in ("PreconditionFailed", "412"):
-                        raise AlreadyExists(self.uri(key)) from exc
-                    raise
-            return self.uri(key)
+                return self._put_s3(key, f, overwrite)
+
+        def fill(tmp: str) -> None:
+            os.unlink(tmp)
+            try:  # same filesystem (a spill folder beside the store): a link, not a copy of a large file
+                os.link(path, tmp)
+            except OSError:
+                shutil.copyfile(path, tmp)
+
+        return self._publish(key, overwrite, fill)
+
+    def _put_s3(self, key: str, body, overwrite: bool) -> str:
+        extra = {} if overwrite else {"IfNoneMatch": "*"}  # S3's conditional write: never replace an object
+        try:
+            self.s3.put_object(Bucket=self.bucket, Key=self._s3key(key), Body=body, **extra)
+        except self.s3.exceptions.ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("PreconditionFailed", "412"):
+                raise AlreadyExists(self.uri(key)) from exc
+            raise
+        return self.uri(key)
+
+    def _publish(self, key: str, overwrite: bool, fill) -> str:
+        """A local object appears whole or not at all: `fill` writes a temporary file beside it, which then
+        replaces the object (`overwrite`) or is hard-linked to its name, which fails if the name is taken."""
         dest = self.base / key
         dest.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=".tmp-")
         os.close(fd)
         try:
-            try:  # same filesystem (a spill folder beside the store): a link, not a copy of a large file
-                os.unlink(tmp)
-                os.link(path, tmp)
-            except OSError:
-                shutil.copyfile(path, tmp)
+            fill(tmp)
             if overwrite:
                 os.replace(tmp, dest)
             else:
