@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -26,6 +27,15 @@ app.add_typer(customers_app, name="customers")
 keys_app = typer.Typer(help="Serving API keys: one customer's model only (hashes stored).", no_args_is_help=True)
 app.add_typer(keys_app, name="keys")
 console = Console()
+
+
+@adapters_app.callback()
+@serving_app.callback()
+def _answer_promptly() -> None:
+    """An operator at a terminal learns that the registry does not answer in seconds, not after MLflow's
+    default seven retries with backoff (minutes). Training and evaluation keep MLflow's patient defaults."""
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
 
 
 def _fail(message: str) -> None:
@@ -109,6 +119,8 @@ def data_erase(
     """Right to erasure: the matching examples never reach a future training or replay (a tombstone list;
     the write-once versions stay). Reports the dataset and adapter versions that contained them."""
     import subprocess
+
+    _answer_promptly()
 
     from ftops import snapshot as snap
     from ftops.storage import Store
@@ -482,6 +494,7 @@ def keys_revoke(key_id: str, as_json: bool = typer.Option(False, "--json", help=
 @app.command("report")
 def report(prompt: str = typer.Option(None, help="ask every customer this instead of its demo prompt")) -> None:
     """Per customer: production version, gate metrics, and vLLM's answer through its adapter vs the base model."""
+    _answer_promptly()
     from ftops.registry import Registry, RegistryError
     from ftops.serving import Replica
 
