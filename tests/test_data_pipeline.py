@@ -334,3 +334,22 @@ def test_great_expectations_data_docs_are_kept_with_the_version(tmp_path):
     page = store.get(f"acme/datasets/{v.version}/validation.html").decode()
     assert "Data documentation compiled by Great Expectations" in page and "chat_batch" in page
     assert not any("/static/fonts/" in k for k in keys)  # 4 MB of fonts per version: left out
+
+
+def test_an_expectation_that_could_not_run_is_not_read_as_a_rejected_batch():
+    """Great Expectations marks an expectation whose metric raised as failed with 0 % unexpected (seen when a
+    lost worker's orphaned task kept running with its log pipe gone): ftops must fail the task, not reject data."""
+    import great_expectations as gx
+    import pandas as pd
+
+    from ftops.validate import raised
+
+    ctx = gx.get_context(mode="ephemeral")
+    asset = ctx.data_sources.add_pandas("t").add_dataframe_asset("a")
+    batch = asset.add_batch_definition_whole_dataframe("b").get_batch(
+        batch_parameters={"dataframe": pd.DataFrame({"x": [1, 2]})}
+    )
+    broken = batch.validate(gx.expectations.ExpectColumnValuesToMatchRegex(column="missing", regex="^a"))
+    verdict = batch.validate(gx.expectations.ExpectColumnValuesToBeBetween(column="x", min_value=5))
+    assert not broken.success and raised(broken.exception_info)
+    assert not verdict.success and not raised(verdict.exception_info)  # a real rejection stays one

@@ -129,6 +129,13 @@ class Validator:
             )
         else:
             result = self._checkpoint(df, Path(docs_dir))
+        if broken := [r for r in result.results if raised(r.exception_info)]:
+            # Not a verdict on the data: nothing may be rejected (or kept) on it. The task fails and retries.
+            r = broken[0]
+            raise RuntimeError(
+                f"Great Expectations could not evaluate {r.expectation_config.type}"
+                f"({r.expectation_config.kwargs.get('column')}): {_message(r.exception_info)}"
+            )
         failures = [
             f"{r.expectation_config.type}({r.expectation_config.kwargs.get('column')}): "
             f"{r.result.get('unexpected_percent', 0):.1f}% unexpected"
@@ -176,6 +183,22 @@ def validate(batch: Batch, policy: DataPolicy, suite_path: Path = SUITE_PATH) ->
     v = Validator(policy, suite_path)
     batch = v.rows(batch)
     return batch, v.finish(batch.read, batch.dropped())
+
+
+def raised(info) -> bool:
+    """Whether an expectation's evaluation raised (GE records it, per expectation or per metric, and marks the
+    expectation failed with no unexpected values: that must not read as a rejected batch)."""
+    if not isinstance(info, dict):
+        return False
+    if "raised_exception" in info:
+        return bool(info["raised_exception"])
+    return any(raised(v) for v in info.values())
+
+
+def _message(info: dict) -> str:
+    if "raised_exception" in info:
+        return str(info.get("exception_message"))
+    return next(_message(v) for v in info.values() if raised(v))
 
 
 def _row_level(r, spec) -> bool:
