@@ -164,6 +164,13 @@ class Server:
         if pid.exists():
             os.killpg(int(pid.read_text()), sig)  # started with setsid: the API server and its engine process
 
+    def api_cpu_s(self) -> float:
+        """CPU seconds used so far by the API server process (where the middleware runs; the engine core is
+        a child process of its own)."""
+        pid = Path(self.env["FTOPS_HOME"], "run", f"vllm-{self.env['VLLM_PORT']}.pid").read_text().strip()
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
     def pause(self) -> None:
         """Freeze the whole server: an idle vLLM still takes CPU (its engine loop), which on 2 cores skews
         whichever server is being measured."""
@@ -237,9 +244,10 @@ def main() -> None:
                 other.pause()  # only the measured server runs
                 server.resume()
                 time.sleep(0.5)
+                cpu = server.api_cpu_s()
                 result = asyncio.run(load(server.url, names, max(a.requests // 2, 16), a.concurrency, ks))
                 assert result["failed"] == 0, result
-                out.append(result)
+                out.append(result | {"api_cpu_ms": 1000 * (server.api_cpu_s() - cpu) / result["requests"]})
         plain.resume()
         keyed.pause()  # the scenarios below run on the plain server alone
         figures["keys_enforced"] = {
@@ -249,7 +257,16 @@ def main() -> None:
             "without_tokens_per_s": [x["tokens_per_s"] for x in without],
             "with_keys_p95_s": statistics.median(x["p95_s"] for x in with_keys),
             "without_p95_s": statistics.median(x["p95_s"] for x in without),
+            # CPU time of the API server process per request: where the middleware's work shows, whatever
+            # the engine's throughput does from one round to the next.
+            "with_keys_api_cpu_ms_per_request": round(statistics.median(x["api_cpu_ms"] for x in with_keys), 3),
+            "without_api_cpu_ms_per_request": round(statistics.median(x["api_cpu_ms"] for x in without), 3),
         }
+        figures["keys_api_cpu_ratio"] = round(
+            figures["keys_enforced"]["with_keys_api_cpu_ms_per_request"]
+            / figures["keys_enforced"]["without_api_cpu_ms_per_request"],
+            3,
+        )
         figures["keys_throughput_ratio"] = round(
             statistics.median(k["req_per_s"] / n["req_per_s"] for k, n in zip(with_keys, without, strict=True)), 3
         )
