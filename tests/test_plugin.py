@@ -136,7 +136,7 @@ def state(airflow, home, tiny_model, plugin_mlflow):
     write_batch(SERVED, home / "plugin-storage" / SERVED / "inbox", n=25, batch=7, dirty=False)  # waiting, not yet run
     assert wait_run(admin, f"finetune_{HERE}", run_id) == "success"
     sync_serving()
-    return {"run_id": run_id, "versions": versions, "failed": failed, "registry": reg}
+    return {"run_id": run_id, "versions": versions, "failed": failed, "registry": reg, "done_at": time.time()}
 
 
 def _metric_tags(loss: float, chrf: float, checks: float) -> dict[str, str]:
@@ -151,10 +151,18 @@ def _t(iso: str) -> datetime:
     return datetime.fromisoformat(iso.replace("Z", "+00:00"))
 
 
-def fleet_rows(admin: httpx.Client) -> dict[str, dict]:
-    r = admin.get("/ftops/api/customers")
-    assert r.status_code == 200, r.text
-    return {row["customer"]: row for row in r.json()["customers"]}
+def fleet_rows(admin: httpx.Client, since: float | None = None) -> dict[str, dict]:
+    """The fleet's rows; with `since`, from a registry snapshot read after that moment. The page serves a
+    snapshot up to a minute old and refreshes it in the background (its age is in the answer), so a change
+    made outside the page shows on a following load."""
+    deadline = time.time() + 90
+    while True:
+        r = admin.get("/ftops/api/customers")
+        assert r.status_code == 200, r.text
+        if since is None or r.json()["registry_age_s"] < time.time() - since:
+            return {row["customer"]: row for row in r.json()["customers"]}
+        assert time.time() < deadline, f"the registry snapshot is still {r.json()['registry_age_s']} s old"
+        time.sleep(1)
 
 
 def served_root(vllm_url: str, customer: str) -> str | None:
@@ -184,7 +192,7 @@ def test_the_registry_snapshot_is_read_when_the_api_server_starts(airflow):
 
 def test_fleet_rows_say_what_registry_airflow_vllm_and_storage_say(airflow, state, vllm_server, home):
     _, admin = airflow
-    rows = fleet_rows(admin)
+    rows = fleet_rows(admin, since=state["done_at"])
     reg = state["registry"]
     here, served = rows[HERE], rows[SERVED]
     # Production as the registry has it, and who moved it there.

@@ -7,6 +7,7 @@ approval before promoting, and retires a customer's DAG and inbox trigger when t
 from __future__ import annotations
 
 import os
+import subprocess
 import time
 from datetime import datetime
 
@@ -14,7 +15,8 @@ import httpx
 import pytest
 import yaml
 
-from conftest import TEST_CUSTOMERS, _service
+from conftest import ROOT, TEST_CUSTOMERS, _service
+from ftops.config import PRODUCTION_ASSET_URI
 from ftops.demo_data import write_batch
 from ftops.registry import Registry
 
@@ -158,6 +160,40 @@ def test_manual_approval_customer_waits_then_promotes_on_approval(airflow, home)
     assert r.status_code == 200, r.text
     assert wait_finished(airflow, run_id, timeout=600, dag=dag) == "success"
     assert reg.by_alias(MANUAL, "tiny", "production").tags["airflow.run_id"] == run_id
+
+
+def test_a_promotion_from_the_cli_starts_the_serving_sync(airflow):
+    """`ftops adapters promote` (as rollback) tells Airflow through the production asset: a `sync_vllm_adapters`
+    run consumes that event at once instead of waiting for its 5-minute slot. (No vLLM here: the run's outcome
+    is the reconciler's business, tested in test_serving.py; this checks the wiring.)"""
+    version = Registry(os.environ["MLFLOW_TRACKING_URI"]).by_alias(MANUAL, "tiny", "production").version
+    url = str(airflow.base_url).rstrip("/").removesuffix("/api/v2")
+    cli = subprocess.run(
+        [str(ROOT / ".venv" / "bin" / "ftops"), "adapters", "promote", MANUAL, version],
+        env=dict(os.environ, FTOPS_AIRFLOW_URL=url),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert cli.returncode == 0 and "Airflow notified" in cli.stdout, cli.stdout + cli.stderr[-2000:]
+    asset = next(a for a in airflow.get("/assets").json()["assets"] if a["uri"] == PRODUCTION_ASSET_URI)
+    events = airflow.get("/assets/events", params={"asset_id": asset["id"], "limit": 100}).json()["asset_events"]
+    mine = [e for e in events if e["extra"].get("customer") == MANUAL and e["source_dag_id"] is None]
+    assert [e["extra"]["version"] for e in mine] == [version]  # the CLI's event (the DAG's own has a source)
+    deadline = time.time() + 120
+    while True:
+        consumed = {
+            e["id"]
+            for r in airflow.get("/dags/sync_vllm_adapters/dagRuns").json()["dag_runs"]
+            if r["run_type"] == "asset_triggered"
+            for e in airflow.get(f"/dags/sync_vllm_adapters/dagRuns/{r['dag_run_id']}/upstreamAssetEvents").json()[
+                "asset_events"
+            ]
+        }
+        if mine[0]["id"] in consumed:
+            break
+        assert time.time() < deadline, "no sync_vllm_adapters run consumed the CLI's event"
+        time.sleep(2)
 
 
 def test_removing_a_customer_retires_its_dag_and_its_inbox_trigger(airflow, home, customers_file):
