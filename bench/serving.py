@@ -5,9 +5,10 @@ share of failed requests while 10 adapters are swapped (`load_inplace`) under lo
 Tenant isolation's cost in the same run: a second vLLM with the key-checking middleware (ftops.serving_auth,
 every request with its customer's own key) against the first one without it (VLLM_MIDDLEWARE=none), on the
 same 10 adapters, in short paired rounds (alternating which goes first) so both see the same machine load,
-the other server frozen (SIGSTOP) while one is measured;
-`keys_throughput_ratio` is the median over pairs of requests/s with keys / without. `middleware_cost` is the
-middleware's own time per request, measured in-process around a stand-in app (no engine, no noise from it).
+the other server frozen (SIGSTOP) while one is measured; `keys_throughput_ratio` is the median over pairs of
+requests/s with keys / without, `keys_api_cpu_ratio` the same for the CPU time of vLLM's API-server process per
+request (where the middleware runs). `middleware_cost` is the middleware's own time per request, measured
+in-process around a stand-in app (no engine, no noise from it).
 `--explore` then restarts vLLM under other LoRA settings (--max-loras, --max-cpu-loras, client concurrency)
 and measures 50 adapters against the base model on each, rounds interleaved.
 
