@@ -275,6 +275,17 @@ def _score(planted, negatives, flags_planted, flags_neg) -> dict:
     }
 
 
+def _spread(js: list[float]) -> dict:
+    """How similar a sorted list of negative pairs really is, and how many reach the threshold."""
+    return {
+        "pairs": len(js),
+        "jaccard_min": round(js[0], 4),
+        "jaccard_median": round(js[len(js) // 2], 4),
+        "jaccard_max": round(js[-1], 4),
+        "at_or_above_threshold": sum(j >= THRESHOLD for j in js),
+    }
+
+
 def evaluate(n_pairs: int = 200, seed: int = 0) -> dict:
     """Plant `n_pairs` pairs per Jaccard band and 2 * `n_pairs` hard negatives; score ours and the datasketch
     baselines on them (see the module docstring for the definitions). Keys: `near_dup_bands`,
@@ -312,21 +323,8 @@ def evaluate(n_pairs: int = 200, seed: int = 0) -> dict:
         }
 
     result = run(_ours(allp))
-    result["hard_negatives"] = {
-        "pairs": len(negatives),
-        "jaccard_min": round(neg_j[0], 4),
-        "jaccard_median": round(neg_j[len(neg_j) // 2], 4),
-        "jaccard_max": round(neg_j[-1], 4),
-        "at_or_above_threshold": sum(j >= THRESHOLD for j in neg_j),
-    }
-    of_j = sorted(p[2] for p in one_fact)
-    result["one_fact_negatives"] = {
-        "pairs": len(one_fact),
-        "jaccard_min": round(of_j[0], 4),
-        "jaccard_median": round(of_j[len(of_j) // 2], 4),
-        "jaccard_max": round(of_j[-1], 4),
-        "at_or_above_threshold": sum(j >= THRESHOLD for j in of_j),
-    }
+    result["hard_negatives"] = _spread(neg_j)
+    result["one_fact_negatives"] = _spread(sorted(p[2] for p in one_fact))
     result["baseline"] = run(_datasketch(allp, _textdedup_tokens)) | {
         "method": "datasketch 2 MinHash(num_perm=128) + MinHashLSH(threshold=0.8), text-dedup default tokens "
         "(lowercase, [^A-Za-z_0-9] split, word 5-grams), LSH candidate = duplicate"
