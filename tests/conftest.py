@@ -6,12 +6,24 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 TEST_CUSTOMERS = ROOT / "tests" / "data" / "customers.yaml"
+
+
+def wait_run(http, run: str, timeout: float) -> str:
+    """Poll an Airflow DAG run (`run`: its REST path, from `http`'s base URL) until it ends; its final state."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        state = http.get(run).json()["state"]
+        if state in ("success", "failed"):
+            return state
+        time.sleep(2)
+    raise AssertionError(f"{run} did not finish in {timeout} s")
 
 
 def free_port() -> int:

@@ -22,7 +22,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from conftest import _service
+from conftest import _service, wait_run
 from ftops.demo_data import registered_style_version, write_batch
 from ftops.fleet import parse_metrics, traffic
 from ftops.keys import auth_headers
@@ -83,16 +83,6 @@ def airflow(home, tiny_model, plugin_mlflow, vllm_server, postgres):
         yield svc, admin
 
 
-def wait_run(admin: httpx.Client, dag: str, run_id: str, timeout: float = 600) -> str:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        state = admin.get(f"/api/v2/dags/{dag}/dagRuns/{run_id}").json()["state"]
-        if state in ("success", "failed"):
-            return state
-        time.sleep(3)
-    raise AssertionError(f"{dag} {run_id} did not finish in {timeout} s")
-
-
 @pytest.fixture(scope="module")
 def state(airflow, home, tiny_model, plugin_mlflow):
     """The demo-like state; returns what the tests compare the plugin's answers with."""
@@ -134,7 +124,7 @@ def state(airflow, home, tiny_model, plugin_mlflow):
     for v in versions:  # as two DAG runs would have: v1, then v2 (v1 becomes `previous`)
         reg.promote(SERVED, "tiny", v)
     write_batch(SERVED, home / "plugin-storage" / SERVED / "inbox", n=25, batch=7, dirty=False)  # waiting, not yet run
-    assert wait_run(admin, f"finetune_{HERE}", run_id) == "success"
+    assert wait_run(admin, f"/api/v2/dags/finetune_{HERE}/dagRuns/{run_id}", timeout=600) == "success"
     sync_serving()
     return {"run_id": run_id, "versions": versions, "failed": failed, "registry": reg, "done_at": time.time()}
 

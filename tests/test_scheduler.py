@@ -15,7 +15,7 @@ import httpx
 import pytest
 import yaml
 
-from conftest import ROOT, TEST_CUSTOMERS, _service
+from conftest import ROOT, TEST_CUSTOMERS, _service, wait_run
 from ftops.config import PRODUCTION_ASSET_URI
 from ftops.demo_data import write_batch
 from ftops.registry import Registry
@@ -66,16 +66,6 @@ def runs(http: httpx.Client) -> list[dict]:
     return http.get(f"/dags/{DAG}/dagRuns").json()["dag_runs"]
 
 
-def wait_finished(http: httpx.Client, run_id: str, timeout: float = 420, dag: str = DAG) -> str:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        state = http.get(f"/dags/{dag}/dagRuns/{run_id}").json()["state"]
-        if state in ("success", "failed"):
-            return state
-        time.sleep(2)
-    raise AssertionError(f"{run_id} did not finish in {timeout} s")
-
-
 def inbox_asset(http: httpx.Client) -> dict:
     uri = f"ftops://inbox/{CUSTOMER}"
     return next(a for a in http.get("/assets", params={"uri_pattern": uri}).json()["assets"] if a["uri"] == uri)
@@ -110,7 +100,7 @@ def test_enough_new_examples_start_one_run_by_themselves(airflow, home):
         assert time.time() < deadline, "the data-volume trigger did not start a run"
         time.sleep(2)
     run_id = started[0]["dag_run_id"]
-    assert wait_finished(airflow, run_id) == "success"
+    assert wait_run(airflow, f"/dags/{DAG}/dagRuns/{run_id}", timeout=420) == "success"
     # Every event the watcher fired was consumed by this one run, and none waits for a second one.
     inbox = inbox_asset(airflow)
     events = airflow.get("/assets/events", params={"asset_id": inbox["id"]}).json()["asset_events"]
@@ -126,7 +116,7 @@ def test_manual_trigger_with_params_through_the_rest_api(airflow):
     r = trigger(airflow, DAG, {"dry_run": True, "force": True})
     assert r.status_code == 200, r.text
     run_id = r.json()["dag_run_id"]
-    assert wait_finished(airflow, run_id) == "success"
+    assert wait_run(airflow, f"/dags/{DAG}/dagRuns/{run_id}", timeout=420) == "success"
     tis = {
         t["task_id"]: t["state"]
         for t in airflow.get(f"/dags/{DAG}/dagRuns/{run_id}/taskInstances").json()["task_instances"]
@@ -158,7 +148,7 @@ def test_manual_approval_customer_waits_then_promotes_on_approval(airflow, home)
     assert reg.versions(MANUAL, "tiny")[-1].tags["gate.decision"] == "passed"
     r = airflow.patch(f"{ti}/-1/hitlDetails", json={"chosen_options": ["Approve"]})
     assert r.status_code == 200, r.text
-    assert wait_finished(airflow, run_id, timeout=600, dag=dag) == "success"
+    assert wait_run(airflow, f"/dags/{dag}/dagRuns/{run_id}", timeout=600) == "success"
     assert reg.by_alias(MANUAL, "tiny", "production").tags["airflow.run_id"] == run_id
 
 
