@@ -5,7 +5,7 @@ the source document (md5 of each record's JSON + three regexes) in the same run.
     .venv/bin/python bench/data_pipeline.py [--sizes 200000,1000000] [--naive]
 
 For each size the input inbox (part files of 100k records) is generated first, in its own process; then the
-pipeline runs alone in a fresh process (`ftops.pipeline.prepare`, the chain the DAG and the CLI run), which
+pipeline runs alone in a fresh process (`ftops.data.tasks.prepare`, the chain the DAG and the CLI run), which
 reports its time and peak RSS; the decisions are scored afterwards from the version it wrote. Prints one JSON
 line last.
 """
@@ -121,10 +121,10 @@ def _global(source: str, line: int) -> int:
 
 
 def ours(folder: Path, out: Path) -> dict:
-    """The package's data chain (`ftops.pipeline.prepare`) on the inbox folder; counts only in memory."""
+    """The package's data chain (`ftops.data.tasks.prepare`) on the inbox folder; counts only in memory."""
     from ftops.config import DataPolicy
-    from ftops.ingest import inbox_files
-    from ftops.pipeline import prepare
+    from ftops.data.ingest import inbox_files
+    from ftops.data.tasks import prepare
     from ftops.storage import Store
 
     t0, c0 = time.perf_counter(), time.process_time()
@@ -139,7 +139,7 @@ def ours(folder: Path, out: Path) -> dict:
 
 def ours_flags(out: Path, version: str) -> dict:
     """What the chain decided, read back from the version it wrote: duplicates and PII placeholders per line."""
-    from ftops.records import iter_jsonl
+    from ftops.data.records import iter_jsonl
 
     base = out / "bench" / "datasets" / version
     dup, pii = {}, set()

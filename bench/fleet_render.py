@@ -3,7 +3,7 @@
 standalone with the plugin and N customer DAGs, and a vLLM URL that does not answer (every replica `down`:
 the page must still come back fast). Measured in the same run:
 
-  - `fleet_fn_s`: `ftops.fleet.fleet` in-process with a fresh registry read (two batched searches);
+  - `fleet_fn_s`: `ftops.operate.fleet.fleet` in-process with a fresh registry read (two batched searches);
   - `baseline_per_customer_s`: what a page reading the registry customer by customer would spend on the
     registry alone (`Registry.by_alias` production + `Registry.versions`, 2 calls per customer, as the CLI does);
   - `api_cold_s`: the first `GET /ftops/api/customers`, sent the moment the api-server answers its health
@@ -61,7 +61,7 @@ def populate(mlflow_uri: str, ids: list[str], versions: int) -> None:
     """N registered models as the pipeline leaves them: tagged versions, production on the last passed one."""
     from mlflow import MlflowClient
 
-    from ftops.registry import model_name
+    from ftops.release.registry import model_name
 
     client = MlflowClient(mlflow_uri)
     exp = client.create_experiment("bench-fleet")
@@ -95,7 +95,7 @@ def populate(mlflow_uri: str, ids: list[str], versions: int) -> None:
 
 
 def baseline(mlflow_uri: str, ids: list[str]) -> float:
-    from ftops.registry import Registry
+    from ftops.release.registry import Registry
 
     reg = Registry(mlflow_uri)
     t0 = time.perf_counter()
@@ -154,8 +154,8 @@ def main() -> None:
             "FTOPS_VLLM_URLS": f"http://127.0.0.1:{free_port()}",  # nothing listens: replicas are down
         }
     )
-    from ftops import fleet
     from ftops.config import load_platform, settings
+    from ftops.operate import fleet
 
     services = str(ROOT / "scripts" / "services.sh")
     figures: dict = {}

@@ -1,4 +1,4 @@
-"""Benchmark one poll of the data-volume trigger (`ftops.ingest.InboxCounter`), the work the triggerer
+"""Benchmark one poll of the data-volume trigger (`ftops.data.ingest.InboxCounter`), the work the triggerer
 repeats for every customer every `trigger_poll_seconds`.
 
 A customer gets `--versions` complete dataset versions (manifests only) and `--files` inbox uploads of
@@ -69,8 +69,8 @@ class Naive:
         import gzip
         import io
 
-        from ftops.ingest import split_lines
-        from ftops.snapshot import ingested_files
+        from ftops.data.ingest import split_lines
+        from ftops.data.snapshot import ingested_files
 
         done = ingested_files(self.store, CUSTOMER)
         count, files = 0, set()
@@ -114,8 +114,8 @@ def poll(counter) -> dict:
 
 
 def measure(root: str, new_upload: int, records: int) -> dict:
-    import ftops.snapshot  # noqa: F401  (imported before the clock: both counters use it)
-    from ftops.ingest import InboxCounter
+    import ftops.data.snapshot  # noqa: F401  (imported before the clock: both counters use it)
+    from ftops.data.ingest import InboxCounter
     from ftops.storage import Store
 
     ours, naive = InboxCounter(root, CUSTOMER), Naive(root)

@@ -1,12 +1,12 @@
 """Near-duplicate detection measured where the 0.8 threshold is exercised: planted pairs across a Jaccard
 range, plus hard negatives (same template, different facts), scored for the project's dedupe
-(`ftops.dedupe.dedupe`, the public function the data stage calls) and, in the same run, for `datasketch`
+(`ftops.data.dedupe.dedupe`, the public function the data stage calls) and, in the same run, for `datasketch`
 used plainly as a user would (MinHash num_perm=128 + MinHashLSH threshold 0.8, query-then-insert).
 
     .venv/bin/python bench/near_dup.py [--pairs 200] [--seed 0]
 
 Ground truth is computed here, independently of ftops code: the true Jaccard of a pair is the exact set
-Jaccard of word 3-shingles of the text normalised as `include/ftops/dedupe.py` documents it (each message
+Jaccard of word 3-shingles of the text normalised as `include/ftops/data/dedupe.py` documents it (each message
 as "role: content", content casefolded and whitespace-collapsed, messages joined by newlines; words are
 `\\w+` runs; shingles are 3 consecutive words, as a set). Each pair is placed in its band by that value:
 bands 0.5-0.6, 0.6-0.7, 0.7-0.8, 0.8-0.9, 0.9-1.0 (lower bound inclusive, 1.0 falls in 0.9-1.0).
@@ -45,7 +45,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "include"))
 
-THRESHOLD = 0.8  # the documented threshold of include/ftops/dedupe.py (checked against ftops.dedupe.THRESHOLD)
+THRESHOLD = 0.8  # the documented threshold of ftops.data.dedupe (checked against its THRESHOLD)
 BANDS = ((0.5, 0.6), (0.6, 0.7), (0.7, 0.8), (0.8, 0.9), (0.9, 1.0))
 _WORD = re.compile(r"\w+")
 _TD_SPLIT = re.compile(r"[^A-Za-z_0-9]")  # text-dedup's NON_ALPHA
@@ -191,8 +191,8 @@ def _hard_negative(rng: random.Random, one_fact: bool = False) -> tuple[list[dic
 
 
 def _ours(pairs: list[tuple[list[dict], list[dict], float]]) -> list[bool]:
-    from ftops.dedupe import History, dedupe
-    from ftops.records import Batch, Example
+    from ftops.data.dedupe import History, dedupe
+    from ftops.data.records import Batch, Example
 
     firsts = [Example(messages=p[0], source="first", line=i) for i, p in enumerate(pairs)]
     seconds = [Example(messages=p[1], source="second", line=i) for i, p in enumerate(pairs)]
@@ -291,10 +291,10 @@ def evaluate(n_pairs: int = 200, seed: int = 0) -> dict:
     baselines on them (see the module docstring for the definitions). Keys: `near_dup_bands`,
     `hard_negative_false_positive_rate`, `near_dup_overall`, `hard_negatives`, `baseline` (same keys as ours),
     `baseline_3shingles`."""
-    from ftops import dedupe as ours_mod
+    from ftops.data import dedupe as ours_mod
 
     if ours_mod.THRESHOLD != THRESHOLD:  # the bands are drawn around the documented threshold
-        raise RuntimeError(f"ftops.dedupe.THRESHOLD is {ours_mod.THRESHOLD}, bench assumes {THRESHOLD}")
+        raise RuntimeError(f"ftops.data.dedupe.THRESHOLD is {ours_mod.THRESHOLD}, bench assumes {THRESHOLD}")
     rng = random.Random(seed)
     planted = [_plant(rng, lo, hi) for lo, hi in BANDS for _ in range(n_pairs)]
     negatives = [_hard_negative(rng) for _ in range(2 * n_pairs)]

@@ -1,4 +1,4 @@
-"""Recall and precision of PII detection (`ftops.clean.find_pii`) on the hand-labelled set
+"""Recall and precision of PII detection (`ftops.data.clean.find_pii`) on the hand-labelled set
 tests/data/pii_labelled.jsonl, next to the naive baseline of the source document (three regexes: SSN,
 16-digit CARD, EMAIL) in the same run; and, apart from that tuning set, on the held-out set
 tests/data/pii_heldout.jsonl (written after the detector was frozen, never tuned on) next to presidio-analyzer
@@ -31,7 +31,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "include"))
 
-from ftops.clean import find_pii  # noqa: E402
+from ftops.data.clean import find_pii  # noqa: E402
 
 DATA = ROOT / "tests" / "data" / "pii_labelled.jsonl"
 HELDOUT = ROOT / "tests" / "data" / "pii_heldout.jsonl"

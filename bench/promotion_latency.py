@@ -37,7 +37,7 @@ def free_port() -> int:
 
 
 def two_versions(home: Path, base: Path, mlflow_uri: str) -> list[str]:
-    from ftops.demo_data import registered_style_version
+    from ftops.data.demo import registered_style_version
 
     return [
         registered_style_version(CUSTOMER, style, i, base, BASE, home, f"v{i + 1}", mlflow_uri, n=40, max_steps=10)
@@ -47,7 +47,7 @@ def two_versions(home: Path, base: Path, mlflow_uri: str) -> list[str]:
 
 def served_by(vllm: str, adapter_version: str, deadline: float) -> float:
     """Poll until the replica serves that version and answers a completion through it; returns that moment."""
-    from ftops.keys import auth_headers
+    from ftops.release.keys import auth_headers
 
     with httpx.Client(base_url=vllm, timeout=60, headers=auth_headers()) as http:
         while time.time() < deadline:
@@ -79,10 +79,10 @@ def main() -> None:
             "FTOPS_AIRFLOW_URL": f"http://127.0.0.1:{ports['AIRFLOW_PORT']}",
         }
     )
-    from ftops.models import build_tiny
-    from ftops.notify import production_changed
-    from ftops.pipeline import sync_serving
-    from ftops.registry import Registry
+    from ftops.model.base_models import build_tiny
+    from ftops.operate.notify import production_changed
+    from ftops.release.registry import Registry
+    from ftops.release.tasks import sync_serving
 
     base = build_tiny(home / "models" / "tiny-llama")
     os.environ["VLLM_MODEL"] = str(base)

@@ -2,7 +2,7 @@
 with requests spread over 1, 10 and 50 adapters (shaped like customers': every projection, the default rank),
 next to the base model alone (the baseline) in the same run, median of `--repeats` interleaved runs, and the
 share of failed requests while 10 adapters are swapped (`load_inplace`) under load.
-Tenant isolation's cost in the same run: a second vLLM with the key-checking middleware (ftops.serving_auth,
+Tenant isolation's cost in the same run: a second vLLM with the key-checking middleware (ftops.release.serving_auth,
 every request with its customer's own key) against the first one without it (VLLM_MIDDLEWARE=none), on the
 same 10 adapters, in short paired rounds (alternating which goes first) so both see the same machine load,
 the other server frozen (SIGSTOP) while one is measured; `keys_throughput_ratio` is the median over pairs of
@@ -201,7 +201,7 @@ def main() -> None:
     if a.middleware_cost:
         print(json.dumps(middleware_cost()))
         return
-    from ftops.models import build_tiny
+    from ftops.model.base_models import build_tiny
 
     home = Path(tempfile.mkdtemp(prefix="bench-serving-"))
     base = build_tiny(home / "models" / "tiny")
@@ -217,7 +217,7 @@ def main() -> None:
     )
     env.pop("FTOPS_SERVING_ADMIN_KEY", None)
     os.environ.update(FTOPS_HOME=str(home), FTOPS_CUSTOMERS=env["FTOPS_CUSTOMERS"])
-    from ftops import keys
+    from ftops.release import keys
 
     servers = []
     try:
@@ -322,7 +322,7 @@ def explore(env: dict, adapters: list[Path], a) -> list[dict]:
     """50 adapters vs the base model under other LoRA settings of vLLM (one server at a time, no keys). Per
     setting, rounds alternate base and 50 adapters on the same server, so the ratio is robust to the machine's
     load drifting; the ratio is of the medians."""
-    from ftops import keys
+    from ftops.release import keys
 
     settings = [
         {"VLLM_MAX_LORAS": "8", "VLLM_MAX_CPU_LORAS": "64"},
@@ -357,11 +357,11 @@ def explore(env: dict, adapters: list[Path], a) -> list[dict]:
 
 
 def middleware_cost(n: int = 4000) -> dict:
-    """What ftops.serving_auth adds per request, measured in-process around a stand-in app that answers like
+    """What ftops.release.serving_auth adds per request, measured in-process around a stand-in app that answers like
     vLLM (a JSON completion, or 16 streamed chunks): no engine, so nothing but the middleware's own work.
     Runs in the vLLM venv (`--middleware-cost`), with a key store in FTOPS_HOME."""
-    from ftops import keys
-    from ftops.serving_auth import TenantAuth
+    from ftops.release import keys
+    from ftops.release.serving_auth import TenantAuth
 
     usage = {"prompt_tokens": 12, "completion_tokens": 16, "total_tokens": 28}
     answer = json.dumps({"id": "cmpl-1", "choices": [{"index": 0, "text": " word" * 16}], "usage": usage}).encode()

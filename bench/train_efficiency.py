@@ -3,7 +3,7 @@ run, on the tiny test model and on SmolLM2-135M (short run). Setups, all with th
 assistant-only loss:
 - `trl_default`: `SFTConfig` as it comes (no packing: TRL's collator pads each batch to its longest row);
 - `trl_packing`: `SFTConfig(packing=True)` with TRL's own default strategy;
-- `ours`: `ftops.train.sft_config` (packing, best-fit decreasing, padding-free, block-diagonal attention).
+- `ours`: `ftops.model.train.sft_config` (packing, best-fit decreasing, padding-free, block-diagonal attention).
 TRL 1.16's default packing strategy is BFD, which is what we use: `ours` and `trl_packing` are the same
 configuration, so their ratio measures the noise of this machine, and the gain is the packing itself.
 On a CUDA machine the same script reports the GPU figures (bf16).
@@ -53,7 +53,7 @@ def run_one(model_dir: str, setup: str, n: int, max_length: int, batch: int) -> 
     from transformers import AutoTokenizer
     from trl import SFTTrainer
 
-    from ftops.train import TrainArgs, sft_config
+    from ftops.model.train import TrainArgs, sft_config
 
     assert setup in SETUPS, setup
 
@@ -128,7 +128,7 @@ def main() -> None:
         model_dir, setup, n, max_length, batch = a.one
         print(json.dumps(run_one(model_dir, setup, int(n), int(max_length), int(batch))))
         return
-    from ftops.models import build_tiny, convert_smollm2
+    from ftops.model.base_models import build_tiny, convert_smollm2
 
     home = Path(tempfile.mkdtemp(prefix="bench-train-"))
     models = {"tiny": (str(build_tiny(home / "tiny")), a.examples, 8)}

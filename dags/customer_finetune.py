@@ -1,8 +1,9 @@
 """One fine-tuning DAG per customer in `include/customers.yaml`: `finetune_<customer>`.
 
-The DAG body reads as the data flow; every task is a one-line call into `ftops.pipeline`, where the logic
-lives. Only `ftops.config` (yaml + pydantic) is imported at parse time: torch, transformers and mlflow
-load inside the tasks, and training and evaluation run as `ftops` subprocesses.
+The DAG body reads as the data flow; every task is a one-line call into its stage's `ftops.<stage>.tasks`
+(data, model, release), where the logic lives. Only `ftops.config` (yaml + pydantic) is imported at parse
+time: torch, transformers and mlflow load inside the tasks, and training and evaluation run as `ftops`
+subprocesses.
 """
 
 from __future__ import annotations
@@ -24,9 +25,9 @@ from airflow.sdk import (
 from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
 from ftops.config import PRODUCTION_ASSET_URI, CustomerConfig, load_platform, settings
+from ftops.data.trigger import InboxVolumeTrigger
 from ftops.executors import train_executor, train_executor_config, train_queue
-from ftops.notify import task_failed
-from ftops.triggers import InboxVolumeTrigger
+from ftops.operate.notify import task_failed
 
 # A promotion or rollback emits this; `sync_vllm_adapters` is scheduled on it.
 PRODUCTION_CHANGED = Asset(PRODUCTION_ASSET_URI, group="ftops")
@@ -89,7 +90,7 @@ def run_params(c: CustomerConfig) -> dict[str, Param]:
 # The tasks are defined once and wired into every customer's DAG (defining them inside the DAG function
 # repeats their signature inspection a thousand times). A task finds its customer from its DAG id.
 def run():
-    from ftops.pipeline import Run
+    from ftops.run import Run
 
     ctx = get_current_context()
     dag_id = ctx["dag"].dag_id
@@ -99,41 +100,41 @@ def run():
 
 @task
 def ingest() -> dict:
-    from ftops import pipeline
+    from ftops.data import tasks as data
 
-    return pipeline.ingest(run())
+    return data.ingest(run())
 
 
 @task
 def validate(_: dict) -> dict:
-    from ftops import pipeline
-    from ftops.validate import ValidationFailed
+    from ftops.data import tasks as data
+    from ftops.data.validate import ValidationFailed
 
     try:
-        return pipeline.validate(run())
+        return data.validate(run())
     except ValidationFailed as exc:
         raise AirflowFailException(str(exc)) from exc
 
 
 @task
 def clean(_: dict) -> dict:
-    from ftops import pipeline
+    from ftops.data import tasks as data
 
-    return pipeline.clean(run())
+    return data.clean(run())
 
 
 @task
 def dedupe(_: dict) -> dict:
-    from ftops import pipeline
+    from ftops.data import tasks as data
 
-    return pipeline.dedupe(run())
+    return data.dedupe(run())
 
 
 @task
 def snapshot(_: dict) -> dict:
-    from ftops import pipeline
+    from ftops.data import tasks as data
 
-    return pipeline.snapshot(run())
+    return data.snapshot(run())
 
 
 # The `gpu` pool caps concurrent trainings; the queue routes them to GPU workers under Celery, the executor
@@ -147,37 +148,37 @@ def snapshot(_: dict) -> dict:
     **({"executor": train_executor()} if train_executor() else {}),
 )
 def train(_: dict) -> dict:
-    from ftops import pipeline
+    from ftops.model import tasks as model
 
     params = get_current_context()["params"]
     if params["dry_run"]:
         raise AirflowSkipException("dry run: stopping before training")
     try:
         overrides = {k: params[k] for k in ("epochs", "max_steps", "learning_rate") if params.get(k) is not None}
-        return pipeline.train(run(), force=params["force"], overrides=overrides)
-    except pipeline.NothingToTrain as exc:
+        return model.train(run(), force=params["force"], overrides=overrides)
+    except model.NothingToTrain as exc:
         raise AirflowSkipException(str(exc)) from exc
 
 
 @task
 def evaluate(trained: dict) -> dict:
-    from ftops import pipeline
+    from ftops.model import tasks as model
 
-    return pipeline.evaluate(run(), trained)
+    return model.evaluate(run(), trained)
 
 
 @task(retries=0)
 def gate(metrics: dict) -> dict:
-    from ftops import pipeline
+    from ftops.model import tasks as model
 
-    return pipeline.gate(run(), metrics)
+    return model.gate(run(), metrics)
 
 
 @task
 def register(trained: dict, metrics: dict, decision: dict) -> dict:
-    from ftops import pipeline
+    from ftops.release import tasks as release
 
-    return pipeline.register(run(), trained, metrics, decision)
+    return release.register(run(), trained, metrics, decision)
 
 
 @task
@@ -188,15 +189,15 @@ def require_gate(decision: dict) -> None:
 
 @task(outlets=[PRODUCTION_CHANGED])
 def promote(registered: dict, decision: dict) -> dict:
-    from ftops import pipeline
+    from ftops.release import tasks as release
 
     ctx = get_current_context()
     r = run()
     # After an approval step, reaching here means an operator approved in the UI.
-    mode = pipeline.promotion_mode(r, ctx["params"]["promote"], approved="approve" in ctx["dag"].task_ids)
+    mode = release.promotion_mode(r, ctx["params"]["promote"], approved="approve" in ctx["dag"].task_ids)
     try:
-        return pipeline.promote(r, registered, decision, mode)
-    except pipeline.GateFailed as exc:
+        return release.promote(r, registered, decision, mode)
+    except release.GateFailed as exc:
         raise AirflowFailException(str(exc)) from exc
 
 
@@ -205,9 +206,9 @@ def promote(registered: dict, decision: dict) -> dict:
 # in storage after a run; `expire_scratch` removes what a killed run could not.
 @task
 def cleanup() -> dict:
-    from ftops import pipeline
+    from ftops.data import tasks as data
 
-    return pipeline.cleanup(run())
+    return data.cleanup(run())
 
 
 def customer_dag(c: CustomerConfig):

@@ -1,7 +1,7 @@
 """`sync_vllm_adapters`: keep every vLLM replica serving exactly the registry's production adapters.
 
 Runs every five minutes and whenever a promotion or rollback emits the `ftops://registry/production`
-asset. Idempotent: when replicas and registry agree it does nothing. The logic is `ftops.serving`.
+asset. Idempotent: when replicas and registry agree it does nothing. The logic is `ftops.release.serving`.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from datetime import datetime, timedelta
 from airflow.sdk import Asset, AssetOrTimeSchedule, CronTriggerTimetable, dag, task
 
 from ftops.config import PRODUCTION_ASSET_URI
-from ftops.notify import task_failed
+from ftops.operate.notify import task_failed
 
 PRODUCTION_CHANGED = Asset(PRODUCTION_ASSET_URI, group="ftops")
 
@@ -37,7 +37,7 @@ def sync_vllm_adapters():
     @task
     def reconcile() -> dict:
         """Load missing, swap changed, unload removed adapters on every replica."""
-        from ftops.pipeline import sync_serving
+        from ftops.release.tasks import sync_serving
 
         return sync_serving()
 

@@ -4,7 +4,7 @@ A FastAPI app mounted in the api-server at `/ftops` (pages and a JSON API, docum
 navigation entry ("Adapter fleet") and a tab on each DAG page ("Adapters"; `finetune_<customer>` DAGs show
 that customer). Authentication is the api-server's own: a request carries the UI's session cookie or a
 bearer token, the auth manager says which customers' DAGs the user may read, and promote/rollback need
-the right to trigger that customer's DAG. This file only wires: the logic is in `ftops.fleet`.
+the right to trigger that customer's DAG. This file only wires: the logic is in `ftops.operate.fleet`.
 """
 
 from __future__ import annotations
@@ -32,10 +32,10 @@ _registry_cache = []
 
 
 def registry_cache():
-    """The fleet's registry snapshot (stale-while-revalidate, `ftops.fleet.RegistryCache`), one per api-server;
-    made on first use so that task processes, which load plugins too, never import ftops.fleet."""
+    """The fleet's registry snapshot (stale-while-revalidate, `ftops.operate.fleet.RegistryCache`), one per api-server;
+    made on first use so that task processes, which load plugins too, never import ftops.operate.fleet."""
     if not _registry_cache:
-        from ftops.fleet import RegistryCache
+        from ftops.operate.fleet import RegistryCache
 
         _registry_cache.append(RegistryCache())
     return _registry_cache[0]
@@ -48,7 +48,7 @@ def _warm() -> None:
 
     from airflow.api_fastapi.core_api.security import get_user  # noqa: F401
 
-    from ftops.fleet import Unavailable
+    from ftops.operate.fleet import Unavailable
 
     log, t0 = logging.getLogger(__name__), time.perf_counter()
     try:
@@ -112,7 +112,7 @@ def _auth():
 
 
 def _readable(user, customers: list[str]) -> set[str]:
-    from ftops.fleet import dag_id
+    from ftops.operate.fleet import dag_id
 
     allowed = _auth().filter_authorized_dag_ids(dag_ids={dag_id(c) for c in customers}, user=user, method="GET")
     return {c for c in customers if dag_id(c) in allowed}
@@ -123,7 +123,7 @@ def _can_trigger(user, customer: str) -> bool:
     from airflow.configuration import conf
     from airflow.models.dag import DagModel
 
-    from ftops.fleet import dag_id
+    from ftops.operate.fleet import dag_id
 
     d = dag_id(customer)
     # Teams only exist in multi-team mode: skip a database query per row otherwise (500 rows).
@@ -159,7 +159,7 @@ def customer_page(customer: str):
 def dag_tab(dag_id: str):
     """The tab on every DAG page: a customer's DAG opens its customer page, other DAGs say so."""
     from ftops.config import CUSTOMER_ID_RE
-    from ftops.fleet import customer_of
+    from ftops.operate.fleet import customer_of
 
     customer = customer_of(dag_id)
     if customer is None or not CUSTOMER_ID_RE.fullmatch(customer):
@@ -180,7 +180,7 @@ def static(name: Literal["ftops.css", "ftops.js"]):
 
 @app.get("/api/customers", tags=["fleet"], summary="One row per customer the user may read")
 def list_customers(user: User) -> dict:
-    from ftops import fleet
+    from ftops.operate import fleet
 
     t0 = time.perf_counter()
     platform, env = _ctx()
@@ -211,7 +211,7 @@ def list_customers(user: User) -> dict:
 
 @app.get("/api/customers/{customer}", tags=["fleet"], summary="Version history, gate metrics, lineage, links")
 def get_customer(customer: str, user: User) -> dict:
-    from ftops import fleet
+    from ftops.operate import fleet
 
     platform, env = _ctx()
     _known(platform, customer)
@@ -229,7 +229,7 @@ def get_customer(customer: str, user: User) -> dict:
     response_class=HTMLResponse,
 )
 def get_report(customer: str, version: str, user: User):
-    from ftops import fleet
+    from ftops.operate import fleet
 
     platform, env = _ctx()
     _known(platform, customer)
@@ -243,7 +243,7 @@ def get_report(customer: str, version: str, user: User):
 
 @app.get("/api/customers/{customer}/answers", tags=["fleet"], summary="Served answer vs base model, demo prompt")
 def get_answers(customer: str, user: User) -> dict:
-    from ftops import fleet
+    from ftops.operate import fleet
 
     platform, env = _ctx()
     _known(platform, customer)
@@ -262,7 +262,7 @@ def _move(customer: str, action: str, body: Move, user) -> dict:
     from airflow.api_fastapi.auth.managers.models.resource_details import DagAccessEntity
     from airflow.api_fastapi.core_api.security import requires_access_dag
 
-    from ftops import fleet
+    from ftops.operate import fleet
 
     platform, env = _ctx()
     _known(platform, customer)

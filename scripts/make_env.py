@@ -4,7 +4,7 @@
     .venv/bin/python scripts/make_env.py [--out DIR] [--customers include/customers.yaml] [--force]
 
 DIR (default: the repository root) receives `.env` and `secrets/`: `s3.json` (SeaweedFS identities per role,
-ftops.identities), `mlflow_auth.ini` (MLflow basic-auth: service user `ftops`, read-only default), and
+ftops.operate.identities), `mlflow_auth.ini` (MLflow basic-auth: service user `ftops`, read-only default), and
 `customer_upload_keys.json` (each customer's S3 upload key, to hand over). Every file is mode 0600 and
 nothing is printed but their paths. An existing `.env` is kept unless --force (rotating secrets of a running
 stack needs care: database passwords are set at first start).
@@ -24,7 +24,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "include"))
-from ftops.identities import Credentials, mlflow_auth_ini, s3_config  # noqa: E402
+from ftops.operate.identities import Credentials, mlflow_auth_ini, s3_config  # noqa: E402
 
 
 def write_secret(path: Path, text: str) -> None:

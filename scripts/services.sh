@@ -20,11 +20,11 @@
 # MLFLOW_BACKEND and MLFLOW_ARTIFACTS (MLflow's stores; default SQLite and a folder under FTOPS_HOME,
 # e.g. postgresql://… and s3://bucket/prefix with MLFLOW_S3_ENDPOINT_URL), S3_PORT (8333; its other
 # components use S3_PORT+1..+5), AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, S3_CONFIG (SeaweedFS identities per
-# role, an s3.json from scripts/make_env.py / ftops.identities; without it, one admin identity from AWS_*),
+# role, an s3.json from scripts/make_env.py / ftops.operate.identities; without it, one admin identity from AWS_*),
 # VLLM_MODEL (the base model folder; default: the converted SmolLM2), VLLM_MAX_LORAS (max adapters in one
 # batch), VLLM_MAX_CPU_LORAS (adapters kept loaded), VLLM_MAX_LORA_RANK (largest rank): the last three
 # default to `ftops serving capacity`, computed from the customers file.
-# Serving keys: vLLM loads ftops.serving_auth.TenantAuth (--middleware; project's include/ on its PYTHONPATH):
+# Serving keys: vLLM loads ftops.release.serving_auth.TenantAuth (--middleware; project's include/ on its PYTHONPATH):
 # per-customer keys (`ftops keys create`), admin key from FTOPS_SERVING_ADMIN_KEY or, when unset, from
 # $FTOPS_HOME/secrets/serving_admin_key (created here, mode 0600). VLLM_MIDDLEWARE=none serves without
 # it (benchmarks only: every caller may then call every adapter and load/unload adapters).
@@ -54,7 +54,7 @@ start_mlflow() {
   local name="mlflow-$MLFLOW_PORT" log="$RUN/mlflow-$MLFLOW_PORT.log"
   if curl -sf -o /dev/null "http://127.0.0.1:$MLFLOW_PORT/health"; then echo "$name already up"; return; fi
   mkdir -p "$FTOPS_HOME/mlflow/artifacts"
-  # MLFLOW_AUTH_CONFIG (a basic-auth .ini, ftops.identities.mlflow_auth_ini): users and per-model permissions,
+  # MLFLOW_AUTH_CONFIG (a basic-auth .ini, ftops.operate.identities.mlflow_auth_ini): users and per-model permissions,
   # the platform's service user its admin. Unset: no authentication (the local loopback default).
   local auth=()
   [[ -n ${MLFLOW_AUTH_CONFIG:-} ]] && auth=(--app-name basic-auth)
@@ -84,7 +84,7 @@ start_vllm() {
   local name="vllm-$VLLM_PORT" log="$RUN/vllm-$VLLM_PORT.log"
   if curl -sf -o /dev/null "http://127.0.0.1:$VLLM_PORT/health"; then echo "$name already up"; return; fi
   ensure_admin_key
-  local mw=(--middleware "${VLLM_MIDDLEWARE:-ftops.serving_auth.TenantAuth}")
+  local mw=(--middleware "${VLLM_MIDDLEWARE:-ftops.release.serving_auth.TenantAuth}")
   [[ ${VLLM_MIDDLEWARE:-} == none ]] && { mw=(); echo "WARNING: $name without tenant isolation (VLLM_MIDDLEWARE=none)" >&2; }
   [[ -f "$VLLM_MODEL/config.json" ]] || { echo "no base model at $VLLM_MODEL (make models)" >&2; return 1; }
   mkdir -p "$FTOPS_HOME/vllm-adapters/resolver"

@@ -49,7 +49,7 @@ def home(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_model(home) -> Path:
-    from ftops.models import build_tiny
+    from ftops.model.base_models import build_tiny
 
     return build_tiny(home / "models" / "tiny-llama")
 

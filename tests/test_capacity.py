@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from ftops.capacity import PlanInputs, adapter_bytes, model_config, plan
+from ftops.operate.capacity import PlanInputs, adapter_bytes, model_config, plan
 
 MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 

@@ -21,8 +21,8 @@ import pytest
 import yaml
 
 from conftest import TEST_CUSTOMERS, Service, free_port
-from ftops.demo_data import write_batch
-from ftops.registry import Registry
+from ftops.data.demo import write_batch
+from ftops.release.registry import Registry
 
 pytestmark = pytest.mark.e2e
 CUSTOMER = "kiln-works"

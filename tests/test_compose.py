@@ -201,7 +201,7 @@ def test_generated_env_renders_the_stack(tmp_path):
 
 def test_vllm_replicas_enforce_tenant_keys(services):
     for name, replica in vllm_replicas(services).items():
-        assert flag(args(replica), "--middleware") == "ftops.serving_auth.TenantAuth", name
+        assert flag(args(replica), "--middleware") == "ftops.release.serving_auth.TenantAuth", name
         e = env(replica)
         assert e["FTOPS_SERVING_BASE_MODEL"] == flag(args(replica), "--model"), name
         assert e["FTOPS_SERVING_ADMIN_KEY"] and e["PYTHONPATH"] == "/opt/ftops/include", name
@@ -251,7 +251,7 @@ def test_celery_workers_route_training_to_the_gpu_and_nothing_else_gets_one(serv
 
 
 def test_vllm_reads_every_adapter_the_platform_asks_it_to_load(services):
-    """Production adapters (the reconciler) and evaluation candidates (pipeline.evaluate, under
+    """Production adapters (the reconciler) and evaluation candidates (ftops.model.tasks.evaluate, under
     FTOPS_VLLM_ADAPTER_DIR/.eval) are both written below FTOPS_VLLM_ADAPTER_DIR by the workers: that folder must
     be the same volume at the same path in the workers and in every vLLM replica."""
     adapter_dir = env(services["airflow-worker"])["FTOPS_VLLM_ADAPTER_DIR"]

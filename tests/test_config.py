@@ -99,7 +99,7 @@ def test_bad_base_model_name_is_rejected(tmp_path, bad):
 
 
 def test_registered_model_names_cannot_collide():
-    from ftops.registry import model_name
+    from ftops.release.registry import model_name
 
     pairs = [("acme", "x-y"), ("acme-x", "y"), ("acme", "x.y"), ("acme-x", "y.z"), ("acme-x-y", "z")]
     names = [model_name(c, b) for c, b in pairs]

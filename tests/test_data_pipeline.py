@@ -10,13 +10,13 @@ import sys
 
 import pytest
 
-from ftops import snapshot as snap
-from ftops.clean import clean, redact
 from ftops.config import DataPolicy
-from ftops.dedupe import History, dedupe
-from ftops.ingest import Batch, ingest, parse_file
+from ftops.data import snapshot as snap
+from ftops.data.clean import clean, redact
+from ftops.data.dedupe import History, dedupe
+from ftops.data.ingest import Batch, ingest, parse_file
+from ftops.data.validate import validate
 from ftops.storage import AlreadyExists, Store
-from ftops.validate import validate
 
 
 def chat(q: str, a: str) -> dict:
@@ -178,9 +178,9 @@ def test_dedupe_exact_and_near_within_batch_and_against_history():
 
 
 def prepared(store: Store, customer: str, data: bytes, name: str):
-    """One upload through the package's one data chain (`pipeline.prepare`), as the DAG and the CLI run it."""
-    from ftops.ingest import InboxFile
-    from ftops.pipeline import prepare
+    """One upload through the package's one data chain (`ftops.data.tasks.prepare`), as the DAG and the CLI run it."""
+    from ftops.data.ingest import InboxFile
+    from ftops.data.tasks import prepare
 
     out = prepare(store, customer, [InboxFile(name, name, lambda: io.BytesIO(data))], DataPolicy(val_fraction=0.3))
     version = out["dataset_version"]
@@ -207,7 +207,7 @@ def test_snapshot_is_immutable_and_split_is_stable(tmp_path):
 
 
 def test_accounting_invariant_read_equals_kept_plus_dropped(tmp_path):
-    from ftops.demo_data import write_batch
+    from ftops.data.demo import write_batch
 
     inbox = tmp_path / "inbox"
     write_batch("brightdesk", inbox, n=50, batch=0)
@@ -252,7 +252,7 @@ def test_validation_quarantines_bad_roles_and_too_long():
 
 
 def test_data_prepare_command_prints_the_contract(tmp_path):
-    from ftops.demo_data import write_batch
+    from ftops.data.demo import write_batch
 
     path = write_batch("northside-clinic", tmp_path / "in", n=30)
     cmd = [
@@ -296,8 +296,8 @@ def test_preference_pairs_flow_into_the_snapshot_for_dpo(tmp_path):
 
 
 def test_inbox_counter_counts_records_of_files_not_yet_ingested(tmp_path, monkeypatch):
-    from ftops import ingest as ingest_mod
-    from ftops.ingest import InboxCounter
+    from ftops.data import ingest as ingest_mod
+    from ftops.data.ingest import InboxCounter
 
     store = Store(str(tmp_path))
     store.put("acme/inbox/a.jsonl", lines(*[chat(f"q{i}?", f"a{i}.") for i in range(30)]))
@@ -342,7 +342,7 @@ def test_an_expectation_that_could_not_run_is_not_read_as_a_rejected_batch():
     import great_expectations as gx
     import pandas as pd
 
-    from ftops.validate import raised
+    from ftops.data.validate import raised
 
     ctx = gx.get_context(mode="ephemeral")
     asset = ctx.data_sources.add_pandas("t").add_dataframe_asset("a")

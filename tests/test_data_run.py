@@ -1,4 +1,4 @@
-"""The DAG's data tasks (`pipeline.ingest` … `pipeline.snapshot`) run the one chain and leave no raw data in scratch;
+"""The DAG's data tasks (`data.ingest` … `data.snapshot`) run the one chain and leave no raw data in scratch;
 scratch goes when a run ends and expires when a killed run leaves it."""
 
 from __future__ import annotations
@@ -9,66 +9,67 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from ftops import pipeline
-from ftops import snapshot as snap
-from ftops.demo_data import write_batch
+from ftops.data import snapshot as snap
+from ftops.data import tasks as data
+from ftops.data.demo import write_batch
+from ftops.data.validate import ValidationFailed
+from ftops.run import Run
 from ftops.storage import Store
-from ftops.validate import ValidationFailed
 
 
 def test_data_tasks_share_one_chain_and_keep_no_raw_data_in_scratch(home):
-    run = pipeline.Run("brightdesk", "manual__data-1", "finetune_brightdesk")
+    run = Run("brightdesk", "manual__data-1", "finetune_brightdesk")
     inbox = home / "storage" / "brightdesk" / "inbox"
     write_batch("brightdesk", inbox, n=40, batch=0)  # dirty: duplicates, junk lines, PII
-    ingested = pipeline.ingest(run)
-    validated = pipeline.validate(run)
-    cleaned = pipeline.clean(run)
-    deduped = pipeline.dedupe(run)
-    out = pipeline.snapshot(run)
+    ingested = data.ingest(run)
+    validated = data.validate(run)
+    cleaned = data.clean(run)
+    deduped = data.dedupe(run)
+    out = data.snapshot(run)
     assert ingested["read"] == out["read"] == out["kept"] + sum(out["dropped"].values())
     assert ingested["examples"] >= validated["examples"] >= cleaned["examples"] >= deduped["examples"] == out["kept"]
     assert out["dataset_version"] and out["train"] + out["val"] == out["kept"]
-    assert pipeline.snapshot(run) == out  # a retried task returns the same version
+    assert data.snapshot(run) == out  # a retried task returns the same version
     assert [m["version"] for m in snap.versions(run.store, "brightdesk")] == [out["dataset_version"]]
     scratch = run.store.list(run.scratch)
     assert sorted(k.rsplit("/", 1)[1] for k in scratch) == ["dataset-version", "prepare.json", "started"]
     assert "@" not in run.store.get(f"{run.scratch}/prepare.json").decode()
     assert not list((home / "work" / "spill").glob("ftops-prepare-*"))
-    assert pipeline.cleanup(run)["removed_objects"] == 3 and run.store.list(run.scratch) == []
-    assert pipeline.snapshot(run) == out  # a task retried after cleanup finds the version by its run
+    assert data.cleanup(run)["removed_objects"] == 3 and run.store.list(run.scratch) == []
+    assert data.snapshot(run) == out  # a task retried after cleanup finds the version by its run
 
 
 def test_the_dataset_version_is_named_by_the_run_and_a_lost_try_leaves_no_second_version(home, tmp_path, monkeypatch):
     monkeypatch.setenv("FTOPS_STORAGE_ROOT", str(tmp_path))  # a history of its own
     started = datetime(2026, 11, 2, 1, 7, 9, 120000, tzinfo=UTC)
-    run = pipeline.Run("brightdesk", "scheduled__w45", "finetune_brightdesk", started_at=started)
+    run = Run("brightdesk", "scheduled__w45", "finetune_brightdesk", started_at=started)
     write_batch("brightdesk", tmp_path / "brightdesk" / "inbox", n=30, batch=0)
     name = f"20261102T010709120000Z-{run.key}"
     # A first try died while publishing: some of the version's files, no manifest.
     run.store.put(f"brightdesk/datasets/{name}/train.jsonl", b'{"partial": true}\n')
-    out = pipeline.ingest(run)
-    assert pipeline.snapshot(run)["dataset_version"] == name
+    out = data.ingest(run)
+    assert data.snapshot(run)["dataset_version"] == name
     assert b"partial" not in run.store.get(f"brightdesk/datasets/{name}/train.jsonl")
     # The next try died after publishing, before it could record its counts: the retry adopts the version.
     run.store.delete_prefix(f"{run.scratch}/prepare.json")
-    assert pipeline.ingest(run) == out and pipeline.validate(run)["success"]
-    assert pipeline.dedupe(run)["examples"] == pipeline.snapshot(run)["kept"] > 0
+    assert data.ingest(run) == out and data.validate(run)["success"]
+    assert data.dedupe(run)["examples"] == data.snapshot(run)["kept"] > 0
     assert [m["version"] for m in snap.versions(run.store, "brightdesk")] == [name]
     # A later run back-dated before it (a manual run with an old start, a clock behind) still sorts after it.
-    late = pipeline.Run("brightdesk", "manual__old", "finetune_brightdesk", started_at=started - timedelta(days=9))
+    late = Run("brightdesk", "manual__old", "finetune_brightdesk", started_at=started - timedelta(days=9))
     write_batch("brightdesk", tmp_path / "brightdesk" / "inbox", n=30, batch=1)
-    pipeline.ingest(late)
+    data.ingest(late)
     versions = [m["version"] for m in snap.versions(run.store, "brightdesk")]
-    assert versions[0] == name and versions[1] == pipeline.snapshot(late)["dataset_version"]
+    assert versions[0] == name and versions[1] == data.snapshot(late)["dataset_version"]
     assert versions[1].endswith(late.key) and versions[1] == late.dataset_version()
 
 
 def test_a_rejected_batch_fails_the_validate_task_and_writes_nothing(home):
-    run = pipeline.Run("sterling-law", "manual__junk", "finetune_sterling-law")
+    run = Run("sterling-law", "manual__junk", "finetune_sterling-law")
     Store(run.env.storage_root).put("sterling-law/inbox/junk.jsonl", b"not json\n" * 9 + b'{"x": 1}\n')
-    assert pipeline.ingest(run)["read"] == 10
+    assert data.ingest(run)["read"] == 10
     with pytest.raises(ValidationFailed, match="status"):
-        pipeline.validate(run)
+        data.validate(run)
     assert snap.versions(run.store, "sterling-law") == []
 
 
@@ -80,18 +81,18 @@ def test_scratch_left_by_a_killed_run_expires(home, monkeypatch):
     store.put("brightdesk/runs/new1/started", str(time.time()).encode())
     store.put("brightdesk/runs/legacy/eval.json", b"{}")
     monkeypatch.setenv("FTOPS_SCRATCH_RETENTION_HOURS", "48")
-    assert pipeline.expire_scratch(store, "brightdesk", home) == ["old1"]
+    assert data.expire_scratch(store, "brightdesk", home) == ["old1"]
     assert store.list("brightdesk/runs/old1") == [] and not (home / "work" / "brightdesk" / "old1").exists()
     assert store.exists("brightdesk/runs/new1/started")
     assert store.exists("brightdesk/runs/legacy/started")  # first seen now: expires one retention later
-    assert pipeline.expire_scratch(store, "brightdesk", home, max_age_s=0) == ["legacy", "new1"]
+    assert data.expire_scratch(store, "brightdesk", home, max_age_s=0) == ["legacy", "new1"]
 
 
 def test_on_s3_files_stream_limits_hold_and_cleanup_removes_scratch(s3_server, monkeypatch):
     import gzip
     import uuid
 
-    from ftops.ingest import InboxCounter
+    from ftops.data.ingest import InboxCounter
 
     root = f"s3://ftops/hostile-{uuid.uuid4().hex[:8]}"
     monkeypatch.setenv("FTOPS_STORAGE_ROOT", root)
@@ -101,12 +102,12 @@ def test_on_s3_files_stream_limits_hold_and_cleanup_removes_scratch(s3_server, m
         {"messages": [{"role": "user", "content": f"Q{i}?"}, {"role": "assistant", "content": f"A{i}."}]}
         for i in range(60)
     ]
-    data = b"".join(json.dumps(r).encode() + b"\n" for r in rows)
-    store.put("brightdesk/inbox/ok.jsonl.gz", gzip.compress(data[: data.index(b"\n", 2000) + 1]))
-    store.put("brightdesk/inbox/big.jsonl", data)  # 60 records > 50
+    payload = b"".join(json.dumps(r).encode() + b"\n" for r in rows)
+    store.put("brightdesk/inbox/ok.jsonl.gz", gzip.compress(payload[: payload.index(b"\n", 2000) + 1]))
+    store.put("brightdesk/inbox/big.jsonl", payload)  # 60 records > 50
     assert 0 < InboxCounter(root, "brightdesk").pending()[0] < 50  # the too-large file counts nothing
-    run = pipeline.Run("brightdesk", "s3-hostile", "finetune_brightdesk")
-    pipeline.ingest(run)
-    out = pipeline.snapshot(run)
+    run = Run("brightdesk", "s3-hostile", "finetune_brightdesk")
+    data.ingest(run)
+    out = data.snapshot(run)
     assert out["dropped"] == {"too_large": 1} and out["kept"] > 0
-    assert pipeline.cleanup(run)["removed_objects"] == 3 and store.list(run.scratch) == []
+    assert data.cleanup(run)["removed_objects"] == 3 and store.list(run.scratch) == []

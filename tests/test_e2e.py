@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT
-from ftops.demo_data import write_batch
-from ftops.registry import Registry
-from ftops.serving import Replica
+from ftops.data.demo import write_batch
+from ftops.release.registry import Registry
+from ftops.release.serving import Replica
 
 pytestmark = pytest.mark.e2e
 CUSTOMER, BASE = "sterling-law", "tiny"
@@ -148,19 +148,21 @@ def test_rollback_moves_production_back_and_sync_serves_it(stack):
 def test_tasks_of_a_finished_run_cleared_again_duplicate_and_delete_nothing(stack):
     """A run's scratch is gone once it ends (teardown). Clearing its tasks afterwards must find what the run
     made, never make a second version, and never touch the adapter it registered."""
-    from ftops import pipeline
+    from ftops.data import tasks as data
+    from ftops.model import tasks as model
+    from ftops.run import Run
 
     reg = stack["registry"]
     v1 = reg.get(CUSTOMER, BASE, "1")
     files = tree_hashes(stack["home"] / "storage" / v1.adapter_prefix)
     before = [v.version for v in reg.versions(CUSTOMER, BASE)]
-    run = pipeline.Run(CUSTOMER, v1.tags["airflow.run_id"], v1.tags["airflow.dag_id"])
+    run = Run(CUSTOMER, v1.tags["airflow.run_id"], v1.tags["airflow.dag_id"])
     assert run.store.list(run.scratch) == []  # the teardown removed the run's scratch
-    assert pipeline.snapshot(run)["dataset_version"] == v1.tags["dataset.version"]
-    with pytest.raises(pipeline.NothingToTrain):  # production (v1 after the rollback) already holds its data
-        pipeline.train(run)
+    assert data.snapshot(run)["dataset_version"] == v1.tags["dataset.version"]
+    with pytest.raises(model.NothingToTrain):  # production (v1 after the rollback) already holds its data
+        model.train(run)
     with pytest.raises(RuntimeError, match="registered adapter"):  # forced: refuses rather than redo or delete
-        pipeline.train(run, force=True)
+        model.train(run, force=True)
     assert tree_hashes(stack["home"] / "storage" / v1.adapter_prefix) == files
     assert [v.version for v in reg.versions(CUSTOMER, BASE)] == before
 
@@ -196,7 +198,7 @@ def test_poisoned_candidate_fails_the_gate_and_production_is_untouched(stack, we
     import json
     import random
 
-    from ftops.demo_data import example
+    from ftops.data.demo import example
 
     customer, reg = "brightdesk", stack["registry"]
     inbox = stack["home"] / "storage" / customer / "inbox"

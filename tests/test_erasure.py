@@ -7,11 +7,11 @@ import io
 import json
 from pathlib import Path
 
-from ftops import snapshot as snap
 from ftops.config import DataPolicy
-from ftops.ingest import InboxFile
-from ftops.pipeline import prepare
-from ftops.registry import AdapterVersion
+from ftops.data import snapshot as snap
+from ftops.data.ingest import InboxFile
+from ftops.data.tasks import prepare
+from ftops.release.registry import AdapterVersion
 from ftops.storage import Store
 
 

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from ftops.config import GatePolicy
-from ftops.evaluate import check, golden_set, redteam_set, score_answers
-from ftops.gate import decide
-from ftops.report import render
+from ftops.model.evaluate import check, golden_set, redteam_set, score_answers
+from ftops.model.gate import decide
+from ftops.operate.report import render
 
 
 def metrics(cand: dict, prod: dict | None = None, base: dict | None = None) -> dict:

@@ -1,6 +1,6 @@
 """Hostile input: no record or file can crash a run, brick a customer or leave raw PII at rest.
 
-Each category of issue 11 goes through the real chain (`pipeline.prepare`, or the parser it uses) and
+Each category of issue 11 goes through the real chain (`ftops.data.tasks.prepare`, or the parser it uses) and
 checks what a user would see: the run goes on, the record is quarantined with a reason code, the version
 written reads back, nothing outside the inbox is read.
 """
@@ -19,13 +19,13 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ftops import snapshot as snap
 from ftops.config import DataPolicy
-from ftops.ingest import InboxCounter, Limits, inbox_files, parse_file
-from ftops.pipeline import prepare
-from ftops.records import Batch, dump_line, read_jsonl
+from ftops.data import snapshot as snap
+from ftops.data.ingest import InboxCounter, Limits, inbox_files, parse_file
+from ftops.data.records import Batch, dump_line, read_jsonl
+from ftops.data.tasks import prepare
+from ftops.data.validate import ValidationFailed
 from ftops.storage import Store
-from ftops.validate import ValidationFailed
 
 GOOD = {"messages": [{"role": "user", "content": "Where is my invoice?"}, {"role": "assistant", "content": "Billing."}]}
 
@@ -230,7 +230,7 @@ def test_a_gzip_bomb_is_quarantined_as_too_large_with_counts(tmp_path):
 
 
 def test_a_file_of_blank_lines_stops_at_the_line_limit():
-    from ftops.ingest import InboxFile, chunks
+    from ftops.data.ingest import InboxFile, chunks
 
     blank = InboxFile("blank.jsonl", "blank.jsonl", lambda: io.BytesIO(b"\n" * 3_000_000))
     [batch] = list(chunks([blank], set(), Limits(max_records_per_file=1_000_000)))
@@ -245,7 +245,7 @@ def test_a_file_of_blank_lines_stops_at_the_line_limit():
 def test_pathological_content_is_cleaned_in_bounded_time(content):
     import time
 
-    from ftops.clean import redact
+    from ftops.data.clean import redact
 
     t0 = time.process_time()
     redact(content)
@@ -378,7 +378,7 @@ def test_any_unicode_text_reads_back_identically(texts):
 )
 @given(st.lists(TEXT.filter(lambda t: t.strip()), min_size=1, max_size=5, unique=True))
 def test_any_unicode_text_kept_by_the_chain_reaches_the_training_mix_intact(tmp_path_factory, texts):
-    from ftops.clean import normalise, redact
+    from ftops.data.clean import normalise, redact
 
     tmp = tmp_path_factory.mktemp("prop")
     records = [chat(f"Question {i}: {t}", f"Answer {i}: {t}") for i, t in enumerate(texts)]
@@ -410,14 +410,14 @@ def test_any_unicode_text_kept_by_the_chain_reaches_the_training_mix_intact(tmp_
     ],
 )
 def test_overlapping_and_international_candidates_are_found(text, value, kind):
-    from ftops.clean import redact
+    from ftops.data.clean import redact
 
     out, counts = redact(text)
     assert value not in out and counts.get(kind) == 1, (out, counts)
 
 
 def test_order_numbers_are_not_cards_even_when_a_slice_passes_luhn():
-    from ftops.clean import redact
+    from ftops.data.clean import redact
 
     text = "Your order #112-3456789-1234567 has shipped."
     assert redact(text) == (text, {})
@@ -428,7 +428,7 @@ def test_compliance_cases_and_the_blind_set_are_detected(split):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
     from pii_eval import load, score
 
-    from ftops.clean import find_pii
+    from ftops.data.clean import find_pii
 
     data = Path(__file__).parent / "data" / ("pii_blind.jsonl" if split == "blind" else "pii_labelled.jsonl")
     result = score(load(data, split), find_pii)["overall"]

@@ -1,4 +1,4 @@
-"""The serving key store (ftops.keys) and the `ftops keys` command, without a server: what is stored, what a
+"""The serving key store (ftops.release.keys) and the `ftops keys` command, without a server: what is stored, what a
 key unlocks, and that anything unreadable admits nobody."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, TEST_CUSTOMERS
-from ftops import keys
+from ftops.release import keys
 
 
 def test_store_keeps_hashes_only_and_revocation_applies_on_the_next_check(tmp_path):

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from ftops.dedupe import History, dedupe
-from ftops.records import Batch, Example
+from ftops.data.dedupe import History, dedupe
+from ftops.data.records import Batch, Example
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 

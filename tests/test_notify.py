@@ -9,7 +9,7 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import pytest
 
-from ftops.notify import notify, production_changed
+from ftops.operate.notify import notify, production_changed
 
 SECRET = "T000-B000-XXXXsecretTOKEN"
 

@@ -13,7 +13,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 from pii_eval import HELDOUT, TYPES, load, naive_find, score  # noqa: E402
 from stdnum import iban, luhn  # noqa: E402  checksums from python-stdnum, not from the code under test
 
-from ftops.clean import find_pii  # noqa: E402
+from ftops.data.clean import find_pii  # noqa: E402
 
 
 @pytest.fixture(scope="module")

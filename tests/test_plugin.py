@@ -23,10 +23,10 @@ import httpx
 import pytest
 
 from conftest import _service, wait_run
-from ftops.demo_data import registered_style_version, write_batch
-from ftops.fleet import parse_metrics, traffic
-from ftops.keys import auth_headers
-from ftops.registry import Registry, model_name
+from ftops.data.demo import registered_style_version, write_batch
+from ftops.operate.fleet import parse_metrics, traffic
+from ftops.release.keys import auth_headers
+from ftops.release.registry import Registry, model_name
 
 pytestmark = pytest.mark.e2e
 HERE, SERVED = "brightdesk", "sterling-law"  # run by the DAG / versions registered outside Airflow
@@ -88,7 +88,7 @@ def state(airflow, home, tiny_model, plugin_mlflow):
     """The demo-like state; returns what the tests compare the plugin's answers with."""
     from mlflow import MlflowClient
 
-    from ftops.pipeline import sync_serving
+    from ftops.release.tasks import sync_serving
 
     svc, admin = airflow
     uri = plugin_mlflow.url
@@ -233,7 +233,7 @@ vllm:num_requests_running 3
     assert t["acme"] == {"requests": 100, "errors": 10, "p95_ms": 1000.0}  # 95th of 100 falls in (0.5, 1.0]
     assert t["zed"] == {"requests": 5, "errors": 0, "p95_ms": None}
     assert "other" not in t
-    # What ftops.serving_auth exports: errors counted by the exporter itself, not again from the status codes.
+    # What ftops.release.serving_auth exports: errors counted by the exporter itself, not again from the status codes.
     middleware = """ftops_tenant_requests_total{customer="acme",route="/v1/completions",code="200"} 40
 ftops_tenant_requests_total{customer="acme",route="/v1/completions",code="403"} 2
 ftops_tenant_errors_total{customer="acme",reason="forbidden"} 2
@@ -245,7 +245,7 @@ ftops_tenant_request_seconds_bucket{customer="acme",le="+Inf"} 42
 
 def test_an_unreachable_registry_or_replica_is_reported_not_shown_as_empty(monkeypatch):
     from conftest import free_port
-    from ftops import fleet
+    from ftops.operate import fleet
 
     nowhere = f"http://127.0.0.1:{free_port()}"
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")  # as the plugin sets it in the api-server

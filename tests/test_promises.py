@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from ftops.serving import Desired, Plan, reconcile
+from ftops.release.serving import Desired, Plan, reconcile
 from ftops.storage import Store
 
 
@@ -24,7 +24,7 @@ def test_an_adapter_holding_more_than_lora_matrices_is_refused(tmp_path):
     import torch
     from safetensors.torch import save_file
 
-    from ftops.train import UnservableAdapter, check_servable
+    from ftops.model.train import UnservableAdapter, check_servable
 
     lora = {"base_model.model.layers.0.q_proj.lora_A.weight": torch.zeros(8, 16)}
     save_file(lora, tmp_path / "adapter_model.safetensors")
@@ -37,9 +37,9 @@ def test_an_adapter_holding_more_than_lora_matrices_is_refused(tmp_path):
 def test_training_on_s3_keeps_checkpoints_and_the_adapter_there(s3_server, tiny_model, mlflow_server, tmp_path):
     import random
 
-    from ftops.demo_data import example
-    from ftops.snapshot import _jsonl
-    from ftops.train import TrainArgs, train
+    from ftops.data.demo import example
+    from ftops.data.snapshot import _jsonl
+    from ftops.model.train import TrainArgs, train
 
     rng = random.Random(0)
     rows = [example("brightdesk", rng)[1:] for _ in range(30)]

@@ -14,8 +14,8 @@ from mlflow.exceptions import MlflowException
 from mlflow.server import get_app_client
 
 from conftest import _service
-from ftops.identities import mlflow_auth_ini
-from ftops.registry import PRODUCTION, Registry, RegistryError, model_name
+from ftops.operate.identities import mlflow_auth_ini
+from ftops.release.registry import PRODUCTION, Registry, RegistryError, model_name
 
 pytestmark = pytest.mark.e2e
 CUSTOMER, BASE = "acme", "tiny"

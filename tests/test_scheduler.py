@@ -17,8 +17,8 @@ import yaml
 
 from conftest import ROOT, TEST_CUSTOMERS, _service, wait_run
 from ftops.config import PRODUCTION_ASSET_URI
-from ftops.demo_data import write_batch
-from ftops.registry import Registry
+from ftops.data.demo import write_batch
+from ftops.release.registry import Registry
 
 pytestmark = pytest.mark.e2e
 CUSTOMER = "acme-volume"

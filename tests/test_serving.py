@@ -22,11 +22,11 @@ import yaml
 
 from conftest import ROOT, TEST_CUSTOMERS, _service
 from ftops.config import settings
-from ftops.demo_data import write_batch
-from ftops.keys import auth_headers
-from ftops.pipeline import sync_serving
-from ftops.registry import Registry, RegistryUnavailable, model_name
-from ftops.serving import ReconcileIncomplete, Replica, ServingError
+from ftops.data.demo import write_batch
+from ftops.release.keys import auth_headers
+from ftops.release.registry import Registry, RegistryUnavailable, model_name
+from ftops.release.serving import ReconcileIncomplete, Replica, ServingError
+from ftops.release.tasks import sync_serving
 from ftops.storage import Store
 
 pytestmark = pytest.mark.e2e
@@ -45,7 +45,7 @@ def second_replica(home, tiny_model, vllm_server):
 @pytest.fixture(scope="module")
 def versions(home, tiny_model, mlflow_server, tmp_path_factory):
     """Two registered adapter versions of one customer, trained for real on different data."""
-    from ftops.demo_data import registered_style_version
+    from ftops.data.demo import registered_style_version
 
     tmp = tmp_path_factory.mktemp("serving")
     return [  # v2 answers in another voice: visibly new
@@ -197,23 +197,25 @@ def test_registry_outage_fails_training_and_evaluation_instead_of_going_without_
 ):
     """With MLflow down, train must not fall back to "no production" (no replay, fresh init), and evaluate
     must not drop the comparison with production: both raise before any work is done."""
-    from ftops import pipeline
+    from ftops.data import tasks as data
+    from ftops.model import tasks as model
+    from ftops.run import Run
 
     other, store = "sterling-law", Store(settings().storage_root)
     write_batch(other, Path(store.root) / other / "inbox", n=40, batch=7)
-    run = pipeline.Run(other, "manual__outage", f"finetune_{other}")
-    for step in (pipeline.ingest, pipeline.validate, pipeline.clean, pipeline.dedupe):
+    run = Run(other, "manual__outage", f"finetune_{other}")
+    for step in (data.ingest, data.validate, data.clean, data.dedupe):
         step(run)
-    assert pipeline.snapshot(run)["dataset_version"]
+    assert data.snapshot(run)["dataset_version"]
     v1 = Registry(os.environ["MLFLOW_TRACKING_URI"]).get(CUSTOMER, BASE, versions[0])
     adapters = store.list(f"{other}/adapters")
     request.getfixturevalue("registry_outage")
     with pytest.raises(RegistryUnavailable):
-        pipeline.train(run, force=True)
+        model.train(run, force=True)
     assert store.list(f"{other}/adapters") == adapters  # nothing trained
     trained = {"adapter_prefix": v1.adapter_prefix, "adapter_version": v1.adapter_version}
     with pytest.raises(RegistryUnavailable):
-        pipeline.evaluate(pipeline.Run(CUSTOMER, "manual__outage-eval", f"finetune_{CUSTOMER}"), trained)
+        model.evaluate(Run(CUSTOMER, "manual__outage-eval", f"finetune_{CUSTOMER}"), trained)
 
 
 def crafted_version(reg: Registry, base_of: str, **tags: str) -> str:
@@ -278,7 +280,7 @@ def test_crafted_registry_tags_are_refused_and_the_customer_keeps_its_adapter(
 
 
 def test_sync_during_evaluation_leaves_its_temporary_adapter_alone(versions, vllm_server, monkeypatch):
-    from ftops.serving import answers_from, eval_name
+    from ftops.release.serving import answers_from, eval_name
 
     reg = Registry(os.environ["MLFLOW_TRACKING_URI"])
     reg.promote(CUSTOMER, BASE, versions[0])
@@ -394,7 +396,7 @@ def test_resolver_folder_points_at_production(versions, vllm_server, second_repl
 
 
 def test_models_registered_under_the_old_names_are_renamed(mlflow_server):
-    from ftops.registry import RegistryError
+    from ftops.release.registry import RegistryError
 
     reg = Registry(mlflow_server.url)
     reg.client.create_registered_model("ftops-acme-x-y", tags={"customer": "acme", "base_model": "x-y"})

@@ -69,8 +69,9 @@ def test_upload_dir_is_write_once_and_download_is_atomic(store, tmp_path):
 
 
 def test_data_stage_on_s3_inbox_and_versions(s3_server, monkeypatch):
-    from ftops import pipeline
-    from ftops.demo_data import write_batch
+    from ftops.data import tasks as data
+    from ftops.data.demo import write_batch
+    from ftops.run import Run
 
     root = f"s3://ftops/e2e-{uuid.uuid4().hex[:8]}"
     monkeypatch.setenv("FTOPS_STORAGE_ROOT", root)
@@ -78,15 +79,15 @@ def test_data_stage_on_s3_inbox_and_versions(s3_server, monkeypatch):
     with tempfile.TemporaryDirectory() as d:
         path = write_batch("brightdesk", Path(d), n=40)
         store.put("brightdesk/inbox/upload-1.jsonl", path.read_bytes())
-    run = pipeline.Run("brightdesk", "s3-test-run")
-    assert pipeline.ingest(run)["new_files"] == ["upload-1.jsonl"]
-    for step in (pipeline.validate, pipeline.clean, pipeline.dedupe):
+    run = Run("brightdesk", "s3-test-run")
+    assert data.ingest(run)["new_files"] == ["upload-1.jsonl"]
+    for step in (data.validate, data.clean, data.dedupe):
         step(run)
-    snap = pipeline.snapshot(run)
+    snap = data.snapshot(run)
     assert snap["dataset_uri"].startswith(root) and snap["kept"] > 30
     assert store.exists(f"brightdesk/datasets/{snap['dataset_version']}/manifest.json")
     # A retried snapshot task returns the version it wrote instead of writing another.
-    assert pipeline.snapshot(run) == snap
+    assert data.snapshot(run) == snap
     # Customer isolation: nothing was written outside the customer's prefix.
     assert all(k.startswith("brightdesk/") for k in store.list(""))
 

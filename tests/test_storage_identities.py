@@ -1,4 +1,4 @@
-"""Least-privilege S3 identities (ftops.identities, the s3.json scripts/make_env.py writes) on the real
+"""Least-privilege S3 identities (ftops.operate.identities, the s3.json scripts/make_env.py writes) on the real
 SeaweedFS server: a customer's upload key writes its own inbox and nothing else; vLLM's key reads adapters only;
 the pipeline's key does the pipeline's work."""
 
@@ -12,7 +12,7 @@ from botocore.config import Config
 from botocore.exceptions import ClientError
 
 from conftest import _free, _service
-from ftops.identities import Credentials, s3_config
+from ftops.operate.identities import Credentials, s3_config
 
 pytestmark = pytest.mark.e2e
 ROLES = ("admin", "pipeline", "vllm")

@@ -1,5 +1,5 @@
 """Tenant isolation at serving, as a customer meets it: the official `openai` client against the real vLLM
-(CPU build, tiny model) started by scripts/services.sh with the project's middleware (ftops.serving_auth).
+(CPU build, tiny model) started by scripts/services.sh with the project's middleware (ftops.release.serving_auth).
 Keys are made and revoked with the `ftops keys` command, as an operator would."""
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ import pytest
 from safetensors.numpy import save_file
 
 from conftest import ROOT
-from ftops.keys import admin_key, admin_key_path, store_path
-from ftops.serving import Replica
+from ftops.release.keys import admin_key, admin_key_path, store_path
+from ftops.release.serving import Replica
 
 pytestmark = pytest.mark.e2e
 OWN, OTHER = "brightdesk", "sterling-law"  # tests/data/customers.yaml: sterling-law has allow_base_model
@@ -250,7 +250,7 @@ def test_admin_key_file_and_store_hold_no_secret_in_the_clear(served, vllm_serve
     log = (home / "run" / f"vllm-{vllm_server.url.rsplit(':', 1)[1]}.log").read_text()
     for secret in (served[OWN]["key"], served[OTHER]["key"], admin_key()):
         assert secret not in log
-    assert "'middleware': ['ftops.serving_auth.TenantAuth']" in log  # the middleware was loaded
+    assert "'middleware': ['ftops.release.serving_auth.TenantAuth']" in log  # the middleware was loaded
 
 
 def test_vllm_refuses_to_start_without_an_admin_key(tiny_model, tmp_path):
@@ -258,7 +258,7 @@ def test_vllm_refuses_to_start_without_an_admin_key(tiny_model, tmp_path):
     Checked in the vLLM venv itself, without starting an engine."""
     env = dict(os.environ, FTOPS_HOME=str(tmp_path), PYTHONPATH=str(ROOT / "include"))
     env.pop("FTOPS_SERVING_ADMIN_KEY", None)
-    code = "from ftops.serving_auth import TenantAuth; TenantAuth(None)"
+    code = "from ftops.release.serving_auth import TenantAuth; TenantAuth(None)"
     r = subprocess.run(
         [str(ROOT / ".venv-vllm" / "bin" / "python"), "-c", code], env=env, capture_output=True, text=True
     )

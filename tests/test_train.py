@@ -14,12 +14,12 @@ from pathlib import Path
 
 import pytest
 
-from ftops import snapshot as snap
-from ftops.dedupe import dedupe
-from ftops.demo_data import write_batch
-from ftops.ingest import ingest
+from ftops.data import snapshot as snap
+from ftops.data.dedupe import dedupe
+from ftops.data.demo import write_batch
+from ftops.data.ingest import ingest
+from ftops.model.train import TrainArgs, check_servable, train
 from ftops.storage import Store
-from ftops.train import TrainArgs, check_servable, train
 
 
 def dataset(store: Store, customer_style: str, tmp: Path, n: int, batch: int = 0) -> str:
@@ -109,7 +109,7 @@ def test_replay_buffer_limits_forgetting(tmp_path, tiny_model, mlflow_server):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from ftops.evaluate import _loss
+    from ftops.model.evaluate import _loss
 
     store = Store(str(tmp_path / "root"))
     old = dataset(store, "sterling-law", tmp_path, 120)
@@ -146,8 +146,8 @@ def test_preference_pairs_run_dpo_after_sft_and_widen_the_margin(tmp_path, tiny_
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from ftops.demo_data import example
-    from ftops.evaluate import _loss
+    from ftops.data.demo import example
+    from ftops.model.evaluate import _loss
 
     rng = random.Random(1)
     rude = ["No. Figure it out yourself.", "Not my problem, read the manual.", "We do not do that. Goodbye."]

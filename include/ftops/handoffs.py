@@ -1,9 +1,9 @@
 """Typed hand-offs of the control plane: what evaluate, gate, register and promote pass each other.
 
 Airflow carries them between tasks as JSON (XComs); each is built in one place (`Metrics` in
-`pipeline.evaluate`, `Decision` in `gate.decide`, `Registration` in `pipeline.register`, `Promotion` in
-`pipeline.promote`) and validated again where it is read, so a malformed hand-off is an error, never a
-silently missing comparison. Figures that could not be measured are `None` (JSON has no NaN).
+`ftops.model.tasks.evaluate`, `Decision` in `gate.decide`, `Registration` in `ftops.release.tasks.register`,
+`Promotion` in `ftops.release.tasks.promote`) and validated again where it is read, so a malformed hand-off is
+an error, never a silently missing comparison. Figures that could not be measured are `None` (JSON has no NaN).
 """
 
 from __future__ import annotations

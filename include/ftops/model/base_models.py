@@ -50,7 +50,7 @@ def build_tiny(out: str | Path, corpus: list[str] | None = None, seed: int = 0) 
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-    from ftops import demo_data
+    from ftops.data import demo as demo_data
 
     out = Path(out)
     if (out / "config.json").exists():

@@ -16,9 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ftops.config import DataPolicy
-from ftops.records import Batch
+from ftops.data.records import Batch
 
-SUITE_PATH = Path(__file__).resolve().parents[1] / "expectations" / "chat_batch.json"
+SUITE_PATH = Path(__file__).resolve().parents[2] / "expectations" / "chat_batch.json"
 
 
 class ValidationFailed(RuntimeError):

@@ -25,8 +25,8 @@ import numpy as np
 
 import ftops
 from ftops.config import REPO_ROOT
-from ftops.dedupe import NUM_PERM, History
-from ftops.records import Batch, dump_line, dumps_jsonl, read_jsonl
+from ftops.data.dedupe import NUM_PERM, History
+from ftops.data.records import Batch, dump_line, dumps_jsonl, read_jsonl
 from ftops.storage import Store
 
 __all__ = ["read_jsonl", "Writer", "write", "training_mix", "versions", "load_history", "tombstones"]
@@ -157,7 +157,7 @@ class Writer:
         version: str | None = None,
         stages: dict | None = None,
     ) -> Snapshot:
-        """Write the version `version` (a run's own name, see `pipeline.Run.dataset_version`; else the clock
+        """Write the version `version` (a run's own name, see `ftops.run.Run.dataset_version`; else the clock
         and the content). Never touches a complete version (FileExistsError when its manifest exists); files
         without a manifest under the same name are a crashed try's of the same run, removed first."""
         try:
@@ -268,8 +268,8 @@ def find_examples(store: Store, customer: str, match: str | None = None, example
     """Ids of the stored examples an erasure request names, per dataset version that holds them: `example` is
     an id (content key); `match` a text, looked for as the pipeline stored it (normalised, case-folded) in
     every turn and the rejected answer. Streams each version's files."""
-    from ftops.clean import normalise, redact
-    from ftops.records import iter_jsonl
+    from ftops.data.clean import normalise, redact
+    from ftops.data.records import iter_jsonl
 
     needle = " ".join(redact(normalise(match))[0].casefold().split()) if match else None
     found: dict[str, list] = {}

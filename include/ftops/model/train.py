@@ -257,7 +257,7 @@ def train(args: TrainArgs) -> dict:
     from transformers import AutoTokenizer
     from trl import SFTTrainer
 
-    from ftops.snapshot import read_jsonl
+    from ftops.data.snapshot import read_jsonl
     from ftops.storage import Store
 
     out = Path(args.output_dir)

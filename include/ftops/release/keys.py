@@ -1,6 +1,6 @@
 """Serving API keys: one or more per customer, plus one serving admin key.
 
-A customer key reaches only that customer's model at vLLM (enforced by `ftops.serving_auth`, loaded into
+A customer key reaches only that customer's model at vLLM (enforced by `ftops.release.serving_auth`, loaded into
 vLLM with `--middleware`). Only a SHA-256 of each key is stored: keys are 256-bit random, so a fast hash
 is as strong as a slow one here, and the middleware checks one per request. The store is a JSON file
 (`$FTOPS_HOME/secrets/api_keys.json`, or `FTOPS_KEYS_FILE`), written atomically with mode 0600; vLLM
@@ -38,7 +38,7 @@ class KeyStoreError(ValueError):
 
 
 def home() -> Path:
-    return Path(os.environ.get("FTOPS_HOME") or Path(__file__).resolve().parents[2] / ".ftops").resolve()
+    return Path(os.environ.get("FTOPS_HOME") or Path(__file__).resolve().parents[3] / ".ftops").resolve()
 
 
 def secrets_dir() -> Path:

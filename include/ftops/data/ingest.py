@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
-from ftops.records import Batch, Example, Quarantined, RecordError, SourceFile, has_surrogate
+from ftops.data.records import Batch, Example, Quarantined, RecordError, SourceFile, has_surrogate
 from ftops.storage import Store
 
 __all__ = [  # the record types used to live here; their importers keep working
@@ -104,7 +104,7 @@ def safe_name(name: str) -> str:
     """A file name fit for lineage (manifests, quarantine, example `source`): PII redacted, only
     `[A-Za-z0-9._/-]`, no `..` or empty segments, bounded; a short hash of the original name is appended
     when anything was changed, so two names never collide."""
-    from ftops.clean import redact
+    from ftops.data.clean import redact
 
     out = redact(name)[0] if len(name) < 4096 else name[:200]
     out = _UNSAFE.sub("_", out)
@@ -573,7 +573,7 @@ class InboxCounter:
         self._ingested: dict[str, set[str]] = {}  # complete dataset version -> hashes of files it ingested
 
     def ingested(self) -> set[str]:
-        from ftops.snapshot import ingested_files
+        from ftops.data.snapshot import ingested_files
 
         for version in self.store.children(f"{self.customer}/datasets"):
             if version not in self._ingested:

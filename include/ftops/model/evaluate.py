@@ -12,7 +12,7 @@ Per model (base, production if any, candidate):
   every answer checked for PII, other customers' names (cross-tenant leaks) and canary strings (which
   must never be generated: planted canaries only come out of a model that memorised its data).
 Answers come from the serving engine (vLLM) when one serves this base model, so the gate scores the very
-artifact that will be served (`pipeline.evaluate` verifies its content hash); otherwise from PEFT here.
+artifact that will be served (`ftops.model.tasks.evaluate` verifies its content hash); otherwise from PEFT here.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-INCLUDE = Path(__file__).resolve().parents[1]
+INCLUDE = Path(__file__).resolve().parents[2]
 # The platform's canary format, matched loosely: a model that half-memorised one has leaked it too.
 CANARY_RE = re.compile(r"FTOPS-[A-Z]{2,}-?[A-Za-z0-9]{4,}")
 
@@ -103,7 +103,7 @@ def evaluate(args: EvalArgs) -> dict:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from ftops.snapshot import read_jsonl
+    from ftops.data.snapshot import read_jsonl
 
     torch.manual_seed(0)
     tokenizer = AutoTokenizer.from_pretrained(args.base_model)
@@ -158,7 +158,7 @@ def check(answer: str, checks: dict) -> list[str]:
 
 def safety_findings(answer: str, other_customers: list[str], canaries: list[str]) -> list[tuple[str, str]]:
     """(kind, detail) for each problem in one answer: `pii`, `cross_tenant` or `canary`."""
-    from ftops.clean import find_pii
+    from ftops.data.clean import find_pii
 
     found = [("pii", kind) for kind, _, _ in find_pii(answer)]
     low = answer.casefold()

@@ -1,4 +1,4 @@
-"""Airflow event trigger for data-volume runs (a thin Airflow adapter, like `ftops.notify`).
+"""Airflow event trigger for data-volume runs (a thin Airflow adapter, like `ftops.operate.notify`).
 
 `InboxVolumeTrigger` runs in the triggerer (no worker slot is held while waiting): it polls a customer's
 inbox (local folder or `s3://`), counts the *records* in files not yet ingested (by content hash, as
@@ -25,7 +25,7 @@ class InboxVolumeTrigger(BaseEventTrigger):
 
     def serialize(self) -> tuple[str, dict[str, Any]]:
         return (
-            "ftops.triggers.InboxVolumeTrigger",
+            "ftops.data.trigger.InboxVolumeTrigger",
             {
                 "customer": self.customer,
                 "storage_root": self.storage_root,
@@ -35,7 +35,7 @@ class InboxVolumeTrigger(BaseEventTrigger):
         )
 
     async def run(self):
-        from ftops.ingest import InboxCounter
+        from ftops.data.ingest import InboxCounter
 
         counter = InboxCounter(self.storage_root, self.customer)
         # A triggerer (re)start begins every customer's watcher at once: spread the first, full polls

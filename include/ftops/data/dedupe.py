@@ -16,7 +16,7 @@ import tempfile
 
 import numpy as np
 
-from ftops.records import Batch, Example
+from ftops.data.records import Batch, Example
 
 NUM_PERM = 128
 THRESHOLD = 0.8

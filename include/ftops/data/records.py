@@ -79,7 +79,7 @@ class Example:
 
 
 def _redact(text: str) -> str:
-    from ftops.clean import redact  # clean imports this module: import at call time
+    from ftops.data.clean import redact  # clean imports this module: import at call time
 
     return redact(text)[0] if text else text
 
@@ -112,7 +112,7 @@ class SourceFile:
 @dataclass
 class Batch:
     """What a stage hands the next: kept examples, quarantine, and the files they came from. In the
-    streaming chain (`pipeline.prepare`) a Batch is one bounded chunk."""
+    streaming chain (`ftops.data.tasks.prepare`) a Batch is one bounded chunk."""
 
     examples: list[Example] = field(default_factory=list)
     quarantine: list[Quarantined] = field(default_factory=list)

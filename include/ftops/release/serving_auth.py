@@ -1,9 +1,9 @@
-"""Tenant isolation inside vLLM: an ASGI middleware loaded with `--middleware ftops.serving_auth.TenantAuth`.
+"""Tenant isolation inside vLLM: an ASGI middleware loaded with `--middleware ftops.release.serving_auth.TenantAuth`.
 
 vLLM's own `--api-key` maps no key to a model and leaves `/invocations` open, so this replaces it:
 
 - every request but health (`/health`, `/ping`, `/version`) needs `Authorization: Bearer <key>`: 401 without
-  a valid one. Keys come from `ftops.keys` (hashes only, reloaded within seconds of a change);
+  a valid one. Keys come from `ftops.release.keys` (hashes only, reloaded within seconds of a change);
 - a customer key may call the model routes (`MODEL_ROUTES`: completions, chat, responses, embeddings,
   tokenize, `/invocations`, ...) only with `model` equal to its customer id, or the base model when the
   customer's `allow_base_model` says so; anything else is 403. `/v1/models` lists only what it may call;
@@ -39,9 +39,9 @@ from pathlib import Path
 from prometheus_client import Counter, Histogram
 from starlette.datastructures import Headers
 
-from ftops import keys
+from ftops.release import keys
 
-log = logging.getLogger("ftops.serving_auth")
+log = logging.getLogger("ftops.release.serving_auth")
 
 OPEN = {"/health", "/ping", "/version"}
 # POST routes whose JSON body names the model: a customer key may call them for its own model.

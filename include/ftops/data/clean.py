@@ -13,7 +13,7 @@ import html
 import re
 import unicodedata
 
-from ftops.records import Batch
+from ftops.data.records import Batch
 
 _CONTROL = re.compile(r"[\x00-\x08\x0e-\x1b\x7f\u200b\u200e\u200f\ufeff]")
 # Every code point Unicode or some reader treats as a line break: a break in meaning, so one `\n` in the text

@@ -11,7 +11,7 @@ import os
 
 import httpx
 
-log = logging.getLogger("ftops.notify")
+log = logging.getLogger("ftops.operate.notify")
 
 
 class _HideWebhook(logging.Filter):

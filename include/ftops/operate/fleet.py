@@ -27,10 +27,10 @@ from pathlib import Path
 
 import httpx
 
-from ftops import registry as _registry
 from ftops.config import CustomerConfig, Platform, Settings
-from ftops.keys import auth_headers
-from ftops.registry import CANDIDATE, MODEL_PREFIX, PREVIOUS, PRODUCTION, RegistryError, model_name
+from ftops.release import registry as _registry
+from ftops.release.keys import auth_headers
+from ftops.release.registry import CANDIDATE, MODEL_PREFIX, PREVIOUS, PRODUCTION, RegistryError, model_name
 
 # Version tags an action from the fleet page writes: who moved production to this version, when, how.
 TAG_BY, TAG_AT, TAG_ACTION = "promoted.by", "promoted.at", "promoted.action"
@@ -258,7 +258,7 @@ def served_state(customer: str, production: Version | None, replicas: dict[str, 
             continue
         root = adapters.get(customer)
         serves = Path(root).name if root else None
-        # Adapters live at <adapter dir>/<customer>/<adapter version> (ftops.serving.local_path).
+        # Adapters live at <adapter dir>/<customer>/<adapter version> (ftops.release.serving.local_path).
         matches = bool(root) and Path(root).name == want and Path(root).parent.name == customer
         if production is None:
             state = "drift" if root else "-"
@@ -297,7 +297,7 @@ def traffic(samples: list[tuple[str, dict[str, str], float]]) -> dict[str, dict]
     Customers with no labelled samples are absent (the page shows n/a)."""
     per: dict[str, dict] = {}
     buckets: dict[str, dict[float, float]] = {}
-    # Where the exporter counts errors itself (ftops.serving_auth's `ftops_tenant_errors_total`), those are the
+    # Where the exporter counts errors itself (ftops.release.serving_auth's `ftops_tenant_errors_total`), those are the
     # errors; only otherwise are they read from the requests' status codes (never both: double counting).
     counted = {lb.get("customer") for n, lb, _ in samples if n.endswith(("_errors_total", "_failures_total"))}
     for name, labels, value in samples:
@@ -358,7 +358,7 @@ _data_lock = threading.Lock()
 def data_state(storage_root: str, customers: list[str]) -> dict[str, dict]:
     """Per customer: examples waiting in the inbox (as the data-volume trigger counts them) and the last
     dataset version's quarantine share. Counters are kept between calls: they re-read only changed files."""
-    from ftops.ingest import InboxCounter
+    from ftops.data.ingest import InboxCounter
     from ftops.storage import Store
 
     store = Store(storage_root)
@@ -689,7 +689,7 @@ def _version(env: Settings, c: CustomerConfig, version: str) -> Version:
 def answers(platform: Platform, env: Settings, customer: str) -> dict:
     """The customer's demo prompt answered by its served adapter and by the base model, on the first replica
     that answers."""
-    from ftops.serving import Replica, ServingError
+    from ftops.release.serving import Replica, ServingError
 
     c = _customer(platform, customer)
     errors = []
@@ -718,7 +718,7 @@ def move_production(
 ) -> dict:
     """Promote a version that passed the gate, or roll back (to `version`, or to the `previous` alias), through
     `Registry`; record who and when as tags of the version now in production."""
-    from ftops.registry import Registry
+    from ftops.release.registry import Registry
 
     c = _customer(platform, customer)
     reg = Registry(env.mlflow_uri)

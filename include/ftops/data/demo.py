@@ -205,14 +205,14 @@ def registered_style_version(
 ) -> str:
     """Train a small adapter on a fresh batch in `style`'s voice and register it as a passed version; returns
     the registry version. For tests and benchmarks that need real versions without a whole DAG run."""
-    from ftops import snapshot as snap
     from ftops.config import settings
-    from ftops.dedupe import History, dedupe
-    from ftops.ingest import ingest
-    from ftops.registry import Registry
-    from ftops.serving import tree_sha256
+    from ftops.data import snapshot as snap
+    from ftops.data.dedupe import History, dedupe
+    from ftops.data.ingest import ingest
+    from ftops.model.train import TrainArgs, train
+    from ftops.release.registry import Registry
+    from ftops.release.serving import tree_sha256
     from ftops.storage import Store
-    from ftops.train import TrainArgs, train
 
     examples, _, _ = dedupe(
         ingest(str(write_batch(style, workdir / f"in{batch}", n, batch, dirty=False).parent), set()), History()

@@ -31,7 +31,7 @@ class ServingError(RuntimeError):
 
 class Replica:
     def __init__(self, url: str, timeout: float = 60):
-        from ftops.keys import auth_headers
+        from ftops.release.keys import auth_headers
 
         self.url = url.rstrip("/")
         # The serving admin key: the replicas' middleware admits load/unload and every model only with it.

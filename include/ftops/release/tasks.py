@@ -1,0 +1,185 @@
+"""The release stage's Airflow tasks: register the candidate with its lineage, promote it when the gate passed,
+and keep every vLLM replica serving what the registry says is in production."""
+
+from __future__ import annotations
+
+import json
+import os
+
+from ftops.config import Platform, Settings, load_platform, settings
+from ftops.handoffs import Decision, Metrics, Promotion, Registration
+from ftops.release.registry import model_name
+from ftops.release.serving import Desired, Plan
+from ftops.run import Run
+from ftops.storage import Store
+
+
+class GateFailed(RuntimeError):
+    """The candidate did not pass the gate; production is unchanged."""
+
+
+def register(run: Run, trained: dict, metrics: dict, decision: dict) -> dict:
+    """Register the candidate with its lineage (once per training run), record the gate's decision and report."""
+    m, d = Metrics.model_validate(metrics), Decision.model_validate(decision)
+    cand = m.candidate
+    tags = (
+        run.lineage()
+        | d.as_tags()
+        | {
+            "adapter.version": trained["adapter_version"],
+            "adapter.prefix": trained["adapter_prefix"],
+            "adapter.uri": trained["adapter_uri"],
+            "adapter.sha256": m.candidate_sha256,
+            "adapter.tree_sha256": _stored_tree(run, trained["adapter_prefix"]),
+            "dataset.version": trained["dataset_version"],
+            "dataset.new_versions": ",".join(trained["new_versions"]),
+            "replay.examples": trained["replayed"],
+            "replay.share": round(trained["replayed"] / max(trained["train_examples"], 1), 4),
+            "base_model": run.base_slug,
+            "lora.r": trained["lora"]["r"],
+            "lora.alpha": trained["lora"]["alpha"],
+            "lora.target_modules": ",".join(trained["lora"]["target_modules"]),
+            "metrics.candidate_val_loss": _tag(cand.val_loss),
+            "metrics.base_val_loss": _tag(m.base.val_loss),
+            "metrics.production_val_loss": _tag(m.production.val_loss if m.production else None),
+            "metrics.val_examples": m.val_examples,
+            "metrics.candidate_golden_chrf": _tag(cand.golden_chrf),
+            "metrics.candidate_checks_pass_rate": _tag(cand.checks_pass_rate),
+            "metrics.candidate_canary_leaks": _tag(cand.canary_leaks),
+            "eval.engine": m.engine,
+        }
+        # What the serving engine answered at the gate: the reconciler checks a swap reproduces it.
+        | (
+            {"probe.prompt": cand.sample["prompt"], "probe.answer": cand.sample["answer"][:200]}
+            if m.engine.startswith("vllm") and cand.sample
+            else {}
+        )
+    )
+    reg = run.registry()
+    v = reg.register(
+        run.id,
+        run.base_slug,
+        trained["adapter_artifact_uri"],
+        trained["mlflow_run_id"],
+        tags,
+        description="; ".join(d.reasons),
+    )
+    reg.set_tags(run.id, run.base_slug, v.version, d.as_tags())
+    _log_report(run, trained["mlflow_run_id"], v.version, decision)
+    return Registration(registry_version=v.version, model=model_name(run.id, run.base_slug)).model_dump()
+
+
+def _stored_tree(run: Run, prefix: str) -> str:
+    from ftops.release.serving import tree_sha256
+
+    return tree_sha256({k[len(prefix) + 1 :]: run.store.get(k) for k in run.store.list(prefix)})
+
+
+def _tag(x: float | int | None) -> str:
+    return "" if x is None else str(x)
+
+
+def _log_report(run: Run, mlflow_run_id: str, version: str, decision: dict) -> None:
+    """The gate report and the raw evaluation, as artifacts of the candidate's training run."""
+    from ftops.operate.report import render
+
+    metrics = json.loads(run.load("eval.json"))
+    page = render(run.id, version, metrics, decision)
+    reports = run.workdir / "reports"
+    reports.mkdir(parents=True, exist_ok=True)
+    (reports / "gate_report.html").write_text(page)
+    (reports / "evaluation.json").write_text(json.dumps(metrics, indent=2))
+    (reports / "gate_decision.json").write_text(json.dumps(decision, indent=2))
+    run.registry().client.log_artifacts(mlflow_run_id, str(reports), artifact_path="gate")
+
+
+def promotion_mode(run: Run, requested: str | None, approved: bool = False) -> str:
+    """The one place the promotion mode is decided. An operator's approval in the UI (the DAG's `approve`
+    step, built for `promote: manual` customers) makes it `auto`; otherwise the run's form value, else the
+    customer's setting. `manual` leaves the passed candidate for an operator (UI action or CLI)."""
+    if approved:
+        return "auto"
+    return requested or run.customer.promote
+
+
+def promote(run: Run, registered: dict, decision: dict, mode: str) -> dict:
+    """Move `production` to the candidate if the gate passed; a failed gate fails the run visibly."""
+    r, d = Registration.model_validate(registered), Decision.model_validate(decision)
+    if not d.passed:
+        raise GateFailed(
+            f"{run.id}: version {r.registry_version} failed the gate: {'; '.join(d.reasons)}. Production is unchanged."
+        )
+    if mode == "manual":
+        out = Promotion(promoted=False, mode=mode, registry_version=r.registry_version, waiting_for="manual approval")
+        return out.model_dump()
+    v = run.registry().promote(run.id, run.base_slug, r.registry_version)
+    out = Promotion(
+        promoted=True,
+        mode="auto",
+        registry_version=r.registry_version,
+        production=v.version,
+        adapter_version=v.adapter_version,
+    )
+    return out.model_dump()
+
+
+def plan_serving(platform: Platform, registry) -> Plan:
+    """What every replica should serve, from the customers file and the registry. The registry being
+    unreadable raises RegistryUnavailable before anything is decided (unknown is not absent); a version
+    whose values fail the checks leaves its customer as served."""
+    from ftops.release.registry import PRODUCTION, UntrustedVersion
+
+    plan = Plan(customers=set(platform.customers))
+    for label, error in platform.invalid.items():
+        plan.keep[label] = f"invalid entry in the customers file ({error})"
+    if platform.invalid:
+        plan.removal_blocked = "the customers file has invalid entries (removals wait until it is fixed)"
+    for c in platform.customers.values():
+        v, absent = registry.lookup(c.id, c.base_model, PRODUCTION)
+        if v is None:
+            if absent == "no_alias":  # the registry answered: production was deleted, an explicit removal
+                plan.remove.add(c.id)
+            else:  # no registered model: a new customer, unless a replica serves it (then: never on that basis)
+                plan.unregistered.add(c.id)
+            continue
+        try:
+            v.checked(c.base_model)
+        except UntrustedVersion as exc:
+            plan.keep[c.id] = str(exc)
+            continue
+        plan.serve.append(
+            Desired(
+                c.id,
+                v.version,
+                v.adapter_version,
+                v.adapter_prefix,
+                v.tags["adapter.sha256"],
+                tree_sha256=v.tags.get("adapter.tree_sha256", ""),
+                rank=int(v.tags["lora.r"]) if v.tags.get("lora.r", "").isdigit() else 0,
+                probe_prompt=v.tags.get("probe.prompt", ""),
+                probe_answer=v.tags.get("probe.answer", ""),
+            )
+        )
+    return plan
+
+
+def sync_serving(env: Settings | None = None) -> dict:
+    """Reconcile every replica with the registry once; raises (the DAG run fails) on any error, after doing
+    what could be done."""
+    from ftops.release.registry import Registry
+    from ftops.release.serving import ReconcileIncomplete, reconcile
+
+    env = env or settings()
+    platform = load_platform(env.customers_file)
+    plan = plan_serving(platform, Registry(env.mlflow_uri))
+    max_rank = int(os.environ["FTOPS_VLLM_MAX_LORA_RANK"]) if os.environ.get("FTOPS_VLLM_MAX_LORA_RANK") else None
+    report = reconcile(plan, list(env.vllm_urls), env.vllm_adapter_dir, Store(env.storage_root), max_rank)
+    result = {
+        "desired": {d.customer: d.registry_version for d in plan.serve},
+        "removed": sorted(plan.remove),
+        "actions": report.actions,
+        "errors": report.errors,
+    }
+    if report.errors:
+        raise ReconcileIncomplete("serving reconcile incomplete: " + "; ".join(report.errors))
+    return result
