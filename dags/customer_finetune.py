@@ -106,21 +106,21 @@ def ingest() -> dict:
 
 
 @task
-def validate(_: dict) -> dict:
+def validate(ingested: dict) -> dict:
     from ftops.data import tasks as data
     from ftops.data.validate import ValidationFailed
 
     try:
-        return data.validate(run())
+        return data.validate(run(), ingested)
     except ValidationFailed as exc:
         raise AirflowFailException(str(exc)) from exc
 
 
 @task
-def clean(_: dict) -> dict:
+def clean(validated: dict) -> dict:
     from ftops.data import tasks as data
 
-    return data.clean(run())
+    return data.clean(run(), validated)
 
 
 @task

@@ -1,4 +1,4 @@
-"""The DAG's data tasks (`data.ingest` … `data.snapshot`) run the one chain and leave no raw data in scratch;
+"""The DAG's data tasks (`data.ingest` … `data.snapshot`) each do their step and leave no readable raw text in scratch;
 scratch goes when a run ends and expires when a killed run leaves it."""
 
 from __future__ import annotations
@@ -20,10 +20,12 @@ from ftops.storage import Store
 def test_data_tasks_share_one_chain_and_keep_no_raw_data_in_scratch(home):
     run = Run("brightdesk", "manual__data-1", "finetune_brightdesk")
     inbox = home / "storage" / "brightdesk" / "inbox"
-    write_batch("brightdesk", inbox, n=40, batch=0)  # dirty: duplicates, junk lines, PII
+    upload = write_batch("brightdesk", inbox, n=40, batch=0)  # dirty: duplicates, junk lines, PII
+    pii = {"messages": [{"role": "user", "content": "Mail?"}, {"role": "assistant", "content": "jane.doe@example.com"}]}
+    upload.write_text(upload.read_text() + json.dumps(pii) + "\n")
     ingested = data.ingest(run)
-    validated = data.validate(run)
-    cleaned = data.clean(run)
+    validated = data.validate(run, ingested)
+    cleaned = data.clean(run, validated)
     deduped = data.dedupe(run)
     out = data.snapshot(run)
     assert ingested["read"] == out["read"] == out["kept"] + sum(out["dropped"].values())
@@ -31,11 +33,15 @@ def test_data_tasks_share_one_chain_and_keep_no_raw_data_in_scratch(home):
     assert out["dataset_version"] and out["train"] + out["val"] == out["kept"]
     assert data.snapshot(run) == out  # a retried task returns the same version
     assert [m["version"] for m in snap.versions(run.store, "brightdesk")] == [out["dataset_version"]]
+    # Each step left its own output in scratch; none of it readable raw text (ingest's and validate's chunks are
+    # encrypted with a key that is only in their results; clean's and dedupe's are redacted).
     scratch = run.store.list(run.scratch)
-    assert sorted(k.rsplit("/", 1)[1] for k in scratch) == ["dataset-version", "prepare.json", "started"]
-    assert "@" not in run.store.get(f"{run.scratch}/prepare.json").decode()
+    assert {k.split("/")[4] for k in scratch if k.count("/") > 4} == {"ingest", "validate", "clean", "dedupe"}
+    assert "scratch_key" in ingested and "scratch_key" not in cleaned
+    assert not [k for k in scratch if b"jane.doe@example.com" in run.store.get(k)]
+    assert any(b"[EMAIL]" in run.store.get(k) for k in scratch if "/clean/" in k)
     assert not list((home / "work" / "spill").glob("ftops-prepare-*"))
-    assert data.cleanup(run)["removed_objects"] == 3 and run.store.list(run.scratch) == []
+    assert data.cleanup(run)["removed_objects"] == len(scratch) and run.store.list(run.scratch) == []
     assert data.snapshot(run) == out  # a task retried after cleanup finds the version by its run
 
 
@@ -48,28 +54,38 @@ def test_the_dataset_version_is_named_by_the_run_and_a_lost_try_leaves_no_second
     # A first try died while publishing: some of the version's files, no manifest.
     run.store.put(f"brightdesk/datasets/{name}/train.jsonl", b'{"partial": true}\n')
     out = data.ingest(run)
+    data.clean(run, data.validate(run, out))
+    data.dedupe(run)
     assert data.snapshot(run)["dataset_version"] == name
     assert b"partial" not in run.store.get(f"brightdesk/datasets/{name}/train.jsonl")
     # The next try died after publishing, before it could record its counts: the retry adopts the version.
-    run.store.delete_prefix(f"{run.scratch}/prepare.json")
-    assert data.ingest(run) == out and data.validate(run)["success"]
+    run.store.delete_prefix(f"{run.scratch}/data/snapshot.json")
+    assert data.snapshot(run)["dataset_version"] == name
+    # A run cleared after its scratch was lost: every data task returns the version the run published.
+    run.store.delete_prefix(f"{run.scratch}/data/")
+    adopted = data.ingest(run)
+    assert adopted["adopted"] == name and adopted["read"] == out["read"]
+    assert data.validate(run, adopted)["success"]
     assert data.dedupe(run)["examples"] == data.snapshot(run)["kept"] > 0
     assert [m["version"] for m in snap.versions(run.store, "brightdesk")] == [name]
     # A later run back-dated before it (a manual run with an old start, a clock behind) still sorts after it.
     late = Run("brightdesk", "manual__old", "finetune_brightdesk", started_at=started - timedelta(days=9))
     write_batch("brightdesk", tmp_path / "brightdesk" / "inbox", n=30, batch=1)
-    data.ingest(late)
+    data.clean(late, data.validate(late, data.ingest(late)))
+    data.dedupe(late)
+    published = data.snapshot(late)["dataset_version"]
     versions = [m["version"] for m in snap.versions(run.store, "brightdesk")]
-    assert versions[0] == name and versions[1] == data.snapshot(late)["dataset_version"]
+    assert versions[0] == name and versions[1] == published
     assert versions[1].endswith(late.key) and versions[1] == late.dataset_version()
 
 
 def test_a_rejected_batch_fails_the_validate_task_and_writes_nothing(home):
     run = Run("sterling-law", "manual__junk", "finetune_sterling-law")
     Store(run.env.storage_root).put("sterling-law/inbox/junk.jsonl", b"not json\n" * 9 + b'{"x": 1}\n')
-    assert data.ingest(run)["read"] == 10
+    ingested = data.ingest(run)
+    assert ingested["read"] == 10
     with pytest.raises(ValidationFailed, match="status"):
-        data.validate(run)
+        data.validate(run, ingested)
     assert snap.versions(run.store, "sterling-law") == []
 
 
@@ -107,7 +123,8 @@ def test_on_s3_files_stream_limits_hold_and_cleanup_removes_scratch(s3_server, m
     store.put("brightdesk/inbox/big.jsonl", payload)  # 60 records > 50
     assert 0 < InboxCounter(root, "brightdesk").pending()[0] < 50  # the too-large file counts nothing
     run = Run("brightdesk", "s3-hostile", "finetune_brightdesk")
-    data.ingest(run)
+    data.clean(run, data.validate(run, data.ingest(run)))
+    data.dedupe(run)
     out = data.snapshot(run)
     assert out["dropped"] == {"too_large": 1} and out["kept"] > 0
-    assert data.cleanup(run)["removed_objects"] == 3 and store.list(run.scratch) == []
+    assert data.cleanup(run)["removed_objects"] > 0 and store.list(run.scratch) == []

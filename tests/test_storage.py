@@ -80,9 +80,10 @@ def test_data_stage_on_s3_inbox_and_versions(s3_server, monkeypatch):
         path = write_batch("brightdesk", Path(d), n=40)
         store.put("brightdesk/inbox/upload-1.jsonl", path.read_bytes())
     run = Run("brightdesk", "s3-test-run")
-    assert data.ingest(run)["new_files"] == ["upload-1.jsonl"]
-    for step in (data.validate, data.clean, data.dedupe):
-        step(run)
+    ingested = data.ingest(run)
+    assert ingested["new_files"] == ["upload-1.jsonl"]
+    data.clean(run, data.validate(run, ingested))
+    data.dedupe(run)
     snap = data.snapshot(run)
     assert snap["dataset_uri"].startswith(root) and snap["kept"] > 30
     assert store.exists(f"brightdesk/datasets/{snap['dataset_version']}/manifest.json")

@@ -10,10 +10,11 @@ order numbers, dates and case numbers from being taken for cards or IBANs.
 from __future__ import annotations
 
 import html
+import json
 import re
 import unicodedata
 
-from ftops.data.records import Batch
+from ftops.data.records import RAW_KEEP_CHARS, Batch, Example, Quarantined
 
 _CONTROL = re.compile(r"[\x00-\x08\x0e-\x1b\x7f\u200b\u200e\u200f\ufeff]")
 # Every code point Unicode or some reader treats as a line break: a break in meaning, so one `\n` in the text
@@ -222,26 +223,48 @@ def redact(text: str) -> tuple[str, dict[str, int]]:
     return text, counts
 
 
+def quarantined(source: str, line: int, reason: str, detail: str, raw: str, redacted: bool = False) -> Quarantined:
+    """A quarantine record with its text redacted (`redacted`: `raw` is already cleaned text, saving a pass)."""
+    raw = raw[:RAW_KEEP_CHARS]
+    return Quarantined(source, line, reason, redact(detail[:500])[0], raw if redacted or not raw else redact(raw)[0])
+
+
+def quarantine(batch: Batch, example: Example, reason: str, detail: str, redacted: bool = False) -> None:
+    """Move `example` out of the batch's kept examples' future into its quarantine, redacted."""
+    raw = json.dumps({"messages": example.messages, "rejected": example.rejected}, ensure_ascii=False)
+    batch.quarantine.append(quarantined(example.source, example.line, reason, detail, raw, redacted))
+
+
+def scrub(ex: Example) -> tuple[list[str], dict[str, int]]:
+    """Every turn of `ex` (and a preference pair's rejected answer) normalised and redacted; PII found per type."""
+    counts: dict[str, int] = {}
+    out = []
+    for text in [m["content"] for m in ex.messages] + ([ex.rejected] if ex.rejected is not None else []):
+        content, found = redact(normalise(text))
+        for k, v in found.items():
+            counts[k] = counts.get(k, 0) + v
+        out.append(content)
+    return out, counts
+
+
+def pii_detail(counts: dict[str, int]) -> str:
+    return ", ".join(f"{k}×{v}" for k, v in sorted(counts.items()))
+
+
 def clean(batch: Batch, policy: str = "redact") -> Batch:
     """Normalise every turn (and a preference pair's rejected answer) and apply the PII policy to all of them;
-    dropped examples go to quarantine with reason `pii` (redacted there too)."""
+    dropped examples go to quarantine with reason `pii` (redacted there too). In the data chain validation has
+    already quarantined examples with PII under `pii: drop` (they count against the batch's quarantine share)."""
     kept = []
     for ex in batch.examples:
-        counts: dict[str, int] = {}
-        texts = [m["content"] for m in ex.messages] + ([ex.rejected] if ex.rejected is not None else [])
-        out = []
-        for text in texts:
-            content, found = redact(normalise(text))
-            for k, v in found.items():
-                counts[k] = counts.get(k, 0) + v
-            out.append(content)
+        out, counts = scrub(ex)
         for k, v in counts.items():
             batch.pii[k] = batch.pii.get(k, 0) + v
         if counts and policy == "drop":
-            batch.drop(ex, "pii", ", ".join(f"{k}×{v}" for k, v in sorted(counts.items())))
+            quarantine(batch, ex, "pii", pii_detail(counts))
             continue
         if any(not t for t in out):
-            batch.drop(ex, "empty_content", "a turn is empty after normalisation")
+            quarantine(batch, ex, "empty_content", "a turn is empty after normalisation")
             continue
         ex.messages = [{"role": m["role"], "content": c} for m, c in zip(ex.messages, out, strict=False)]
         if ex.rejected is not None:

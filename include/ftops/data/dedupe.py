@@ -16,6 +16,7 @@ import tempfile
 
 import numpy as np
 
+from ftops.data.clean import quarantine
 from ftops.data.records import Batch, Example
 
 NUM_PERM = 128
@@ -183,9 +184,9 @@ def dedupe(batch: Batch, history: History) -> tuple[Batch, list[str], np.ndarray
         batch.examples, all_keys, sigs, history.check(all_keys, sigs), strict=True
     ):
         if verdict == "exact":
-            batch.drop(ex, "duplicate_exact", f"same content as {twin[:12]}", redacted=True)
+            quarantine(batch, ex, "duplicate_exact", f"same content as {twin[:12]}", redacted=True)
         elif verdict == "near":
-            batch.drop(ex, "duplicate_near", f"near duplicate of {twin[:12]}", redacted=True)
+            quarantine(batch, ex, "duplicate_near", f"near duplicate of {twin[:12]}", redacted=True)
         else:
             kept.append(ex)
             keys.append(key)

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
+from ftops.data.clean import quarantined
 from ftops.data.records import Batch, Example, Quarantined, RecordError, SourceFile, has_surrogate
 from ftops.storage import Store
 
@@ -232,31 +233,31 @@ def parse_record(
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError as exc:
-            return Quarantined(
+            return quarantined(
                 name, lineno, "invalid_utf8", f"byte {exc.start}: {exc.reason}", raw.decode("utf-8", "replace")
             )
         try:
             record = decoder.decode(text)
         except json.JSONDecodeError as exc:
             reason = "truncated_line" if last_unterminated else "malformed_json"
-            return Quarantined(name, lineno, reason, f"{exc.msg} at column {exc.colno}", text)
+            return quarantined(name, lineno, reason, f"{exc.msg} at column {exc.colno}", text)
         except RecursionError:
-            return Quarantined(name, lineno, "too_deep", f"JSON nested deeper than {limits.max_depth}", text)
+            return quarantined(name, lineno, "too_deep", f"JSON nested deeper than {limits.max_depth}", text)
         # a bracket count is a cheap upper bound on the depth: walk only when it could exceed the limit
         if raw.count(b"[") + raw.count(b"{") > limits.max_depth and _depth_exceeds(record, limits.max_depth):
-            return Quarantined(name, lineno, "too_deep", f"JSON nested deeper than {limits.max_depth}", text)
+            return quarantined(name, lineno, "too_deep", f"JSON nested deeper than {limits.max_depth}", text)
         example = to_example(record, name, lineno)
         # A lone UTF-16 surrogate can only arrive as a `\\udXXX` escape (raw ones are invalid UTF-8): look for
         # one only when the line has such an escape. It is not text: it cannot be encoded or tokenised.
         if _SURROGATE_ESCAPE.search(raw) and any(
             has_surrogate(t) for t in [m["content"] for m in example.messages] + [example.rejected or ""]
         ):
-            return Quarantined(name, lineno, "unencodable_text", "lone surrogate code point", text)
+            return quarantined(name, lineno, "unencodable_text", "lone surrogate code point", text)
         return example
     except RecordError as exc:
-        return Quarantined(name, lineno, exc.reason, str(exc), raw.decode("utf-8", "replace"))
+        return quarantined(name, lineno, exc.reason, str(exc), raw.decode("utf-8", "replace"))
     except Exception as exc:  # noqa: BLE001 - the last line of per-record isolation: quarantine, never crash
-        return Quarantined(name, lineno, "invalid_record", type(exc).__name__, raw.decode("utf-8", "replace"))
+        return quarantined(name, lineno, "invalid_record", type(exc).__name__, raw.decode("utf-8", "replace"))
 
 
 # --- files ----------------------------------------------------------------------------------------------
@@ -411,7 +412,7 @@ def records(f: InboxFile, limits: Limits) -> Iterator[Example | Quarantined]:
             stream = io.BufferedReader(_decompressed(f.key, raw, limits), READ_CHUNK)
             for lineno, line, size, terminated in split_lines(stream, limits.max_line_bytes):
                 if size > limits.max_line_bytes:
-                    yield Quarantined(
+                    yield quarantined(
                         f.name,
                         lineno,
                         "oversized_line",
@@ -426,7 +427,7 @@ def records(f: InboxFile, limits: Limits) -> Iterator[Example | Quarantined]:
                     continue
                 yield parse_record(line, f.name, lineno, not terminated, limits, decoder)
     except (TooLarge, *_READ_ERRORS) as exc:
-        yield Quarantined(f.name, 0, "unreadable_file", type(exc).__name__ + ": " + str(exc)[:200], "")
+        yield quarantined(f.name, 0, "unreadable_file", type(exc).__name__ + ": " + str(exc)[:200], "")
 
 
 def _local_entries(base: Path) -> Iterator[InboxFile]:
@@ -499,13 +500,13 @@ def chunks(
     for f in files:
         if f.refused:
             batch.read += 1
-            batch.quarantine.append(Quarantined(f.name, 0, f.refused, "not followed: only regular files are read", ""))
+            batch.quarantine.append(quarantined(f.name, 0, f.refused, "not followed: only regular files are read", ""))
             batch.sources.append(SourceFile(f.name, "", 1, skipped=f.refused))
             continue
         s = scan(f, limits)
         if s.problem:
             batch.read += 1
-            batch.quarantine.append(Quarantined(f.name, 0, s.problem, s.detail, ""))
+            batch.quarantine.append(quarantined(f.name, 0, s.problem, s.detail, ""))
             batch.sources.append(SourceFile(f.name, s.sha256, 1, skipped=s.problem))
             continue
         if s.sha256 in seen:

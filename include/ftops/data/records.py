@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Iterable, Iterator
-from dataclasses import InitVar, asdict, dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import IO
 
 RAW_KEEP_CHARS = 2_000  # quarantine keeps this much of a rejected record (redacted) to show what it was
@@ -78,27 +78,17 @@ class Example:
         return "\n".join(f"{m['role']}: {m['content']}" for m in self.messages)
 
 
-def _redact(text: str) -> str:
-    from ftops.data.clean import redact  # clean imports this module: import at call time
-
-    return redact(text)[0] if text else text
-
-
 @dataclass
 class Quarantined:
-    """A record that did not make it, with where it came from and why. `raw` and `detail` are stored
-    redacted: quarantine is kept at rest with the dataset version, raw PII must not be."""
+    """A record that did not make it, with where it came from and why. Built by `ftops.data.clean.quarantined`
+    (or `quarantine` for an example), which redacts `raw` and `detail` first: quarantine is kept at rest with
+    the dataset version, raw PII must not be."""
 
     source: str
     line: int
     reason: str
     detail: str
     raw: str
-    redacted: InitVar[bool] = False  # True when `raw` comes from already cleaned text (saves a second pass)
-
-    def __post_init__(self, redacted: bool):
-        self.raw = self.raw[:RAW_KEEP_CHARS] if redacted else _redact(self.raw[:RAW_KEEP_CHARS])
-        self.detail = _redact(self.detail[:500])
 
 
 @dataclass
@@ -120,10 +110,6 @@ class Batch:
     read: int = 0
     pii: dict[str, int] = field(default_factory=dict)
 
-    def drop(self, example: Example, reason: str, detail: str, redacted: bool = False) -> None:
-        raw = json.dumps({"messages": example.messages, "rejected": example.rejected}, ensure_ascii=False)
-        self.quarantine.append(Quarantined(example.source, example.line, reason, detail, raw, redacted))
-
     def dropped(self) -> dict[str, int]:
         counts: dict[str, int] = {}
         for q in self.quarantine:
@@ -131,6 +117,8 @@ class Batch:
         return dict(sorted(counts.items()))
 
     def to_json(self) -> bytes:
+        """One stage's output chunk as the next stage reads it (`from_json`): the data stages hand chunks to
+        each other through the run's scratch in object storage."""
         return dump_line(asdict(self))
 
     @classmethod

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ftops.config import DataPolicy
+from ftops.data.clean import pii_detail, quarantine, scrub
 from ftops.data.records import Batch
 
 SUITE_PATH = Path(__file__).resolve().parents[2] / "expectations" / "chat_batch.json"
@@ -62,6 +63,7 @@ class Validator:
                 s.add_expectation(cls(**{k: _fill(v, params) for k, v in e["kwargs"].items()}, meta=e.get("meta", {})))
             return s
 
+        self.pii_policy = policy.pii
         self.rows_suite = suite(f"{self.spec['name']}_rows", self.row_level)
         self.suite = suite(self.spec["name"], self.spec["expectations"])
         self._roles: dict[str, int] = {}
@@ -70,9 +72,12 @@ class Validator:
         self._tokens = array("i")
 
     def rows(self, batch: Batch) -> Batch:
-        """Quarantine this chunk's rows that break a row-level expectation, with the suite's reason code."""
+        """Quarantine this chunk's rows that break a row-level expectation, with the suite's reason code, and
+        under `pii: drop` the rows that hold PII (the customer's contract: such rows are not accepted)."""
         import pandas as pd
 
+        if self.pii_policy == "drop":
+            self._drop_pii(batch)
         if not batch.examples:
             return batch
         roles = [",".join(m["role"] for m in ex.messages) for ex in batch.examples]
@@ -89,7 +94,7 @@ class Validator:
         kept = []
         for i, ex in enumerate(batch.examples):
             if i in bad:
-                batch.drop(ex, bad[i].split(":")[0], bad[i])
+                quarantine(batch, ex, bad[i].split(":")[0], bad[i])
                 continue
             kept.append(ex)
             self._role_codes.append(self._roles.setdefault(roles[i], len(self._roles)))
@@ -97,6 +102,18 @@ class Validator:
             self._tokens.append(tokens[i])
         batch.examples = kept
         return batch
+
+    def _drop_pii(self, batch: Batch) -> None:
+        kept = []
+        for ex in batch.examples:
+            _, counts = scrub(ex)
+            if counts:
+                for k, v in counts.items():
+                    batch.pii[k] = batch.pii.get(k, 0) + v
+                quarantine(batch, ex, "pii", pii_detail(counts))
+            else:
+                kept.append(ex)
+        batch.examples = kept
 
     def finish(self, read: int, dropped: dict[str, int], docs_dir: Path | None = None) -> Validation:
         """The whole suite over the run: `status` is `kept` for every record read less those quarantined for
