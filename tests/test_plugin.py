@@ -246,6 +246,7 @@ ftops_tenant_request_seconds_bucket{customer="acme",le="+Inf"} 42
 def test_an_unreachable_registry_or_replica_is_reported_not_shown_as_empty(monkeypatch):
     from conftest import free_port
     from ftops.operate import fleet
+    from ftops.release import serving
 
     nowhere = f"http://127.0.0.1:{free_port()}"
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")  # as the plugin sets it in the api-server
@@ -253,9 +254,9 @@ def test_an_unreachable_registry_or_replica_is_reported_not_shown_as_empty(monke
     with pytest.raises(fleet.Unavailable, match="cannot be read"):
         fleet.read_registry(nowhere)
     assert time.time() - t0 < 30
-    replicas = fleet.replica_adapters([nowhere])
+    replicas = serving.replica_adapters([nowhere])
     assert replicas == {nowhere: None}
-    assert fleet.served_state("acme", None, replicas)["state"] == "down"
+    assert serving.served_state("acme", None, replicas)["state"] == "down"
 
 
 def test_customer_history_with_metrics_lineage_and_links(airflow, state):

@@ -357,36 +357,25 @@ def serving_capacity(
 
     platform = load_platform()
     if customers:
-        from ftops.operate.capacity import PlanInputs, adapter_bytes, model_config, plan
+        from ftops.operate.capacity import plan_for
 
         if train_minutes <= 0:
             raise typer.BadParameter("--train-minutes (measured) is required for a plan")
-        # The adapter size from the default base model's shape and the default LoRA settings.
-        first = next(iter(platform.customers.values()))
-        cfg = model_config(settings().base_model_path(platform, first.base_model))
-        adapter_mb = adapter_bytes(cfg, first.lora.r, first.lora.target_modules) / 1e6
-        out = plan(
-            PlanInputs(
-                customers=customers,
-                train_minutes=train_minutes,
-                cadence=cadence,
-                utilization=utilization,
-                adapter_mb=round(adapter_mb, 2),
-                peak_rps=peak_rps,
-                replica_rps=replica_rps,
-                examples_per_week=examples_per_week,
-                checkpoints_per_run=first.training.max_steps // first.training.save_steps
-                if first.training.max_steps > 0
-                else 2,
-            )
+        out = plan_for(
+            platform,
+            settings(),
+            customers=customers,
+            train_minutes=train_minutes,
+            cadence=cadence,
+            utilization=utilization,
+            peak_rps=peak_rps,
+            replica_rps=replica_rps,
+            examples_per_week=examples_per_week,
         )
         if as_json:
             print(json.dumps(out, indent=2))
             return
-        console.print(
-            f"{customers} customers, {cadence}, {train_minutes} min/training, adapter {adapter_mb:.1f} MB "
-            f"({first.base_model}, r={first.lora.r}, {len(first.lora.target_modules)} modules)"
-        )
+        console.print(f"{customers} customers, {cadence}, {train_minutes} min/training, {out['adapter']}")
         for key in ("gpu_workers", "vllm_replicas", "adapter_memory_per_replica_mb", "storage_per_customer_mb"):
             console.print(f"  {key}: {out[key]}")
         console.print(f"  storage_total_gb: {out['storage_total_gb']}")
@@ -405,11 +394,9 @@ def serving_capacity(
 
 @serving_app.command("status")
 def serving_status() -> None:
-    """Per customer and replica: desired version, served version, drift."""
-    import httpx
-
+    """Per customer and replica: desired version, served version, state (the fleet page's rule)."""
     from ftops.release.registry import Registry, RegistryError
-    from ftops.release.serving import Replica
+    from ftops.release.serving import replica_adapters, served_state
 
     env = settings()
     platform = _platform()
@@ -417,26 +404,19 @@ def serving_status() -> None:
     table = Table()
     for col in ("customer", "replica", "desired", "served", "state"):
         table.add_column(col)
-    wanted = {}
+    replicas = replica_adapters(env.vllm_urls, timeout=10)
     for c in platform.customers.values():
         try:
             v = reg.by_alias(c.id, c.base_model, "production")
-            wanted[c.id] = v.adapter_version if v else "-"
         except RegistryError as exc:
-            wanted[c.id] = "unknown"
             Console(stderr=True).print(f"[red]{c.id}:[/red] {exc}")
-    for url in env.vllm_urls:
-        try:
-            loaded = Replica(url).adapters()
-        except httpx.HTTPError:
-            loaded = None
-        for c in platform.customers.values():
-            want = wanted[c.id]
-            served = Path(loaded[c.id]).name if loaded and c.id in loaded else "-"
-            state = (
-                "down" if loaded is None else "unknown" if want == "unknown" else ("ok" if want == served else "DRIFT")
-            )
-            table.add_row(c.id, url, want, served, state)
+            for url, adapters in replicas.items():
+                served = Path(adapters[c.id]).name if adapters and c.id in adapters else "-"
+                table.add_row(c.id, url, "unknown", served, "down" if adapters is None else "unknown")
+            continue
+        want = v.adapter_version if v else None
+        for url, per in served_state(c.id, want, replicas)["replicas"].items():
+            table.add_row(c.id, url, want or "-", per["serves"] or "-", per["state"])
     console.print(table)
 
 

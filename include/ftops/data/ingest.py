@@ -28,7 +28,7 @@ from typing import IO
 
 from ftops.data.clean import quarantined
 from ftops.data.records import Batch, Example, Quarantined, RecordError, SourceFile, has_surrogate
-from ftops.storage import Store
+from ftops.storage import Entry, Store, no_follow
 
 __all__ = [  # the record types used to live here; their importers keep working
     "Batch",
@@ -430,46 +430,17 @@ def records(f: InboxFile, limits: Limits) -> Iterator[Example | Quarantined]:
         yield quarantined(f.name, 0, "unreadable_file", type(exc).__name__ + ": " + str(exc)[:200], "")
 
 
-def _local_entries(base: Path) -> Iterator[InboxFile]:
-    """Files under a local inbox, never following a symlink (a link could point at any file on the host)."""
-    if not base.is_dir():
-        return
-    for dirpath, dirnames, filenames in os.walk(base, followlinks=False):
-        here = Path(dirpath)
-        for d in sorted(dirnames):
-            if (here / d).is_symlink():
-                rel = (here / d).relative_to(base).as_posix()
-                yield InboxFile(rel, safe_name(rel), lambda: io.BytesIO(), refused="symlink")
-        dirnames[:] = sorted(d for d in dirnames if not (here / d).is_symlink())
-        for fn in sorted(filenames):
-            path = here / fn
-            rel = path.relative_to(base).as_posix()
-            if fn.startswith(".tmp-") or not rel.endswith(DATA_SUFFIXES):
-                continue
-            if path.is_symlink():
-                yield InboxFile(rel, safe_name(rel), lambda: io.BytesIO(), refused="symlink")
-            elif path.is_file():
-                yield InboxFile(rel, safe_name(rel), _opener(path))
+def _files(store: Store, label: str = "") -> list[InboxFile]:
+    """The data files under a storage root, as ingest reads them (symlinks listed refused, never followed)."""
+    return [_file(e, label) for e in store.entries("") if e.folder or e.key.endswith(DATA_SUFFIXES)]
 
 
-def _opener(path: Path) -> Callable[[], IO[bytes]]:
-    def open_no_follow() -> IO[bytes]:
-        # O_NOFOLLOW: a file swapped for a symlink between listing and reading is refused, not followed
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
-        return os.fdopen(fd, "rb")
-
-    return open_no_follow
+def _file(e: Entry, label: str = "") -> InboxFile:
+    return InboxFile(e.key, safe_name(f"{label}{e.key}"), e.open, e.refused)
 
 
 def inbox_files(inbox_uri: str) -> list[InboxFile]:
-    store = Store(inbox_uri)
-    if not store.is_s3:
-        return sorted(_local_entries(store.base), key=lambda f: f.key)
-    return [
-        InboxFile(key, safe_name(key), lambda key=key: store.open(key))
-        for key in store.list("")
-        if key.endswith(DATA_SUFFIXES)
-    ]
+    return _files(Store(inbox_uri))
 
 
 def local_files(paths: list[Path]) -> list[InboxFile]:
@@ -477,10 +448,12 @@ def local_files(paths: list[Path]) -> list[InboxFile]:
     out: list[InboxFile] = []
     for p in paths:
         if p.is_dir():
-            out += [InboxFile(f.key, safe_name(f"{p.name}/{f.key}"), f.open, f.refused) for f in _local_entries(p)]
+            out += _files(Store(str(p)), f"{p.name}/")
         else:
             out.append(
-                InboxFile(p.name, safe_name(p.name), _opener(p) if not p.is_symlink() else (lambda p=p: open(p, "rb")))
+                InboxFile(
+                    p.name, safe_name(p.name), no_follow(p) if not p.is_symlink() else (lambda p=p: open(p, "rb"))
+                )
             )
     return out
 
@@ -574,29 +547,22 @@ class InboxCounter:
         self._ingested: dict[str, set[str]] = {}  # complete dataset version -> hashes of files it ingested
 
     def ingested(self) -> set[str]:
-        from ftops.data.snapshot import ingested_files
+        from ftops.data.snapshot import ingested_files, manifest
 
         for version in self.store.children(f"{self.customer}/datasets"):
             if version not in self._ingested:
-                try:
-                    manifest = json.loads(self.store.get(f"{self.customer}/datasets/{version}/manifest.json"))
-                except (FileNotFoundError, NotADirectoryError):
+                if (m := manifest(self.store, self.customer, version)) is None:
                     continue  # still being written (its manifest comes last), or not a version
-                self._ingested[version] = ingested_files(self.store, self.customer, [manifest])
+                self._ingested[version] = ingested_files(self.store, self.customer, [m])
         return set().union(*self._ingested.values())
 
     def pending(self) -> tuple[int, set[str]]:
         done = self.ingested() | self.signalled
         count, files = 0, set()
-        info = self.inbox.list_info("")
-        if self.inbox.is_s3:  # one listing per poll, one client for the counter's life
-            entries = {k: InboxFile(k, k, lambda k=k: self.inbox.open(k)) for k in info if k.endswith(DATA_SUFFIXES)}
-        else:
-            entries = {f.key: f for f in _local_entries(self.inbox.base)}
-        for key, token in info.items():
-            f = entries.get(key)
-            if f is None or f.refused:
+        for e in self.inbox.entries(""):  # one listing per poll, one client for the counter's life
+            if e.refused or not e.key.endswith(DATA_SUFFIXES):
                 continue
+            key, token, f = e.key, e.token, _file(e)
             cached = self._seen.get(key)
             if cached is None or cached[0] != token:
                 s = scan(f, self.limits)

@@ -10,7 +10,6 @@ the example's content hash, so an example once in validation never lands in a la
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import random
 import shutil
@@ -50,10 +49,18 @@ def _jsonl(rows) -> bytes:
     return dumps_jsonl(rows)
 
 
+def manifest(store: Store, customer: str, version: str) -> dict | None:
+    """A dataset version's manifest; None while the version is incomplete (its manifest is written last)."""
+    try:
+        return json.loads(store.get(f"{customer}/datasets/{version}/manifest.json"))
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+
+
 def versions(store: Store, customer: str) -> list[dict]:
     """Manifests of the customer's complete dataset versions, oldest first."""
-    manifests = [json.loads(store.get(k)) for k in store.list(f"{customer}/datasets") if k.endswith("/manifest.json")]
-    return sorted(manifests, key=lambda m: m["version"])
+    found = (manifest(store, customer, v) for v in store.children(f"{customer}/datasets"))
+    return sorted((m for m in found if m is not None), key=lambda m: m["version"])
 
 
 def ingested_files(store: Store, customer: str, manifests: list[dict] | None = None) -> set[str]:
@@ -63,12 +70,6 @@ def ingested_files(store: Store, customer: str, manifests: list[dict] | None = N
     return {s["sha256"] for m in manifests for s in m["sources"] if s["skipped"] != "already_ingested" and s["sha256"]}
 
 
-def _load_sigs(store: Store, key: str) -> np.ndarray:
-    if not store.is_s3:
-        return np.load(store.base / key, mmap_mode="r")  # paged in as read: flat memory
-    return np.load(io.BytesIO(store.get(key)))
-
-
 def load_history(store: Store, customer: str) -> tuple[History, set[str], list[dict]]:
     """Dedupe index (disk-backed), ingested file hashes and manifests of every complete version."""
     manifests = versions(store, customer)
@@ -76,7 +77,7 @@ def load_history(store: Store, customer: str) -> tuple[History, set[str], list[d
     for m in manifests:
         base = f"{customer}/datasets/{m['version']}/index"
         keys = store.get(f"{base}/keys.txt").decode().split()
-        history.extend(keys, _load_sigs(store, f"{base}/minhash.npy"))
+        history.extend(keys, store.read_npy(f"{base}/minhash.npy"))
         del keys
     return history, ingested_files(store, customer, manifests), manifests
 

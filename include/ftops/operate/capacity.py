@@ -105,3 +105,23 @@ def plan(p: PlanInputs) -> dict:
 
 def model_config(path: Path) -> dict:
     return json.loads((path / "config.json").read_text())
+
+
+def plan_for(platform, env, **inputs) -> dict:
+    """`plan` for the customers file: the adapter size from the first customer's base model shape and LoRA
+    settings (the defaults every customer starts from), its checkpoints per run from its training settings."""
+    first = next(iter(platform.customers.values()))
+    cfg = model_config(env.base_model_path(platform, first.base_model))
+    adapter_mb = adapter_bytes(cfg, first.lora.r, first.lora.target_modules) / 1e6
+    t = first.training
+    out = plan(
+        PlanInputs(
+            adapter_mb=round(adapter_mb, 2),
+            checkpoints_per_run=t.max_steps // t.save_steps if t.max_steps > 0 else 2,
+            **inputs,
+        )
+    )
+    adapter = (
+        f"adapter {adapter_mb:.1f} MB ({first.base_model}, r={first.lora.r}, {len(first.lora.target_modules)} modules)"
+    )
+    return out | {"adapter": adapter}

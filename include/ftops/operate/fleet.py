@@ -13,13 +13,12 @@ whose names start with `airflow_`: they import Airflow lazily and run inside the
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -31,6 +30,7 @@ from ftops.config import CustomerConfig, Platform, Settings
 from ftops.release import registry as _registry
 from ftops.release.keys import auth_headers
 from ftops.release.registry import CANDIDATE, MODEL_PREFIX, PREVIOUS, PRODUCTION, RegistryError, model_name
+from ftops.release.serving import replica_adapters, served_state
 
 # Version tags an action from the fleet page writes: who moved production to this version, when, how.
 TAG_BY, TAG_AT, TAG_ACTION = "promoted.by", "promoted.at", "promoted.action"
@@ -230,46 +230,6 @@ def read_model(mlflow_uri: str, customer: str, base_slug: str) -> ModelState | N
 # --- serving: replicas and traffic ------------------------------------------------------------------------
 
 
-def replica_adapters(urls: Iterable[str], timeout: float = 3.0) -> dict[str, dict[str, str] | None]:
-    """Per replica, the LoRA adapters it serves (name -> adapter path), or None when it does not answer."""
-
-    def ask(url: str) -> dict[str, str] | None:
-        try:
-            # The serving admin key: the replicas' middleware shows every adapter only to it.
-            r = httpx.get(f"{url}/v1/models", timeout=timeout, headers=auth_headers())
-            r.raise_for_status()
-            return {m["id"]: m.get("root", "") for m in r.json()["data"] if m.get("parent")}
-        except (httpx.HTTPError, ValueError, KeyError, TypeError):
-            return None
-
-    urls = list(urls)
-    with ThreadPoolExecutor(max_workers=max(1, min(8, len(urls)))) as pool:
-        return dict(zip(urls, pool.map(ask, urls), strict=True))
-
-
-def served_state(customer: str, production: Version | None, replicas: dict[str, dict[str, str] | None]) -> dict:
-    """Per replica: `in sync` (serves production's adapter), `drift` (serves another version, or nothing while
-    production exists, or something while none does), `down` (no answer); `-` when neither side has one."""
-    want = production.tags.get("adapter.version", "") if production else ""
-    per = {}
-    for url, adapters in replicas.items():
-        if adapters is None:
-            per[url] = {"state": "down", "serves": None}
-            continue
-        root = adapters.get(customer)
-        serves = Path(root).name if root else None
-        # Adapters live at <adapter dir>/<customer>/<adapter version> (ftops.release.serving.local_path).
-        matches = bool(root) and Path(root).name == want and Path(root).parent.name == customer
-        if production is None:
-            state = "drift" if root else "-"
-        else:
-            state = "in sync" if matches else "drift"
-        per[url] = {"state": state, "serves": serves}
-    states = {p["state"] for p in per.values()}
-    overall = next((s for s in ("down", "drift", "in sync") if s in states), "-")
-    return {"state": overall, "replicas": per}
-
-
 _SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})?\s+([^\s]+)")
 _LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"')
 
@@ -359,6 +319,7 @@ def data_state(storage_root: str, customers: list[str]) -> dict[str, dict]:
     """Per customer: examples waiting in the inbox (as the data-volume trigger counts them) and the last
     dataset version's quarantine share. Counters are kept between calls: they re-read only changed files."""
     from ftops.data.ingest import InboxCounter
+    from ftops.data.snapshot import manifest
     from ftops.storage import Store
 
     store = Store(storage_root)
@@ -372,10 +333,9 @@ def data_state(storage_root: str, customers: list[str]) -> dict[str, dict]:
             for version in reversed(versions):  # the newest complete one (its manifest is written last)
                 key = (storage_root, customer, version)
                 if key not in _manifests:
-                    try:
-                        _manifests[key] = json.loads(store.get(f"{customer}/datasets/{version}/manifest.json"))
-                    except (FileNotFoundError, NotADirectoryError):
+                    if (m := manifest(store, customer, version)) is None:
                         continue
+                    _manifests[key] = m
                 counts = _manifests[key]["counts"]
                 dropped = sum(counts.get("dropped", {}).values())
                 out["last_batch"] = version
@@ -569,7 +529,7 @@ def fleet(
                 "production": production_info(m, times),
                 "previous": (m.aliases.get(PREVIOUS) if m else None),
                 "candidate": (m.aliases.get(CANDIDATE) if m else None),
-                "served": served_state(c.id, prod, replicas),
+                "served": served_state(c.id, prod.tags.get("adapter.version") if prod else None, replicas),
                 "last_run": last,
                 "next_run": info.get("next_run"),
                 "paused": info.get("paused"),

@@ -76,6 +76,45 @@ class Replica:
         return r.json()["choices"][0]["message"]["content"].strip()
 
 
+def replica_adapters(urls, timeout: float = 3.0) -> dict[str, dict[str, str] | None]:
+    """Per replica, the LoRA adapters it serves (name -> adapter path), or None when it does not answer."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def ask(url: str) -> dict[str, str] | None:
+        try:
+            return Replica(url, timeout).adapters()
+        except (httpx.HTTPError, ValueError, KeyError, TypeError):
+            return None
+
+    urls = list(urls)
+    with ThreadPoolExecutor(max_workers=max(1, min(8, len(urls)))) as pool:
+        return dict(zip(urls, pool.map(ask, urls), strict=True))
+
+
+def served_state(customer: str, want: str | None, replicas: dict[str, dict[str, str] | None]) -> dict:
+    """The one rule of what a customer's serving state is, for the fleet page and `ftops serving status`. Per
+    replica: `in sync` (serves `want`, production's adapter version), `drift` (serves another version, or
+    nothing while production exists, or something while none does), `down` (no answer); `-` when neither side
+    has one. Overall: the worst replica's."""
+    per = {}
+    for url, adapters in replicas.items():
+        if adapters is None:
+            per[url] = {"state": "down", "serves": None}
+            continue
+        root = adapters.get(customer)
+        serves = Path(root).name if root else None
+        # Adapters live at <adapter dir>/<customer>/<adapter version> (`local_path`).
+        matches = bool(root) and Path(root).name == want and Path(root).parent.name == customer
+        if not want:
+            state = "drift" if root else "-"
+        else:
+            state = "in sync" if matches else "drift"
+        per[url] = {"state": state, "serves": serves}
+    states = {p["state"] for p in per.values()}
+    overall = next((s for s in ("down", "drift", "in sync") if s in states), "-")
+    return {"state": overall, "replicas": per}
+
+
 def engine_for(urls: list[str] | tuple[str, ...], base_model: Path) -> Replica | None:
     """The first reachable replica serving this base model (so an evaluation runs on the serving engine)."""
     for url in urls:
