@@ -118,15 +118,23 @@ class Batch:
 
     def to_json(self) -> bytes:
         """One stage's output chunk as the next stage reads it (`from_json`): the data stages hand chunks to
-        each other through the run's scratch in object storage."""
-        return dump_line(asdict(self))
+        each other through the run's scratch in object storage. Rows as lists, not `asdict` (5x slower), and
+        `surrogatepass` so any text round-trips."""
+        doc = {
+            "examples": [[e.messages, e.source, e.line, e.rejected] for e in self.examples],
+            "quarantine": [[q.source, q.line, q.reason, q.detail, q.raw] for q in self.quarantine],
+            "sources": [asdict(s) for s in self.sources],
+            "read": self.read,
+            "pii": self.pii,
+        }
+        return json.dumps(doc, ensure_ascii=False).encode("utf-8", "surrogatepass")
 
     @classmethod
     def from_json(cls, data: bytes) -> Batch:
-        d = json.loads(data)
+        d = json.loads(data.decode("utf-8", "surrogatepass"))
         return cls(
-            examples=[Example(**e) for e in d["examples"]],
-            quarantine=[Quarantined(**q) for q in d["quarantine"]],
+            examples=[Example(*e) for e in d["examples"]],
+            quarantine=[Quarantined(*q) for q in d["quarantine"]],
             sources=[SourceFile(**s) for s in d["sources"]],
             read=d["read"],
             pii=d["pii"],
