@@ -98,29 +98,40 @@ def run():
     return Run(dag_id.removeprefix("finetune_"), dag_run.run_id, dag_id, started_at=dag_run.start_date)
 
 
+# The key to the raw records between ingest and clean (ftops.data.tasks): an XCom of its own, because Airflow
+# prints a task's return value in its log, and a key must not be there.
+SCRATCH_KEY = "scratch_key"
+
+
+def scratch_key() -> str:
+    return get_current_context()["ti"].xcom_pull(task_ids="ingest", key=SCRATCH_KEY) or ""
+
+
 @task
 def ingest() -> dict:
     from ftops.data import tasks as data
 
-    return data.ingest(run())
+    out = data.ingest(run())
+    get_current_context()["ti"].xcom_push(key=SCRATCH_KEY, value=out.pop(SCRATCH_KEY, ""))
+    return out
 
 
 @task
-def validate(ingested: dict) -> dict:
+def validate(_: dict) -> dict:
     from ftops.data import tasks as data
     from ftops.data.validate import ValidationFailed
 
     try:
-        return data.validate(run(), ingested)
+        return data.validate(run(), scratch_key())
     except ValidationFailed as exc:
         raise AirflowFailException(str(exc)) from exc
 
 
 @task
-def clean(validated: dict) -> dict:
+def clean(_: dict) -> dict:
     from ftops.data import tasks as data
 
-    return data.clean(run(), validated)
+    return data.clean(run(), scratch_key())
 
 
 @task

@@ -24,8 +24,8 @@ def test_data_tasks_share_one_chain_and_keep_no_raw_data_in_scratch(home):
     pii = {"messages": [{"role": "user", "content": "Mail?"}, {"role": "assistant", "content": "jane.doe@example.com"}]}
     upload.write_text(upload.read_text() + json.dumps(pii) + "\n")
     ingested = data.ingest(run)
-    validated = data.validate(run, ingested)
-    cleaned = data.clean(run, validated)
+    validated = data.validate(run, ingested["scratch_key"])
+    cleaned = data.clean(run, ingested["scratch_key"])
     deduped = data.dedupe(run)
     out = data.snapshot(run)
     assert ingested["read"] == out["read"] == out["kept"] + sum(out["dropped"].values())
@@ -37,7 +37,7 @@ def test_data_tasks_share_one_chain_and_keep_no_raw_data_in_scratch(home):
     # encrypted with a key that is only in their results; clean's and dedupe's are redacted).
     scratch = run.store.list(run.scratch)
     assert {k.split("/")[4] for k in scratch if k.count("/") > 4} == {"ingest", "validate", "clean", "dedupe"}
-    assert "scratch_key" in ingested and "scratch_key" not in cleaned
+    assert "scratch_key" in ingested and "scratch_key" not in validated
     assert not [k for k in scratch if b"jane.doe@example.com" in run.store.get(k)]
     assert any(b"[EMAIL]" in run.store.get(k) for k in scratch if "/clean/" in k)
     assert not list((home / "work" / "spill").glob("ftops-prepare-*"))
@@ -54,7 +54,8 @@ def test_the_dataset_version_is_named_by_the_run_and_a_lost_try_leaves_no_second
     # A first try died while publishing: some of the version's files, no manifest.
     run.store.put(f"brightdesk/datasets/{name}/train.jsonl", b'{"partial": true}\n')
     out = data.ingest(run)
-    data.clean(run, data.validate(run, out))
+    data.validate(run, out["scratch_key"])
+    data.clean(run, out["scratch_key"])
     data.dedupe(run)
     assert data.snapshot(run)["dataset_version"] == name
     assert b"partial" not in run.store.get(f"brightdesk/datasets/{name}/train.jsonl")
@@ -65,13 +66,15 @@ def test_the_dataset_version_is_named_by_the_run_and_a_lost_try_leaves_no_second
     run.store.delete_prefix(f"{run.scratch}/data/")
     adopted = data.ingest(run)
     assert adopted["adopted"] == name and adopted["read"] == out["read"]
-    assert data.validate(run, adopted)["success"]
+    assert data.validate(run, "")["success"]
     assert data.dedupe(run)["examples"] == data.snapshot(run)["kept"] > 0
     assert [m["version"] for m in snap.versions(run.store, "brightdesk")] == [name]
     # A later run back-dated before it (a manual run with an old start, a clock behind) still sorts after it.
     late = Run("brightdesk", "manual__old", "finetune_brightdesk", started_at=started - timedelta(days=9))
     write_batch("brightdesk", tmp_path / "brightdesk" / "inbox", n=30, batch=1)
-    data.clean(late, data.validate(late, data.ingest(late)))
+    late_key = data.ingest(late)["scratch_key"]
+    data.validate(late, late_key)
+    data.clean(late, late_key)
     data.dedupe(late)
     published = data.snapshot(late)["dataset_version"]
     versions = [m["version"] for m in snap.versions(run.store, "brightdesk")]
@@ -85,7 +88,7 @@ def test_a_rejected_batch_fails_the_validate_task_and_writes_nothing(home):
     ingested = data.ingest(run)
     assert ingested["read"] == 10
     with pytest.raises(ValidationFailed, match="status"):
-        data.validate(run, ingested)
+        data.validate(run, ingested["scratch_key"])
     assert snap.versions(run.store, "sterling-law") == []
 
 
@@ -123,7 +126,9 @@ def test_on_s3_files_stream_limits_hold_and_cleanup_removes_scratch(s3_server, m
     store.put("brightdesk/inbox/big.jsonl", payload)  # 60 records > 50
     assert 0 < InboxCounter(root, "brightdesk").pending()[0] < 50  # the too-large file counts nothing
     run = Run("brightdesk", "s3-hostile", "finetune_brightdesk")
-    data.clean(run, data.validate(run, data.ingest(run)))
+    key = data.ingest(run)["scratch_key"]
+    data.validate(run, key)
+    data.clean(run, key)
     data.dedupe(run)
     out = data.snapshot(run)
     assert out["dropped"] == {"too_large": 1} and out["kept"] > 0

@@ -204,7 +204,9 @@ def test_registry_outage_fails_training_and_evaluation_instead_of_going_without_
     other, store = "sterling-law", Store(settings().storage_root)
     write_batch(other, Path(store.root) / other / "inbox", n=40, batch=7)
     run = Run(other, "manual__outage", f"finetune_{other}")
-    data.clean(run, data.validate(run, data.ingest(run)))
+    key = data.ingest(run)["scratch_key"]
+    data.validate(run, key)
+    data.clean(run, key)
     data.dedupe(run)
     assert data.snapshot(run)["dataset_version"]
     v1 = Registry(os.environ["MLFLOW_TRACKING_URI"]).get(CUSTOMER, BASE, versions[0])

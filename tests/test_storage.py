@@ -82,7 +82,8 @@ def test_data_stage_on_s3_inbox_and_versions(s3_server, monkeypatch):
     run = Run("brightdesk", "s3-test-run")
     ingested = data.ingest(run)
     assert ingested["new_files"] == ["upload-1.jsonl"]
-    data.clean(run, data.validate(run, ingested))
+    data.validate(run, ingested["scratch_key"])
+    data.clean(run, ingested["scratch_key"])
     data.dedupe(run)
     snap = data.snapshot(run)
     assert snap["dataset_uri"].startswith(root) and snap["kept"] > 30

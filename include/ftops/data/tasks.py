@@ -8,9 +8,9 @@ cleared ingest invalidates what came after it).
 
 Raw customer text waits between steps only until `clean` has redacted it: ingest's and validate's chunks are
 encrypted (AES-256-GCM, the chunk's storage key as associated data) with a key `ingest` makes for the run and
-hands on in its result (the XCom, Airflow's metadata database), never written to object storage; clean's and
-dedupe's chunks hold redacted text. `prepare` is the same steps in the same order in one call, for
-`ftops data prepare`, the benches and the tests.
+hands on in its result (the DAG keeps it in an XCom of its own, never in a task log), never written to object
+storage; clean's and dedupe's chunks hold redacted text. `prepare` is the same steps in the same order in one
+call, for `ftops data prepare`, the benches and the tests.
 """
 
 from __future__ import annotations
@@ -101,8 +101,8 @@ def _open(data: bytes, secret: bytes | None, where: str) -> bytes:
     return AESGCM(secret).decrypt(data[:12], data[12:], where.encode())
 
 
-def _secret(result: dict) -> bytes:
-    return base64.b64decode(result["scratch_key"])
+def _secret(scratch_key: str) -> bytes:
+    return base64.b64decode(scratch_key)
 
 
 def _counts(batches_dropped: dict[str, int], batch: Batch) -> None:
@@ -143,19 +143,19 @@ def ingest_step(chain: Chain) -> dict:
     return chain.finish("ingest", summary) | {"scratch_key": base64.b64encode(secret).decode()}
 
 
-def validate_step(chain: Chain, ingested: dict) -> dict:
+def validate_step(chain: Chain, scratch_key: str) -> dict:
     """The Great Expectations suite: row-level expectations quarantine rows chunk by chunk, then the batch as a
     whole is checked (share of quarantined records); a rejected batch raises `ValidationFailed` and nothing
     goes further. The result and Great Expectations' Data Docs wait in scratch for the snapshot."""
     from ftops.data.validate import ValidationFailed, Validator
 
-    secret = _secret(ingested)
     if done := chain.summary("validate"):
-        return done | {"scratch_key": ingested["scratch_key"]}
+        return done
     chain.reset("validate")
+    secret, n = _secret(scratch_key), chain.summary("ingest")["chunks"]
     validator = Validator(chain.policy)
     read, examples, dropped = 0, 0, {}
-    for i in range(ingested["chunks"]):
+    for i in range(n):
         batch = validator.rows(chain.get_chunk("ingest", i, secret))
         chain.put_chunk("validate", i, batch, secret)
         read += batch.read
@@ -172,17 +172,17 @@ def validate_step(chain: Chain, ingested: dict) -> dict:
         if validation.docs is not None and validation.docs.is_dir():
             chain.store.upload_dir(validation.docs, chain.key("validate", "data_docs"))
     summary = {"success": True, "examples": examples, "dropped": dict(sorted(dropped.items()))}
-    return chain.finish("validate", summary) | {"scratch_key": ingested["scratch_key"]}
+    return chain.finish("validate", summary)
 
 
-def clean_step(chain: Chain, validated: dict) -> dict:
+def clean_step(chain: Chain, scratch_key: str) -> dict:
     """Normalise every turn and apply the customer's PII policy (redact with a typed placeholder, or drop)."""
     from ftops.data.clean import clean
 
     if done := chain.summary("clean"):
         return done
     chain.reset("clean")
-    secret, n = _secret(validated), chain.summary("ingest")["chunks"]
+    secret, n = _secret(scratch_key), chain.summary("ingest")["chunks"]
     examples, dropped, pii = 0, {}, {}
     for i in range(n):
         batch = clean(chain.get_chunk("validate", i, secret), chain.policy.pii)
@@ -295,8 +295,9 @@ def prepare(
         progress,
     )
     try:
-        ingested = ingest_step(chain)
-        clean_step(chain, validate_step(chain, ingested))
+        key = ingest_step(chain)["scratch_key"]
+        validate_step(chain, key)
+        clean_step(chain, key)
         dedupe_step(chain)
         return snapshot_step(chain)
     finally:
@@ -347,16 +348,17 @@ def ingest(run: Run) -> dict:
     return {k: v for k, v in out.items() if k not in ("published",)}
 
 
-def validate(run: Run, ingested: dict) -> dict:
+def validate(run: Run, scratch_key: str) -> dict:
+    """`scratch_key`: ingest's `scratch_key`, the key to its chunks (and to this step's)."""
     if adopted := _adopted(run):
         return {"success": True} | adopted["stages"].get("validate", {})
-    return validate_step(chain(run), ingested)
+    return validate_step(chain(run), scratch_key)
 
 
-def clean(run: Run, validated: dict) -> dict:
+def clean(run: Run, scratch_key: str) -> dict:
     if adopted := _adopted(run):
         return {"pii": adopted.get("pii", {})} | adopted["stages"].get("clean", {})
-    return clean_step(chain(run), validated)
+    return clean_step(chain(run), scratch_key)
 
 
 def dedupe(run: Run) -> dict:
