@@ -450,7 +450,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--model", help="base model folder (default: SmolLM2-135M; --quick: a tiny model built here)")
     ap.add_argument("--n-drops", type=int, default=8)
     ap.add_argument("--per-drop", type=int, help="examples per generated drop")
-    ap.add_argument("--strategies", default="all", help="comma list (default: all)")
+    ap.add_argument("--strategies", default="all", help="comma list, `all` (the seven) or `all+warmup`")
     ap.add_argument("--seeds", help="comma list of seeds")
     ap.add_argument("--epochs", type=float)
     ap.add_argument("--learning-rate", type=float)
@@ -470,11 +470,11 @@ def main(argv: list[str] | None = None) -> dict:
 
     torch.set_num_threads(a.threads)
     preset = (
-        {"per_drop": 60, "epochs": 10, "lr": 2e-2, "batch": 8, "max_length": 128, "seeds": "0", "answers": 4}
+        {"per_drop": 32, "epochs": 8, "lr": 2e-2, "batch": 8, "max_length": 128, "seeds": "0", "answers": 4}
         if quick
         else {"per_drop": 40, "epochs": 2, "lr": 1e-3, "batch": 4, "max_length": 192, "seeds": "0", "answers": 2}
     )
-    strategies = list(STRATEGIES) if a.strategies == "all" else a.strategies.split(",")
+    strategies = {"all": REQUIRED, "all+warmup": list(STRATEGIES)}.get(a.strategies) or a.strategies.split(",")
     unknown = [s for s in strategies if s not in STRATEGIES]
     if unknown:
         raise SystemExit(f"unknown strategies {unknown}; known: {list(STRATEGIES)}")
