@@ -78,7 +78,8 @@ def test_adaptive_replay_share_follows_forgetting_within_limits():
 
 def test_training_defaults_and_migration():
     d = TrainingSettings()
-    assert d.init == "production" and d.replay == "adaptive"  # chosen from bench/continual.py's table
+    # Chosen from bench/continual.py's table (README): continue from production, half of the mix replayed.
+    assert d.init == "production" and d.replay == "fixed" and d.replay_share()[0] == 0.5
     # Existing customers' settings keep working: an explicit `init: fresh` still means fresh, a replay_fraction
     # alone still sets the share.
     old = TrainingSettings.model_validate({"init": "fresh", "replay_fraction": 0.2})
