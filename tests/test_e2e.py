@@ -110,6 +110,9 @@ def test_second_run_adds_a_version_and_never_overwrites_the_first(stack):
     assert second.adapter_prefix != first.adapter_prefix
     assert second.tags["dataset.version"] > first.tags["dataset.version"]
     assert int(second.tags["replay.examples"]) > 0  # history replayed against forgetting
+    # The replay share used and why: on the registry version, where the next run's adaptive replay reads it.
+    assert second.tags["replay.mode"] == "fixed" and float(second.tags["replay.fraction"]) == 0.5, second.tags
+    assert second.tags["replay.reason"] == "fixed replay_fraction 0.5", second.tags
     # More of the same firm's data, with replay: the gate passes it (it compares on the data v1 knew).
     assert second.tags["gate.decision"] == "passed", second.tags["gate.reasons"]
     assert reg.by_alias(CUSTOMER, BASE, "production").version == "2"

@@ -1,5 +1,6 @@
 """Training on the tiny model with real TRL + PEFT: a killed training resumes from its last checkpoint in
-object storage, continuing the same MLflow run; the replay buffer measurably limits forgetting."""
+object storage, continuing the same MLflow run; DPO after SFT. (Replay against forgetting, over drops and seeds:
+tests/test_continual.py.)"""
 
 from __future__ import annotations
 
@@ -11,8 +12,6 @@ import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
-
-import pytest
 
 from ftops.data import snapshot as snap
 from ftops.data.dedupe import dedupe
@@ -100,43 +99,6 @@ def test_killed_training_resumes_from_last_checkpoint(tmp_path, tiny_model, mlfl
     assert min(m.step for m in history) == 1 and max(m.step for m in history) == 400
     assert check_servable(Path(args.output_dir) / "adapter") > 0
     assert store.exists("acme/adapters/tiny/resume/adapter_model.safetensors")
-
-
-def test_replay_buffer_limits_forgetting(tmp_path, tiny_model, mlflow_server):
-    """Old data in one voice, new data in another: continuing on the new data alone raises held-out loss on the
-    old data; continuing with a replay sample of the old data raises it measurably less."""
-    import torch
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from ftops.model.evaluate import _loss
-
-    store = Store(str(tmp_path / "root"))
-    old = dataset(store, "sterling-law", tmp_path, 120)
-    new = dataset(store, "northside-clinic", tmp_path, 120)
-    old_rows, old_val, _ = snap.training_mix(store, "acme", [old], [], 0.0, 0)
-    first = train(args_for(tmp_path, tiny_model, store.root, old_rows, old_val, "a", max_steps=60))
-    adapter_a = str(Path(tmp_path / "a" / "out" / "adapter"))
-
-    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
-
-    def old_loss(adapter: str) -> float:
-        base = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
-        return _loss(PeftModel.from_pretrained(base, adapter).eval(), tokenizer, old_val, 128)
-
-    losses = {}
-    for name, fraction in (("new_only", 0.0), ("replay", 0.3)):
-        rows, val, replayed = snap.training_mix(store, "acme", [new], [old], fraction, 0)
-        assert (len(replayed) > 0) == (fraction > 0)
-        assert all(r["id"] in {x["id"] for x in old_rows} for r in rows[len(rows) - len(replayed) :])
-        train(args_for(tmp_path, tiny_model, store.root, rows, val, name, init_adapter=adapter_a, max_steps=60))
-        losses[name] = old_loss(str(tmp_path / name / "out" / "adapter"))
-    before = old_loss(adapter_a)
-    assert first["eval_loss"] == pytest.approx(before, rel=0.05)
-    forgetting_alone, forgetting_replay = losses["new_only"] - before, losses["replay"] - before
-    print(f"old-data loss: after A {before:.3f}, new only {losses['new_only']:.3f}, with replay {losses['replay']:.3f}")
-    assert forgetting_alone > 0.1  # the new voice overwrites the old one
-    assert forgetting_replay < 0.7 * forgetting_alone  # replay keeps most of it
 
 
 def test_preference_pairs_run_dpo_after_sft_and_widen_the_margin(tmp_path, tiny_model, mlflow_server):

@@ -48,7 +48,8 @@ def train(run: Run, force: bool = False, overrides: dict | None = None) -> dict:
     if not new:
         raise NothingToTrain(f"{run.id}: no dataset version to train on")
     t = run.customer.training.overridden(overrides or {})
-    rows, val, replayed = snap.training_mix(run.store, run.id, new, old, t.replay_fraction, t.seed)
+    fraction, why = replay_share(run, t)
+    rows, val, replayed = snap.training_mix(run.store, run.id, new, old, fraction, t.seed)
     run.workdir.mkdir(parents=True, exist_ok=True)
     for name, data in (("train.jsonl", rows), ("val.jsonl", val)):  # evaluate reads them, maybe elsewhere
         run.save(name, snap._jsonl(data))
@@ -79,7 +80,7 @@ def train(run: Run, force: bool = False, overrides: dict | None = None) -> dict:
         storage_root=run.env.storage_root,
         **run.customer.lora.model_dump(),
         # The customer's trainer settings carry over by name; replay and init are decided above.
-        **t.model_dump(exclude={"replay_fraction", "init"}),
+        **t.model_dump(exclude={"replay_fraction", "replay", "adaptive", "init"}),
         init_adapter=init_adapter,
         checkpoint_prefix=f"{run.scratch}/checkpoints",
         result_key=f"{run.scratch}/train-result.json",
@@ -94,6 +95,8 @@ def train(run: Run, force: bool = False, overrides: dict | None = None) -> dict:
             "dataset.new_versions": ",".join(new),
             "replay.examples": len(replayed),
             "replay.share": round(len(replayed) / max(len(rows), 1), 4),
+            "replay.fraction": fraction,
+            "replay.reason": why,
             "init": f"production v{prod.version}" if init_adapter else "fresh",
         },
     )
@@ -124,9 +127,22 @@ def train(run: Run, force: bool = False, overrides: dict | None = None) -> dict:
         "val_examples": len(val),
         "lora": run.customer.lora.model_dump(),
         "training": t.model_dump(),
+        # The next run's adaptive replay reads these back from the registry version (`replay_share`).
+        "registry_tags": {"replay.fraction": str(fraction), "replay.mode": t.replay, "replay.reason": why[:500]},
     }
     run.save("train.json", json.dumps(out).encode())
     return out
+
+
+def replay_share(run: Run, t) -> tuple[float, str]:
+    """The replay share of this training (`TrainingSettings.replay_share`): adaptive replay reads the latest
+    registry version's `replay.fraction` and `forgetting.max` tags (set by register and evaluation). An unreadable
+    registry raises: no training guesses its replay."""
+    if t.replay != "adaptive":
+        return t.replay_share()
+    versions = run.registry().versions(run.id, run.base_slug)
+    last = versions[-1].tags if versions else {}
+    return t.replay_share(last.get("replay.fraction"), last.get("forgetting.max"))
 
 
 def _registered(run: Run, adapter_prefix: str) -> bool:

@@ -41,6 +41,7 @@ class TrainArgs:
     epochs: float = 3
     max_steps: int = -1
     learning_rate: float = 2e-4
+    warmup_ratio: float = 0.0  # linear warm-up share of the steps; each version re-warms and re-decays (cosine)
     batch_size: int = 4
     gradient_accumulation_steps: int = 1
     max_length: int = 512
@@ -158,7 +159,10 @@ def sft_config(args: TrainArgs, has_val: bool, cuda: bool):
         per_device_eval_batch_size=args.batch_size,
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         learning_rate=args.learning_rate,
+        # Every training (each weekly version) re-warms to the peak LR and re-decays to 0: the recipe of Ibrahim
+        # et al. 2024 for continual training; bench/continual.py measures the warm-up share.
         lr_scheduler_type="cosine",
+        warmup_steps=args.warmup_ratio,  # a float in [0, 1) is a share of the steps in transformers 5
         max_length=args.max_length,
         assistant_only_loss=True,
         # Best-fit-decreasing packing: whole examples share a row up to max_length, padding-free, with a

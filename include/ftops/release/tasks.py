@@ -48,6 +48,7 @@ def register(run: Run, trained: dict, metrics: dict, decision: dict) -> dict:
             "metrics.candidate_canary_leaks": _tag(cand.canary_leaks),
             "eval.engine": m.engine,
         }
+        | trained.get("registry_tags", {})  # e.g. the replay share used and why (model.tasks.train)
         # What the serving engine answered at the gate: the reconciler checks a swap reproduces it.
         | (
             {"probe.prompt": cand.sample["prompt"], "probe.answer": cand.sample["answer"][:200]}
