@@ -3,7 +3,9 @@
 Real vLLM (CPU build) started by scripts/services.sh with the project's middleware (ftops.release.serving_auth),
 every request with its customer's own key (`ftops.release.keys`). Customer B (the victim) sends its normal load
 (closed loop, `--victim-concurrency` requests at a time, short answers) alone, then again while customer A floods
-(`--flood-factor` x B's concurrency, long answers, retrying 0.1 s after a 429 whatever `retry-after` says).
+(`--flood-factor` x B's concurrency, long answers; after a 429 it waits the `retry-after`, as the `openai`
+client does). vLLM runs with `--max-num-seqs 16` by default: a replica the flood alone fills (with vLLM's CPU
+default of 256 nothing ever queues and scheduling order cannot matter).
 Three settings, switched by rewriting the customers file the middleware re-reads (no restart; vLLM runs with
 `--scheduling-policy priority` throughout, which with every priority 0 orders by arrival, i.e. FCFS):
 
@@ -11,9 +13,10 @@ Three settings, switched by rewriting the customers file the middleware re-reads
 - limits: the shipped per-customer limits (ftops.config.ServingSettings defaults), fair priorities off;
 - fair:   the shipped limits and fair priorities (ftops.release.serving_limits): the project's default.
 
-Rounds interleave the settings (the order rotates); a round's `victim_p95_ratio` is its flooded p95 over its
-own solo p95. Rounds repeat until the default setting's median ratio moves by less than 10 % between two
-consecutive rounds (at least --min-rounds, at most --max-rounds); every figure is the median over rounds.
+Rounds interleave the settings (the order rotates); within a round a setting runs `--segments` pairs of
+(B alone, B under the flood) and its `victim_p95_ratio` is the flooded p95 over the solo p95 of those pairs.
+Rounds repeat until the default setting's median ratio moves by less than 10 % between two consecutive rounds
+(at least --min-rounds, at most --max-rounds); every figure is the median over rounds.
 Then `salt_cost`: what per-customer prefix-cache salts cost when customers share a long system prompt
 (each customer's first request recomputes it instead of hitting another customer's cache).
 
@@ -122,7 +125,8 @@ async def flood(http: httpx.AsyncClient, model: str, key: str, concurrency: int,
                 stats["served_tokens"] += r.json()["usage"]["completion_tokens"]
             elif r.status_code == 429:
                 stats["429"] += 1
-                await asyncio.sleep(0.1)  # a flooder that does not wait the retry-after it is given
+                # as the official `openai` client does (its batch jobs): wait the retry-after it is given
+                await asyncio.sleep(min(float(r.headers.get("retry-after", 1)), 60))
             else:
                 stats["other_errors"] += 1
 
@@ -135,30 +139,35 @@ async def flood(http: httpx.AsyncClient, model: str, key: str, concurrency: int,
 
 
 async def one_setting(url: str, model: str, keys_: dict, a) -> dict:
+    """`--segments` pairs of (victim alone, victim under the flood), so both halves see the machine's load of
+    the moment; the p95s are over the pooled latencies of each half."""
+    solo, flooded, failed, fl_total = [], [], 0, {"served_tokens": 0, "429": 0, "other_errors": 0}
+    per = max(a.victim_requests // a.segments, a.victim_concurrency)
     async with httpx.AsyncClient(base_url=url, timeout=600) as http:
-        solo, solo_failed = await victim_load(
-            http, model, keys_[VICTIM], a.victim_requests, a.victim_concurrency, a.victim_tokens
-        )
-        await asyncio.sleep(1)
-        stop = asyncio.Event()
-        flooding = asyncio.create_task(
-            flood(http, model, keys_[FLOODER], a.victim_concurrency * a.flood_factor, a.flood_tokens, stop)
-        )
-        await asyncio.sleep(a.ramp_s)  # the flood is in full swing before the victim starts
-        flooded, failed = await victim_load(
-            http, model, keys_[VICTIM], a.victim_requests, a.victim_concurrency, a.victim_tokens
-        )
-        stop.set()
-        fl = await flooding
-    await asyncio.sleep(2)  # abandoned flood answers drain from the engine
+        for _ in range(a.segments):
+            lat, f = await victim_load(http, model, keys_[VICTIM], per, a.victim_concurrency, a.victim_tokens)
+            solo += lat
+            failed += f
+            stop = asyncio.Event()
+            flooding = asyncio.create_task(
+                flood(http, model, keys_[FLOODER], a.victim_concurrency * a.flood_factor, a.flood_tokens, stop)
+            )
+            await asyncio.sleep(a.ramp_s)  # the flood is in full swing before the victim starts
+            lat, f = await victim_load(http, model, keys_[VICTIM], per, a.victim_concurrency, a.victim_tokens)
+            flooded += lat
+            failed += f
+            stop.set()
+            for k, v in (await flooding).items():
+                fl_total[k] += v
+            await asyncio.sleep(1.5)  # abandoned flood answers drain from the engine
     return {
         "victim_p95_solo_s": round(p95(solo), 3),
         "victim_p95_flooded_s": round(p95(flooded), 3),
         "victim_p95_ratio": round(p95(flooded) / p95(solo), 3),
-        "victim_failed": failed + solo_failed,
-        "flooder_429": fl["429"],
-        "flooder_served_tokens": fl["served_tokens"],
-        "flooder_other_errors": fl["other_errors"],
+        "victim_failed": failed,
+        "flooder_429": fl_total["429"],
+        "flooder_served_tokens": fl_total["served_tokens"],
+        "flooder_other_errors": fl_total["other_errors"],
     }
 
 
@@ -169,15 +178,15 @@ def prefix_hits(url: str, admin: dict) -> float:
 
 def salt_cost(url: str, model: str, keys_: dict, admin: dict, rounds: int) -> dict:
     """Customers sharing one long system prompt: prefix-cache hits and first-request latency with per-customer
-    salts (their own keys) and without (the admin key: not salted), the cache reset before each pass."""
+    salts (their own keys) and without (the admin key: not salted), a new system prompt for each pass."""
     system = " ".join(f"Rule {i}: answer politely, cite the policy and never promise refunds." for i in range(10))
     out = {"salted": {"hit_tokens": [], "mean_s": []}, "shared": {"hit_tokens": [], "mean_s": []}}
     with httpx.Client(base_url=url, timeout=120) as http:
         n = len(http.post("/tokenize", json={"model": model, "prompt": system}, headers=admin).json()["tokens"])
         for r in range(rounds):
             for mode in ("salted", "shared") if r % 2 else ("shared", "salted"):
-                http.post("/reset_prefix_cache", headers=admin).raise_for_status()
                 before, times = prefix_hits(url, admin), []
+                prompt = f"Policy {r}-{mode}. {system}"  # a prompt never sent before: nothing cached yet
                 for i, c in enumerate(SALT_CUSTOMERS):
                     auth = {"Authorization": f"Bearer {keys_[c]}"} if mode == "salted" else admin
                     t0 = time.perf_counter()
@@ -186,7 +195,7 @@ def salt_cost(url: str, model: str, keys_: dict, admin: dict, rounds: int) -> di
                         headers=auth,
                         json={
                             "model": model,
-                            "prompt": f"{system}\nQuestion {r}-{i}: where is my order?",
+                            "prompt": f"{prompt}\nQuestion {r}-{i}: where is my order?",
                             "max_tokens": 1,
                         },
                     ).raise_for_status()
@@ -211,13 +220,19 @@ def main() -> None:
     ap.add_argument("--victim-requests", type=int, default=24)
     ap.add_argument("--victim-tokens", type=int, default=32)
     ap.add_argument("--flood-tokens", type=int, default=256)
-    ap.add_argument("--ramp-s", type=float, default=3.0)
+    ap.add_argument("--ramp-s", type=float, default=2.0)
+    ap.add_argument("--segments", type=int, default=3, help="alone/flooded pairs per setting and round")
     ap.add_argument("--min-rounds", type=int, default=3)
     ap.add_argument("--max-rounds", type=int, default=9)
-    ap.add_argument("--max-num-seqs", type=int, default=0, help="vLLM's --max-num-seqs (0: vLLM's default)")
+    ap.add_argument(
+        "--max-num-seqs",
+        type=int,
+        default=16,
+        help="vLLM's --max-num-seqs (0: vLLM's default, 256 here): 16 makes a replica the flood alone fills",
+    )
     a = ap.parse_args()
     if a.quick:
-        a.victim_requests, a.flood_tokens, a.min_rounds, a.max_rounds = 16, 192, 3, 5
+        a.victim_requests, a.flood_tokens, a.min_rounds, a.max_rounds = 24, 192, 3, 6
     from ftops.model.base_models import build_tiny
 
     home = Path(tempfile.mkdtemp(prefix="bench-noisy-"))
@@ -280,6 +295,7 @@ def main() -> None:
             "victim_tokens": a.victim_tokens,
             "flood_tokens": a.flood_tokens,
             "victim_requests": a.victim_requests,
+            "segments": a.segments,
             "max_num_seqs": a.max_num_seqs or "vllm default",
         }
     finally:

@@ -15,15 +15,25 @@ vLLM's own `--api-key` maps no key to a model and leaves `/invocations` open, so
   caller (404) before vLLM's filesystem resolver could join it into a path;
 - the body vLLM reads is the one that was checked (re-serialised), so a duplicated `model` key cannot make
   this check and vLLM's parser disagree;
+- per-customer limits from the customers file (`serving.max_concurrency`, `requests_per_minute`,
+  `tokens_per_minute`, ftops.config.ServingSettings; per replica): over one, 429 with `retry-after` and OpenAI's
+  `x-ratelimit-*` headers (sent on every customer answer), counted in `ftops_tenant_errors{reason="rate_limit_*"}`;
+  tokens from the usage vLLM reports, streams included (ftops.release.serving_limits);
+- fair scheduling: under `--scheduling-policy priority` each customer request's `priority` is set from its
+  customer's recent usage against its fair share (a caller's own `priority` is never passed on);
+- prefix-cache isolation: `cache_salt` on every customer request of a route that takes it, an HMAC of the
+  customer id under a key derived from the admin secret, replacing any salt the caller sent;
+- `/v1/models` shows a customer its model names only (no `root`/`parent`: the replica's paths);
 - per-customer Prometheus metrics (`ftops_tenant_*`) in the default registry, so vLLM's own `/metrics`
   serves them next to its engine metrics. Streamed answers are counted too: the middleware asks vLLM for
   the usage chunk and removes it from the stream when the client did not ask for it.
 
-Keys and bodies are never logged. Imports only what the vLLM venv has (starlette, prometheus_client, yaml).
+Keys and bodies are never logged. Imports only what the vLLM venv has
+(starlette, prometheus_client, yaml, pydantic for ftops.config).
 Settings (environment): FTOPS_HOME / FTOPS_KEYS_FILE (key store), FTOPS_SERVING_ADMIN_KEY or
 $FTOPS_HOME/secrets/serving_admin_key (required: without it vLLM does not start), FTOPS_SERVING_BASE_MODEL
-(vLLM's base model name, i.e. its `--model`), FTOPS_CUSTOMERS (who may call the base model; a key of a
-customer no longer in the file is refused).
+(vLLM's base model name, i.e. its `--model`), FTOPS_CUSTOMERS (who may call the base model, the limits; a key
+of a customer no longer in the file is refused; re-read within 5 s of a change).
 """
 
 from __future__ import annotations
