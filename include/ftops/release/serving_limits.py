@@ -5,11 +5,11 @@ Owns, per customer and in this process only: requests in flight, the requests an
 scheduling priority from recent usage against a fair share (vLLM's `--scheduling-policy priority`: lower first).
 
 Limits are per replica: nothing is shared between replicas (README, tenant isolation: how they combine).
-Recent usage is the customer's occupancy: requests in flight integrated over time with an exponential decay
-(TAU seconds), i.e. how many of the replica's slots it held lately. Its fair share is the mean occupancy of the
-customers active lately, scaled by `serving.weight`. At or under its share a request gets priority 0; over it,
-a priority growing with how far over, so it waits behind those under their share whenever the engine has a
-queue, and runs at once when it has not (nothing is refused for fairness).
+Recent usage is the customer's occupancy, requests in flight integrated over time with an exponential decay
+(TAU seconds), i.e. how many of the replica's slots it held lately, plus the requests it holds right now. Its
+fair share is the mean usage of the customers active lately, scaled by `serving.weight`. At or under its share
+a request gets priority 0; over it, a priority growing with how far over, so it waits behind those under their
+share whenever the engine has a queue, and runs at once when it has not (nothing is refused for fairness).
 Standard library only: it runs inside vLLM's API server on every request.
 """
 
@@ -123,13 +123,19 @@ class Limiter:
             if t is not own:
                 t.decay(now)
             if t.in_flight or t.occupancy > ACTIVE:
-                load += t.occupancy
+                load += self._usage(t)
                 weight += weights.get(name, 1.0)
         if load <= 0 or weight <= 0:
             return 0
         share = load / weight * weights.get(customer, 1.0)
-        ratio = own.occupancy / share
+        ratio = self._usage(own) / share
         return 0 if ratio <= 1 else min(MAX_PRIORITY, 1 + int(10 * (ratio - 1)))
+
+    @staticmethod
+    def _usage(t: Tenant) -> float:
+        """Recent slot-seconds plus what it holds now (as if held for TAU): a burst counts from its first
+        request, not only once it has lasted; a steady customer is not taken for the heavy one at a burst's start."""
+        return t.occupancy + t.in_flight * TAU_S
 
     @staticmethod
     def _token_reset(t: Tenant, tpm: int, now: float) -> float:
