@@ -23,7 +23,8 @@
 # role, an s3.json from scripts/make_env.py / ftops.operate.identities; without it, one admin identity from AWS_*),
 # VLLM_MODEL (the base model folder; default: the converted SmolLM2), VLLM_MAX_LORAS (max adapters in one
 # batch), VLLM_MAX_CPU_LORAS (adapters kept loaded), VLLM_MAX_LORA_RANK (largest rank): the last three
-# default to `ftops serving capacity`, computed from the customers file.
+# default to `ftops serving capacity`, computed from the customers file. VLLM_SCHEDULING_POLICY (priority: the
+# middleware's fair priorities, ftops.release.serving_limits; fcfs: vLLM's default), VLLM_MAX_NUM_SEQS (vLLM's).
 # Serving keys: vLLM loads ftops.release.serving_auth.TenantAuth (--middleware; project's include/ on its PYTHONPATH):
 # per-customer keys (`ftops keys create`), admin key from FTOPS_SERVING_ADMIN_KEY or, when unset, from
 # $FTOPS_HOME/secrets/serving_admin_key (created here, mode 0600). VLLM_MIDDLEWARE=none serves without
@@ -102,7 +103,8 @@ start_vllm() {
   setsid "$ROOT/.venv-vllm/bin/python" -m vllm.entrypoints.openai.api_server \
     --model "$VLLM_MODEL" --dtype float32 --max-model-len "${VLLM_MAX_MODEL_LEN:-1024}" \
     --enable-lora --max-loras "$VLLM_MAX_LORAS" --max-cpu-loras "$VLLM_MAX_CPU_LORAS" \
-    --max-lora-rank "$VLLM_MAX_LORA_RANK" "${mw[@]}" --host 127.0.0.1 --port "$VLLM_PORT" >"$log" 2>&1 < /dev/null &
+    --max-lora-rank "$VLLM_MAX_LORA_RANK" "${mw[@]}" --scheduling-policy "${VLLM_SCHEDULING_POLICY:-priority}" \
+    ${VLLM_MAX_NUM_SEQS:+--max-num-seqs "$VLLM_MAX_NUM_SEQS"} --host 127.0.0.1 --port "$VLLM_PORT" >"$log" 2>&1 < /dev/null &
   echo $! >"$RUN/$name.pid"
   wait_http "http://127.0.0.1:$VLLM_PORT/health" 300 "$name" "$log"
   echo "$name up: http://127.0.0.1:$VLLM_PORT ($VLLM_MODEL)"

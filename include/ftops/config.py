@@ -167,6 +167,20 @@ class GatePolicy(_Strict):
     )
 
 
+class ServingSettings(_Strict):
+    """A customer's share of each vLLM replica, enforced by the tenancy middleware (ftops.release.serving_auth).
+    Limits are per replica: with N replicas behind a load balancer a customer gets up to N times these."""
+
+    max_concurrency: int = Field(8, ge=1, description="requests in flight at once; more: 429")
+    requests_per_minute: int = Field(600, ge=1, description="requests started in any 60 s window; more: 429")
+    tokens_per_minute: int = Field(
+        200_000, ge=1, description="prompt + completion tokens (vLLM's usage) in any 60 s window; over it: 429"
+    )
+    weight: float = Field(
+        1.0, gt=0, le=1000, description="relative fair share when the replica is contended (2 = twice the share)"
+    )
+
+
 class CustomerConfig(_Strict):
     id: str
     name: str
@@ -185,6 +199,7 @@ class CustomerConfig(_Strict):
     training: TrainingSettings = TrainingSettings()
     data: DataPolicy = DataPolicy()
     gate: GatePolicy = GatePolicy()
+    serving: ServingSettings = ServingSettings()
 
     @field_validator("id")
     @classmethod
@@ -197,10 +212,21 @@ class BaseModelConfig(_Strict):
     description: str = ""
 
 
+class PlatformServing(_Strict):
+    """Replica-wide serving settings (the customers file's top-level `serving:`), read by the middleware."""
+
+    fair_scheduling: bool = Field(
+        True,
+        description="set each request's vLLM priority from its customer's recent usage against its fair share "
+        "(needs --scheduling-policy priority, which scripts/services.sh passes; otherwise every priority is 0)",
+    )
+
+
 class CustomersFile(_Strict):
     base_models: dict[str, BaseModelConfig]
     defaults: dict = {}
     customers: list
+    serving: PlatformServing = PlatformServing()
 
     @field_validator("base_models")
     @classmethod

@@ -3,7 +3,8 @@
 Normalisation: HTML entities, Unicode NFC, line breaks (CRLF, CR, NEL, U+2028/U+2029 and the C0 separators
 all become `\n`), control characters, runs of spaces and blank lines.
 PII types: EMAIL, PHONE, SSN, CARD (Luhn-checked, with or without separators), IBAN (mod-97
-checked), IP (v4 and v6), SECRET (cloud keys, tokens, private keys, `password=...`). Checksums keep
+checked), IP (v4 and v6), SECRET (cloud keys, tokens, private keys, `password=...`, a bare 40-character
+secret key). Detection reads HTML character references decoded (`john&#64;example.com`), nested ones too. Checksums keep
 order numbers, dates and case numbers from being taken for cards or IBANs.
 """
 
@@ -11,8 +12,10 @@ from __future__ import annotations
 
 import html
 import json
+import math
 import re
 import unicodedata
+from collections import Counter
 
 from ftops.data.records import RAW_KEEP_CHARS, Batch, Example, Quarantined
 
@@ -56,6 +59,22 @@ def _secret(pattern: str, *needles: str) -> tuple[str, re.Pattern, None, tuple[s
     return ("SECRET", re.compile(pattern), None, needles)
 
 
+def _entropy(s: str) -> float:
+    n = len(s)
+    return -sum(c / n * math.log2(c / n) for c in Counter(s).values())
+
+
+def _bare_key(m: re.Match) -> bool:
+    """A 40-character token shaped like a cloud secret key (AWS's secret access key) with no keyword beside it:
+    mixed case and digits, random-looking (character entropy), not a path. Hex digests (git commits, SHA-1) are
+    one case only; words, identifiers and paths have too little entropy or too many `/`."""
+    s = m.group()
+    upper = sum(c.isupper() for c in s)
+    lower = sum(c.islower() for c in s)
+    digits = sum(c.isdigit() for c in s)
+    return upper >= 3 and lower >= 3 and digits >= 1 and s.count("/") < 4 and _entropy(s) >= 4.4
+
+
 DETECTORS: list[tuple[str, re.Pattern, object, tuple[str, ...] | None]] = [
     # every PEM private-key block (RSA, EC, DSA, OPENSSH, ENCRYPTED, PGP ... BLOCK), to its end or the text's
     _secret(
@@ -96,6 +115,14 @@ DETECTORS: list[tuple[str, re.Pattern, object, tuple[str, ...] | None]] = [
     _secret(
         r"(?i:\b(?:secret|access)[ _-]?(?:access[ _-]?)?key\s+(?:is\s+|=\s*|:\s*)?)[A-Za-z0-9/+]{40}(?![A-Za-z0-9/+])",
         "key",
+    ),
+    # a bare 40-character secret key, no keyword (checked by _bare_key); not a chunk of a longer token, a URL-safe
+    # token's part (`_`, `-`, `.` joined) or base64 with padding
+    (
+        "SECRET",
+        re.compile(r"(?<![A-Za-z0-9/+=_.-])[A-Za-z0-9/+]{40}(?![A-Za-z0-9/+=_-]|\.[A-Za-z0-9])"),
+        _bare_key,
+        None,
     ),
     # key = value, also with a prefix (DB_PASSWORD, aws_secret_access_key) or a quoted JSON key;
     # not a mask (********) or a template (<...>, ${...}, {{...}})
@@ -195,8 +222,49 @@ def _shorter(kind: str, pattern: re.Pattern, check, m: re.Match) -> tuple[int, i
     return None
 
 
+# An HTML character reference (`&#64;`, `&#x40;`, `&commat;`, with or without `;`)
+_CHARREF = re.compile(r"&(?:#[0-9]{1,7}|#[xX][0-9a-fA-F]{1,6}|[A-Za-z][A-Za-z0-9]{1,31});?")
+
+
+def _decode_refs(text: str) -> tuple[str, list[int] | None, list[int] | None]:
+    """`text` with its character references decoded, nested ones too (`&amp;#64;`, up to 3 levels), and for
+    each character of the result the start and end of what it came from in `text` (None, None: nothing to decode)."""
+    if "&" not in text or not _CHARREF.search(text):
+        return text, None, None
+    starts, ends = list(range(len(text))), list(range(1, len(text) + 1))
+    for _ in range(3):
+        out, new_starts, new_ends, pos = [], [], [], 0
+        for m in _CHARREF.finditer(text):
+            decoded = html.unescape(m.group())
+            if decoded == m.group():
+                continue
+            out.append(text[pos : m.start()])
+            new_starts += starts[pos : m.start()]
+            new_ends += ends[pos : m.start()]
+            out.append(decoded)
+            new_starts += [starts[m.start()]] * len(decoded)
+            new_ends += [ends[m.end() - 1]] * len(decoded)
+            pos = m.end()
+        if not pos:
+            break
+        out.append(text[pos:])
+        text, starts, ends = "".join(out), new_starts + starts[pos:], new_ends + ends[pos:]
+        if "&" not in text:
+            break
+    return text, starts, ends
+
+
 def find_pii(text: str) -> list[tuple[str, int, int]]:
-    """Non-overlapping (type, start, end) spans, earlier detectors winning."""
+    """Non-overlapping (type, start, end) spans, earlier detectors winning. Detection reads the text with its
+    HTML character references decoded (`john&#64;example.com` is an email); spans are in `text` itself."""
+    decoded, starts, ends = _decode_refs(text)
+    spans = _find(decoded)
+    if starts is None or ends is None:
+        return spans
+    return [(kind, starts[s], ends[e - 1]) for kind, s, e in spans]
+
+
+def _find(text: str) -> list[tuple[str, int, int]]:
     spans: list[tuple[str, int, int]] = []
     present = {m.group(1) for m in _NEEDLES.finditer(text.lower())}
     for kind, pattern, check, needles in DETECTORS:

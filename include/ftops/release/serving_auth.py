@@ -15,15 +15,25 @@ vLLM's own `--api-key` maps no key to a model and leaves `/invocations` open, so
   caller (404) before vLLM's filesystem resolver could join it into a path;
 - the body vLLM reads is the one that was checked (re-serialised), so a duplicated `model` key cannot make
   this check and vLLM's parser disagree;
+- per-customer limits from the customers file (`serving.max_concurrency`, `requests_per_minute`,
+  `tokens_per_minute`, ftops.config.ServingSettings; per replica): over one, 429 with `retry-after` and OpenAI's
+  `x-ratelimit-*` headers (sent on every customer answer), counted in `ftops_tenant_errors{reason="rate_limit_*"}`;
+  tokens from the usage vLLM reports, streams included (ftops.release.serving_limits);
+- fair scheduling: under `--scheduling-policy priority` each customer request's `priority` is set from its
+  customer's recent usage against its fair share (a caller's own `priority` is never passed on);
+- prefix-cache isolation: `cache_salt` on every customer request of a route that takes it, an HMAC of the
+  customer id under a key derived from the admin secret, replacing any salt the caller sent;
+- `/v1/models` shows a customer its model names only (no `root`/`parent`: the replica's paths);
 - per-customer Prometheus metrics (`ftops_tenant_*`) in the default registry, so vLLM's own `/metrics`
   serves them next to its engine metrics. Streamed answers are counted too: the middleware asks vLLM for
   the usage chunk and removes it from the stream when the client did not ask for it.
 
-Keys and bodies are never logged. Imports only what the vLLM venv has (starlette, prometheus_client, yaml).
+Keys and bodies are never logged. Imports only what the vLLM venv has
+(starlette, prometheus_client, yaml, pydantic for ftops.config).
 Settings (environment): FTOPS_HOME / FTOPS_KEYS_FILE (key store), FTOPS_SERVING_ADMIN_KEY or
 $FTOPS_HOME/secrets/serving_admin_key (required: without it vLLM does not start), FTOPS_SERVING_BASE_MODEL
-(vLLM's base model name, i.e. its `--model`), FTOPS_CUSTOMERS (who may call the base model; a key of a
-customer no longer in the file is refused).
+(vLLM's base model name, i.e. its `--model`), FTOPS_CUSTOMERS (who may call the base model, the limits; a key
+of a customer no longer in the file is refused; re-read within 5 s of a change).
 """
 
 from __future__ import annotations
@@ -40,6 +50,7 @@ from prometheus_client import Counter, Histogram
 from starlette.datastructures import Headers
 
 from ftops.release import keys
+from ftops.release.serving_limits import Limiter
 
 log = logging.getLogger("ftops.release.serving_auth")
 
@@ -68,6 +79,33 @@ MODEL_ROUTES = {
 LIST_ROUTE = "/v1/models"
 ADMIN_ROUTES = {"/v1/load_lora_adapter", "/v1/unload_lora_adapter", "/metrics"}  # labelled by name in metrics
 USAGE_STREAMS = {"/v1/completions", "/v1/chat/completions"}  # streams where `stream_options.include_usage` exists
+# Routes whose request accepts `cache_salt` (mixed into the first KV block's hash): set for every customer.
+SALT_ROUTES = {
+    "/v1/completions",
+    "/v1/chat/completions",
+    "/v1/chat/completions/batch",
+    "/v1/responses",
+    "/v1/messages",
+    "/invocations",
+}
+# Routes whose request has vLLM's `priority` (a customer's own value is replaced, never passed on).
+PRIORITY_ROUTES = {
+    "/v1/completions",
+    "/v1/chat/completions",
+    "/v1/chat/completions/batch",
+    "/v1/responses",
+    "/invocations",
+    "/v1/embeddings",
+    "/pooling",
+    "/classify",
+    "/score",
+    "/v1/score",
+    "/rerank",
+    "/v1/rerank",
+    "/v2/rerank",
+}
+# What a customer sees of a model card: no `root`/`parent` (the replica's file paths), no permission objects.
+MODEL_CARD_FIELDS = ("id", "object", "created", "owned_by", "max_model_len")
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
 MAX_BODY = int(os.environ.get("FTOPS_SERVING_MAX_BODY_BYTES", 64 * 1024 * 1024))
 ANONYMOUS = "_anonymous"
@@ -80,6 +118,11 @@ REQUESTS = Counter(
 )
 PROMPT_TOKENS = Counter("ftops_tenant_prompt_tokens", "Prompt tokens served per customer", ["customer"])
 COMPLETION_TOKENS = Counter("ftops_tenant_completion_tokens", "Completion tokens served per customer", ["customer"])
+RATE_LIMIT_TEXT = {
+    "concurrency": "serving.max_concurrency requests in flight",
+    "requests": "serving.requests_per_minute",
+    "tokens": "serving.tokens_per_minute",
+}
 ERRORS = Counter("ftops_tenant_errors", "Refused or failed requests per customer and reason", ["customer", "reason"])
 LATENCY = Histogram(
     "ftops_tenant_request_seconds",
@@ -97,6 +140,11 @@ class CustomerPolicy:
         self._stamp, self._checked = None, 0.0
         self.known: set[str] = set()
         self.base_allowed: set[str] = set()
+        self.limits: dict = {}  # customer -> ftops.config.ServingSettings
+        self.weights: dict[str, float] = {}
+        from ftops.config import PlatformServing
+
+        self.platform = PlatformServing()
 
     def refresh(self, now: float) -> None:
         if self.path is None or now - self._checked < self.recheck_s:
@@ -123,7 +171,38 @@ class CustomerPolicy:
             return
         self.known = {c["id"] for c in entries}
         self.base_allowed = {c["id"] for c in entries if bool(c.get("allow_base_model", default))}
+        self._read_serving(doc, entries)
         self._stamp = stamp
+
+    def _read_serving(self, doc: dict, entries: list[dict]) -> None:
+        """Each customer's `serving` limits (defaults merged), validated by the same model as everywhere else.
+        An invalid section keeps what was in force for that customer (or the defaults): never no limit."""
+        from pydantic import ValidationError
+
+        from ftops.config import PlatformServing, ServingSettings
+
+        defaults = (doc.get("defaults") or {}).get("serving") or {}
+        limits = {}
+        for c in entries:
+            own = c.get("serving") or {}
+            try:
+                limits[c["id"]] = ServingSettings.model_validate(
+                    {**defaults, **own} if isinstance(defaults, dict) and isinstance(own, dict) else own
+                )
+            except ValidationError as exc:
+                log.error("customer %s: invalid serving limits (%s): previous limits kept", c["id"], exc)
+                limits[c["id"]] = self.limits.get(c["id"], ServingSettings())
+        self.limits = limits
+        self.weights = {k: v.weight for k, v in limits.items()}
+        try:
+            self.platform = PlatformServing.model_validate(doc.get("serving") or {})
+        except ValidationError as exc:
+            log.error("customers file: invalid top-level serving (%s): previous settings kept", exc)
+
+    def limits_of(self, customer: str):
+        from ftops.config import ServingSettings
+
+        return self.limits.get(customer) or ServingSettings()
 
 
 def _json_response(status: int, message: str, extra_headers: list | None = None) -> tuple[dict, dict]:
@@ -165,6 +244,13 @@ class TenantAuth:
         self.base_model = os.environ.get("FTOPS_SERVING_BASE_MODEL", "")
         customers = os.environ.get("FTOPS_CUSTOMERS")
         self.policy = CustomerPolicy(Path(customers) if customers else None)
+        self.limiter = Limiter()
+        # Prefix-cache salts: HMAC of the customer id under a key derived from the replica's admin secret, so
+        # every API-server process of the replica (and a restart) gives a customer the same salt, and no
+        # caller can compute or choose another customer's.
+        self._salt_key = hmac.digest(admin.encode(), b"ftops-cache-salt", "sha256")
+        self._salts: dict[str, str] = {}
+        self._priority_policy: bool | None = None
         log.info("tenant isolation on: key store %s, base model %r", self.verifier.path, self.base_model)
 
     # -- who is calling --------------------------------------------------------------------------------------
@@ -190,6 +276,23 @@ class TenantAuth:
             allowed.add(self.base_model)
         return allowed
 
+    def salt(self, customer: str) -> str:
+        salt = self._salts.get(customer)
+        if salt is None:
+            salt = self._salts[customer] = hmac.new(self._salt_key, customer.encode(), "sha256").hexdigest()
+        return salt
+
+    def _fair(self, scope) -> bool:
+        """Fair priorities on: the customers file says so and vLLM schedules by priority (under FCFS any
+        priority but 0 is an error, so the engine's own setting decides, read once from the app's state)."""
+        if self._priority_policy is None:
+            config = getattr(getattr(scope.get("app"), "state", None), "vllm_config", None)
+            if config is None:
+                return False
+            self._priority_policy = str(getattr(config.scheduler_config, "policy", "")).endswith("priority")
+            log.info("vLLM scheduling policy priority: %s", self._priority_policy)
+        return self._priority_policy and self.policy.platform.fair_scheduling
+
     # -- ASGI ------------------------------------------------------------------------------------------------
     async def __call__(self, scope, receive, send):
         if scope["type"] == "websocket":
@@ -210,11 +313,11 @@ class TenantAuth:
         route = path if (path in MODEL_ROUTES or path in ADMIN_ROUTES or path == LIST_ROUTE) else "other"
         who = self.caller(headers, started)
 
-        async def refuse(status: int, reason: str, message: str, customer: str | None = who) -> None:
+        async def refuse(status: int, reason: str, message: str, customer: str | None = who, headers=None) -> None:
             label = customer or ANONYMOUS
             ERRORS.labels(label, reason).inc()
             REQUESTS.labels(label, route, str(status)).inc()
-            extra = [(b"www-authenticate", b"Bearer")] if status == 401 else None
+            extra = [(b"www-authenticate", b"Bearer")] if status == 401 else headers
             for message_ in _json_response(status, message, extra):
                 await send(message_)
 
@@ -246,6 +349,24 @@ class TenantAuth:
                 if doc.get("previous_response_id"):
                     # vLLM's response store is shared by every tenant: never chain onto a stored response.
                     return await refuse(403, "forbidden", "previous_response_id is not available to customer keys")
+            limited = None
+            if who != keys.ADMIN:
+                limited = self.limiter.admit(
+                    who, self.policy.limits_of(who), started, self.policy.weights, fair=self._fair(scope)
+                )
+                if not limited.admitted:
+                    return await refuse(
+                        429,
+                        f"rate_limit_{limited.reason}",
+                        f"rate limit reached ({RATE_LIMIT_TEXT[limited.reason]}); retry after "
+                        f"{limited.retry_after_s:.1f} s",
+                        headers=limited.headers,
+                    )
+                doc.pop("priority", None)  # the scheduler's order is the platform's, not the caller's
+                if path in PRIORITY_ROUTES and self._fair(scope):
+                    doc["priority"] = limited.priority
+                if path in SALT_ROUTES:
+                    doc["cache_salt"] = self.salt(who)  # replaces any caller salt: no choosing another's
             strip_usage = False
             if doc.get("stream") is True and path in USAGE_STREAMS:
                 opts = doc.get("stream_options") if isinstance(doc.get("stream_options"), dict) else {}
@@ -253,7 +374,7 @@ class TenantAuth:
                     doc["stream_options"] = {**opts, "include_usage": True}
                     strip_usage = True
             forwarded = json.dumps(doc).encode()
-            return await self._forward(scope, forwarded, receive, send, who, route, started, strip_usage)
+            return await self._forward(scope, forwarded, receive, send, who, route, started, strip_usage, limited)
         if who != keys.ADMIN:
             return await refuse(403, "admin_only", "this route needs the serving admin key")
         return await self._passthrough(scope, receive, send, who, route, started)
@@ -306,7 +427,9 @@ class TenantAuth:
         if status == 200:
             doc = json.loads(body)
             allowed = self.allowed_models(who)
-            doc["data"] = [m for m in doc.get("data", []) if m.get("id") in allowed]
+            doc["data"] = [
+                {k: m[k] for k in MODEL_CARD_FIELDS if k in m} for m in doc.get("data", []) if m.get("id") in allowed
+            ]
             body = json.dumps(doc).encode()
         headers = [(k, v) for k, v in (start["headers"] if start else []) if k.lower() != b"content-length"]
         await send(
@@ -319,8 +442,10 @@ class TenantAuth:
         await send({"type": "http.response.body", "body": body, "more_body": False})
         self._record(who, LIST_ROUTE, status, started)
 
-    async def _forward(self, scope, body, receive, send, who, route, started, strip_usage):
-        """Call vLLM with the checked body; count status, tokens and latency from its answer as it streams."""
+    async def _forward(self, scope, body, receive, send, who, route, started, strip_usage, limited=None):
+        """Call vLLM with the checked body; count status, tokens and latency from its answer as it streams.
+        `limited`: the limiter's admission (customers): its headers go on the answer, its slot is freed at the end
+        and the reported tokens charged to the customer's window."""
         headers = [(k, v) for k, v in scope["headers"] if k.lower() != b"content-length"]
         scope = dict(scope, headers=headers + [(b"content-length", str(len(body)).encode())])
         delivered = False
@@ -349,6 +474,8 @@ class TenantAuth:
                 status = message["status"]
                 ctype = Headers(raw=message.get("headers", [])).get("content-type", "")
                 sse = ctype.startswith("text/event-stream")
+                if limited is not None:
+                    message = dict(message, headers=[*message.get("headers", []), *limited.headers])
                 return await send(message)
             if message["type"] != "http.response.body":
                 return await send(message)
@@ -381,6 +508,8 @@ class TenantAuth:
             if usage:
                 PROMPT_TOKENS.labels(who).inc(usage[0])
                 COMPLETION_TOKENS.labels(who).inc(usage[1])
+            if limited is not None:
+                self.limiter.done(who, sum(usage) if usage else 0, time.monotonic())
             self._record(who, route, status, started)
 
     def _record(self, who: str, route: str, status: int, started: float) -> None:
