@@ -135,9 +135,13 @@ async def swap_under_load(url: str, names: list[str], alt: dict[str, list[Path]]
 
 
 def customers_file(home: Path, names: list[str]) -> Path:
-    """A customers file naming the bench's adapters, so the middleware admits their keys."""
+    """A customers file naming the bench's adapters, so the middleware admits their keys. Limits are on (the
+    middleware counts every request) but set where they never bind: this bench measures the cost of checking,
+    bench/noisy_neighbour.py what the limits do."""
+    unbound = {"max_concurrency": 10_000, "requests_per_minute": 10_000_000, "tokens_per_minute": 10_000_000_000}
     doc = {
         "base_models": {"tiny": {"path": "tiny"}},
+        "defaults": {"serving": unbound},
         "customers": [{"id": n, "name": n, "base_model": "tiny"} for n in names],
     }
     path = home / "customers.yaml"
