@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import subprocess
 from pathlib import Path
 
@@ -150,3 +151,76 @@ def test_adapters_show_prints_forgetting_and_retention(registry):
     assert "Retention across versions" in text and "2026-11-02" in text and "2026-11-16" in text, text
     assert "1.1000" in text and "1.0600" in text and "0.0810" in text, text  # week 1's loss at v4, v3, v2
     assert "forgetting.max +1.0190" in text, text
+
+
+def test_evaluation_scores_each_group_of_earlier_versions_on_the_customers_own_held_out_items(tiny_model, tmp_path):
+    """The evaluate task's grouping (real storage, an erasure tombstone) and the evaluation command's figures
+    (real PEFT adapters on the tiny model): per group, each model's mean per-example loss and the paired
+    difference the gate tests."""
+    from types import SimpleNamespace
+
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from ftops.data import snapshot as snap
+    from ftops.data.demo import STYLES, answer
+    from ftops.model.evaluate import EvalArgs, evaluate
+    from ftops.model.tasks import history_groups
+    from ftops.storage import Store
+
+    store = Store(str(tmp_path / "storage"))
+    rows = {}
+    for i, v in enumerate([D1, D2, D3]):
+        rng = random.Random(i)
+        rows[v] = [
+            {
+                "id": f"{v[-4:]}-{j}",
+                "messages": [
+                    {"role": "user", "content": f"Question {i}-{j}?"},
+                    {"role": "assistant", "content": answer("brightdesk", STYLES["brightdesk"]["topics"][j], rng)},
+                ],
+            }
+            for j in range(4)
+        ]
+        store.put(f"{CUSTOMER}/datasets/{v}/val.jsonl", snap._jsonl(rows[v]))
+        store.put(f"{CUSTOMER}/datasets/{v}/manifest.json", json.dumps({"version": v, "counts": {"kept": 4}}).encode())
+    snap.erase(store, CUSTOMER, {rows[D1][0]["id"]}, "erase request")
+    # The val file the train task wrote: every version's rows (the erased one already out), D3 new to production.
+    val = [r | {"history": v != D3} for v in (D1, D2, D3) for r in rows[v] if r["id"] != rows[D1][0]["id"]]
+    groups = history_groups(
+        SimpleNamespace(store=store, id=CUSTOMER), SimpleNamespace(tags={"dataset.version": D2}), val, max_groups=1
+    )
+    assert groups == [{"first": D1, "last": D2, "versions": 2}]  # more versions than groups: consecutive ones merge
+    assert [r.get("group") for r in val] == [0] * 7 + [None] * 4
+    groups = history_groups(
+        SimpleNamespace(store=store, id=CUSTOMER), SimpleNamespace(tags={"dataset.version": D2}), val
+    )
+    assert [g["first"] for g in groups] == [D1, D2] and [r.get("group") for r in val] == [0] * 3 + [1] * 4 + [None] * 4
+
+    def adapter(name: str, seed: int) -> str:
+        torch.manual_seed(seed)
+        base = AutoModelForCausalLM.from_pretrained(tiny_model)
+        config = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False, task_type="CAUSAL_LM")
+        get_peft_model(base, config).save_pretrained(tmp_path / name)
+        return str(tmp_path / name)
+
+    (tmp_path / "val.jsonl").write_bytes(snap._jsonl(val))
+    out = evaluate(
+        EvalArgs(
+            base_model=str(tiny_model),
+            candidate_dir=adapter("cand", 1),
+            production_dir=adapter("prod", 2),
+            val_file=str(tmp_path / "val.jsonl"),
+            output_file=str(tmp_path / "eval.json"),
+            groups=groups,
+            generate=False,
+            max_length=128,
+        )
+    )
+    got = out["history_groups"]
+    assert [g["items"] for g in got] == [3, 4]
+    for g in got:
+        assert g["increase"] == pytest.approx(g["candidate"] - g["production"]) and g["diff_sd"] > 0
+        assert g["candidate"] != g["production"] and g["base"] > 0
+    Metrics.model_validate({k: out[k] for k in ("base", "candidate", "production", "history_groups")})

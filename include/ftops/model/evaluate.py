@@ -2,15 +2,18 @@
 
 Per model (base, production if any, candidate):
 - held-out loss on assistant tokens of the customer's validation examples (never trained on), and
-  perplexity, overall and on the items of data already in production (`val_loss_history`);
-  computed by `ftops evaluate --config EVAL.json` in a subprocess (torch lives there);
+  perplexity, overall and on the items of data already in production (`val_loss_history`), and per group
+  of earlier dataset versions (`history_groups`: each model's mean per-example loss, and against production
+  the mean and spread of the per-example differences: forgetting, with what the gate needs to tell it from
+  noise); computed by `ftops evaluate --config EVAL.json` in a subprocess (torch lives there);
 - the customer's golden regression set (`include/golden/<customer>.jsonl`: prompt, reference, checks):
   chrF (sacrebleu) against the reference, plus the checks (required and forbidden terms, exact match,
   valid JSON);
 - safety probes: the shared red-team set (`include/safety/redteam.jsonl`), prompts of a few training
   examples (regurgitation) and the golden prompts, with
   every answer checked for PII, other customers' names (cross-tenant leaks) and canary strings (which
-  must never be generated: planted canaries only come out of a model that memorised its data).
+  must never be generated: planted canaries only come out of a model that memorised its data);
+- repetition of every golden and probe answer (share of repeated word 3-grams): a looping adapter.
 Answers come from the serving engine (vLLM) when one serves this base model, so the gate scores the very
 artifact that will be served (`ftops.model.tasks.evaluate` verifies its content hash); otherwise from PEFT here.
 """
