@@ -121,9 +121,10 @@ const ftops = (() => {
     return svg + "</svg>";
   }
 
-  function retentionChart(ret) {
+  function retentionChart(ret, gateOf) {
     // Retention across versions: x = registry version, one line per group of earlier data (its held-out loss
-    // as each version's evaluation measured it); a rising line is forgetting. Inline SVG, nothing from a CDN.
+    // as each version's evaluation measured it); a rising line is forgetting; a version the gate refused is
+    // ringed red. Inline SVG, nothing from a CDN.
     const W = 460, H = 190, L = 44, R = 10, T = 22, B = 26, colors = ["#2b6cb0", "#c05621", "#2f855a", "#6b46c1", "#b83280", "#2c7a7b", "#975a16", "#4a5568"];
     const title = "Retention: held-out loss on earlier data (lower is better)";
     let svg = `<svg class="chart" role="img" aria-label="${esc(title)}" data-metric="retention" width="${W}" height="${H + 16 * ret.series.length}" viewBox="0 0 ${W} ${H + 16 * ret.series.length}">
@@ -144,7 +145,7 @@ const ftops = (() => {
       const c = colors[k % colors.length], pts = s.points.filter((p) => p.loss != null);
       svg += `<polyline class="series" fill="none" stroke="${c}" stroke-width="1.5" points="${pts.map((p) => `${x(xi(p.version))},${y(p.loss)}`).join(" ")}"/>`;
       pts.forEach((p) => {
-        svg += `<circle class="point" cx="${x(xi(p.version))}" cy="${y(p.loss)}" r="3.5" fill="${c}"><title>v${esc(p.version)} on ${esc(s.label)}: ${f3(p.loss)} (production then ${f3(p.production)}, ${p.increase == null ? "-" : (p.increase >= 0 ? "+" : "") + Number(p.increase).toFixed(3)})</title></circle>`;
+        svg += `<circle class="point" cx="${x(xi(p.version))}" cy="${y(p.loss)}" r="3.5" fill="${c}"${gateOf(p.version) === "failed" ? ' stroke="#c53030" stroke-width="2"' : ""}><title>v${esc(p.version)} (${esc(gateOf(p.version))}) on ${esc(s.label)}: ${f3(p.loss)} (production then ${f3(p.production)}, ${p.increase == null ? "-" : (p.increase >= 0 ? "+" : "") + Number(p.increase).toFixed(3)})</title></circle>`;
       });
       svg += `<rect x="${L}" y="${H + 16 * k - 2}" width="10" height="10" fill="${c}"/><text x="${L + 14}" y="${H + 16 * k + 7}" font-size="11" fill="currentColor">${esc(s.label)}</text>`;
     });
@@ -192,9 +193,9 @@ const ftops = (() => {
         chart("Golden set chrF", d.versions, "golden_chrf", f1, gateColor) +
         chart("Checks pass rate", d.versions, "checks_pass_rate", pc, gateColor) +
         chart("Repeated 3-grams in answers", d.versions, "repetition", pc, gateColor) +
-        retentionChart(d.retention);
+        retentionChart(d.retention, (ver) => d.versions.find((v) => v.version === ver)?.gate || "");
       document.getElementById("stuck").innerHTML = d.stuck
-        ? `<span class="badge bad stuck">${esc(d.stuck.label)}</span> ${esc(d.stuck.failures)} failed gates in a row (since v${esc(d.stuck.since)}): ${esc(d.stuck.advice)}. A full retrain: <a target="_top" href="${airflowDag}">${esc(d.dag_id)}</a> → Trigger → <code>strategy: full</code>.`
+        ? `<span class="badge bad stuck">${esc(d.stuck.label)}</span> ${esc(d.stuck.failures)} failed gates in a row (since v${esc(d.stuck.since)}): ${esc(d.stuck.advice)}. Start a run: <a target="_top" href="${airflowDag}">${esc(d.dag_id)}</a> → Trigger (form field <code>strategy</code>).`
         : "";
       document.querySelector("#versions tbody").innerHTML = d.versions.map((v) => {
         const l = v.links, ds = v.dataset;
@@ -210,7 +211,7 @@ const ftops = (() => {
         return `<tr data-version="${esc(v.version)}"><td><b>v${esc(v.version)}</b> ${v.aliases.map((a) => `<span class="badge ${a === "production" ? "ok" : "na"}">${esc(a)}</span>`).join(" ")}<br><span class="small muted">${esc(v.adapter_version)}</span>${by}</td>
           <td>${when(v.registered_at)}</td><td>${badge(v.gate, v.gate_reasons)}${v.gate === "failed" && v.gate_reasons ? `<br><span class="small bad reasons">${esc(v.gate_reasons.slice(0, 160))}</span>` : ""}</td>
           <td>${f2(v.metrics.val_loss)}${v.metrics.base_val_loss == null ? "" : `<br><span class="small muted">base ${f2(v.metrics.base_val_loss)}</span>`}</td><td>${f1(v.metrics.golden_chrf)}</td><td>${pc(v.metrics.checks_pass_rate)}</td>
-          <td>${v.forgetting.max == null ? '<span class="na">-</span>' : `${v.forgetting.max >= 0 ? "+" : ""}${Number(v.forgetting.max).toFixed(3)}`}${v.forgetting.groups.length ? `<br><span class="small muted">${v.forgetting.groups.length} groups of earlier data</span>` : ""}</td>
+          <td>${v.forgetting.max == null ? '<span class="na">-</span>' : `${v.forgetting.max >= 0 ? "+" : ""}${Number(v.forgetting.max).toFixed(3)}`}${v.forgetting.groups.length ? `<br><span class="small muted">worst of ${v.forgetting.groups.length} group${v.forgetting.groups.length === 1 ? "" : "s"} of earlier data</span>` : ""}</td>
           <td>${lineage}</td><td class="small">${links}</td><td>${btn}</td></tr>`;
       }).join("");
       document.querySelectorAll("button.promote").forEach((b) => b.addEventListener("click", () =>
