@@ -224,3 +224,21 @@ def test_evaluation_scores_each_group_of_earlier_versions_on_the_customers_own_h
         assert g["increase"] == pytest.approx(g["candidate"] - g["production"]) and g["diff_sd"] > 0
         assert g["candidate"] != g["production"] and g["base"] > 0
     Metrics.model_validate({k: out[k] for k in ("base", "candidate", "production", "history_groups")})
+
+
+def test_forgetting_per_group_is_logged_to_the_candidates_mlflow_run(registry):
+    from types import SimpleNamespace
+
+    from mlflow import MlflowClient
+
+    from ftops.model.tasks import _log_evaluation
+
+    uri = registry["env"].mlflow_uri
+    client = MlflowClient(uri)
+    run = client.create_run(client.create_experiment(f"ftops-log-{os.getpid()}"))
+    m = hand_off([group(D1, 1.06, 0.081, sd=0.3), group(D2, 0.5, 0.49)])
+    _log_evaluation(SimpleNamespace(registry=lambda: Registry(uri)), run.info.run_id, m)
+    got = client.get_run(run.info.run_id).data.metrics
+    assert got["forgetting.max"] == pytest.approx(0.979)
+    assert got[f"history_loss.{D1[:15]}.candidate"] == 1.06 and got[f"history_loss.{D2[:15]}.production"] == 0.49
+    assert got[f"forgetting.{D2[:15]}"] == pytest.approx(0.01) and got["repetition.candidate"] == 0.0
