@@ -227,7 +227,7 @@ def history_groups(run: Run, prod, val_rows: list[dict], max_groups: int = MAX_H
     groups of consecutive versions, oldest first; each held-out row of `val_rows` from one of them gets its
     group's index as `group`. The rows are the customer's own val splits as the train task wrote them (erased
     examples already out); the split files are read only to know which version a row came from, tombstones
-    applied again so an erasure since then is never scored."""
+    applied again so an example erased since is in no group."""
     if prod is None:
         return []
     upto = prod.tags.get("dataset.version", "")
