@@ -225,3 +225,22 @@ def test_a_looping_candidate_is_blocked_against_the_base_model():
     d = decide(metrics({"repetition": s["repetition"]}, base={"repetition": 0.02}), GatePolicy())
     assert not d.passed and d.failed_rules == ["max_repetition_over_base"], d.reasons
     assert decide(metrics({"repetition": 0.05}, base={"repetition": 0.02}), GatePolicy()).passed
+
+
+def test_an_entry_written_before_max_forgetting_keeps_its_relative_rule_alone():
+    g = {
+        "first": "20261102T000000",
+        "last": "20261102T000000",
+        "versions": 1,
+        "items": 40,
+        "candidate": 1.6,
+        "production": 1.5,
+        "increase": 0.1,
+        "diff_sd": 0.1,
+    }  # +0.1 nats for sure, but only +6.7 %
+    m = metrics({"val_loss_history": 1.6}, prod={"val_loss_history": 1.5}) | {"history_groups": [g]}
+    assert decide(m, GatePolicy(max_regression=0.10)).passed  # as before this rule existed
+    assert decide(m, GatePolicy.model_validate({"max_regression": 0.10})).passed  # as a customers file sets it
+    both = decide(m, GatePolicy(max_regression=0.10, max_forgetting=0.05))
+    assert not both.passed and both.failed_rules == ["max_forgetting"]
+    assert not decide(m, GatePolicy()).passed  # the default: max_forgetting

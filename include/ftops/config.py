@@ -100,7 +100,8 @@ class GatePolicy(_Strict):
     )
     forgetting_confidence: float = Field(0.95, gt=0.5, lt=1, description="one-sided level of the `ci` test")
     # The older rule: relative, on the pooled history loss. Off unless set: at low losses a relative margin
-    # cannot tell forgetting from noise (0.077 -> 0.081 is +5.7 %). Set, it applies as before, with max_forgetting.
+    # cannot tell forgetting from noise (0.077 -> 0.081 is +5.7 %). A customers file that sets it and not
+    # max_forgetting keeps the old behaviour exactly (`forgetting_margin` is then None); set both, both apply.
     max_regression: float | None = Field(None, ge=0, description="relative history-loss increase allowed vs production")
     min_golden_chrf: float | None = Field(None, ge=0, le=100, description="floor on the golden set's mean chrF")
     max_golden_regression: float = Field(5.0, ge=0, description="chrF points the golden score may drop vs production")
@@ -113,6 +114,12 @@ class GatePolicy(_Strict):
         ["val_loss", "golden", "checks", "safety", "repetition"], description="failed groups that block; others warn"
     )
     stuck_after: int = Field(2, ge=1, description="consecutive failed gates after which a customer is marked stuck")
+
+    @property
+    def forgetting_margin(self) -> float | None:
+        """`max_forgetting`, unless the entry predates it: it sets `max_regression` and not `max_forgetting`."""
+        legacy = "max_regression" in self.model_fields_set and "max_forgetting" not in self.model_fields_set
+        return None if legacy else self.max_forgetting
 
 
 class CustomerConfig(_Strict):

@@ -44,7 +44,8 @@ def forgetting_statistic(g: HistoryGroup, p: GatePolicy) -> float:
 
 def _forgetting_rules(m: Metrics, p: GatePolicy) -> list[Rule]:
     groups = m.history_groups
-    if p.max_forgetting is None or m.production is None or not groups:
+    margin = p.forgetting_margin
+    if margin is None or m.production is None or not groups:
         return []
     bad = [g for g in groups if not finite(g.increase)]
     if bad:
@@ -60,10 +61,10 @@ def _forgetting_rules(m: Metrics, p: GatePolicy) -> list[Rule]:
         (
             "val_loss",
             "max_forgetting",
-            stat <= p.max_forgetting,
+            stat <= margin,
             f"forgetting on {worst.label} ({worst.items} held-out examples; worst of {len(groups)} groups): "
             f"loss {worst.candidate:.4f} vs production {worst.production:.4f}, {worst.increase:+.4f} "
-            f"({bound}max {p.max_forgetting:+.3f})",
+            f"({bound}max {margin:+.3f})",
         )
     ]
 
@@ -97,7 +98,8 @@ def _loss_rules(m: Metrics, p: GatePolicy) -> list[Rule]:
     rules += _forgetting_rules(m, p)
     # New data is unseen by production, so it favours the candidate: compare on held-out items of the data
     # production was trained on (when there is history), which also measures forgetting.
-    absolute = p.max_forgetting is not None and not m.history_groups
+    margin = p.forgetting_margin
+    absolute = margin is not None and not m.history_groups
     if prod is not None and (p.max_regression is not None or absolute):
         key = "val_loss_history" if cand.val_loss_history is not None else "val_loss"
         c, pr = getattr(cand, key), getattr(prod, key)
@@ -121,8 +123,8 @@ def _loss_rules(m: Metrics, p: GatePolicy) -> list[Rule]:
                 (
                     "val_loss",
                     "max_forgetting",
-                    c - pr <= p.max_forgetting,
-                    f"{key} {c:.4f} vs production {pr:.4f}: {c - pr:+.4f} (max {p.max_forgetting:+.3f})",
+                    c - pr <= margin,
+                    f"{key} {c:.4f} vs production {pr:.4f}: {c - pr:+.4f} (max {margin:+.3f})",
                 )
             )
     return rules
