@@ -44,8 +44,9 @@ DOC = """
 **cleanup** (a teardown: the run's scratch is removed however the run ended).
 
 Trigger by hand with *Trigger DAG w/ config* to force a run with no new data, stop before training
-(`dry_run`), override epochs, steps or learning rate, or the promotion mode. Runs weekly on its own staggered slot
-`{cron}` (UTC), and as soon as {trigger} new examples wait in the inbox.
+(`dry_run`), override epochs, steps or learning rate, or the promotion mode, or start a full retrain
+(`strategy: full`: a fresh adapter on every earlier example) when the customer is stuck on forgetting.
+Runs weekly on its own staggered slot `{cron}` (UTC), and as soon as {trigger} new examples wait in the inbox.
 """
 
 
@@ -71,6 +72,12 @@ def run_params(c: CustomerConfig) -> dict[str, Param]:
         "force": Param(False, type="boolean", description="Train even when no new examples arrived"),
         "dry_run": Param(False, type="boolean", description="Prepare and snapshot the data, stop before training"),
         "promote": Param(c.promote, enum=["auto", "manual"], description="Promotion mode for this run"),
+        "strategy": Param(
+            "default",
+            enum=["default", "full"],
+            description="full: a full retrain, a fresh adapter on every earlier example (for a customer stuck on "
+            "forgetting); default: the customer's training settings",
+        ),
         "epochs": Param(
             None, type=["null", "number"], exclusiveMinimum=0, maximum=100, description="Override epochs for this run"
         ),
@@ -166,7 +173,9 @@ def train(_: dict) -> dict:
         raise AirflowSkipException("dry run: stopping before training")
     try:
         overrides = {k: params[k] for k in ("epochs", "max_steps", "learning_rate") if params.get(k) is not None}
-        return model.train(run(), force=params["force"], overrides=overrides)
+        return model.train(
+            run(), force=params["force"], overrides=overrides, strategy=params.get("strategy") or "default"
+        )
     except model.NothingToTrain as exc:
         raise AirflowSkipException(str(exc)) from exc
 

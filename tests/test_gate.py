@@ -136,3 +136,111 @@ def test_a_nul_character_in_an_answer_never_reaches_the_xcom():
     m = Metrics.model_validate(metrics({"sample": {"prompt": "Q?", "answer": "a\x00b"}}))
     assert "\x00" not in m.model_dump_json().encode().decode("unicode_escape")
     assert m.candidate.sample["answer"] == "a\ufffdb"
+
+
+def groups_from_items(prod: list[float], cand: list[float]) -> list[dict]:
+    """One group of earlier versions, its figures computed by evaluation's own code from per-example losses."""
+    from ftops.model.evaluate import history_groups
+
+    rows = [{"group": 0} for _ in prod]
+    per_item = {
+        "candidate": [(c, 1) for c in cand],
+        "production": [(p, 1) for p in prod],
+        "base": [(3.0, 1)] * len(prod),
+    }
+    return history_groups(
+        [{"first": "20261102T030000000000Z-a", "last": "20261102T030000000000Z-a", "versions": 1}], rows, per_item
+    )
+
+
+def test_forgetting_noise_at_low_loss_passes_a_real_jump_blocks():
+    """The issue's evidence: `init: production` moved drop 1 from 0.077 to 0.081 (+5.7 %) and forgot nothing;
+    the default's candidate went 0.08 -> 1.06. The relative 2 % rule blocked both; max_forgetting tells them apart."""
+    import random
+
+    rng = random.Random(0)
+    prod = [max(0.01, rng.gauss(0.077, 0.03)) for _ in range(8)]
+    noise = [p + rng.gauss(0.004, 0.02) for p in prod]
+    forgot = [p + rng.gauss(0.98, 0.3) for p in prod]
+    hist = {"val_loss_history": 0.077}
+    quiet = metrics({"val_loss_history": 0.081}, prod=hist) | {"history_groups": groups_from_items(prod, noise)}
+    d = decide(quiet, GatePolicy())
+    assert d.passed and any(r.startswith("ok: forgetting on 2026-11-02") for r in d.reasons), d.reasons
+    assert not decide(quiet, GatePolicy(max_regression=0.02)).passed  # the old relative rule: blocked on noise
+    jump = metrics({"val_loss_history": 1.06}, prod=hist) | {"history_groups": groups_from_items(prod, forgot)}
+    for test in ("ci", "absolute"):
+        d = decide(jump, GatePolicy(forgetting_test=test))
+        assert not d.passed and d.failed_rules == ["max_forgetting"], d.reasons
+        assert d.as_tags()["gate.failed_rules"] == "max_forgetting"
+
+
+def test_forgetting_is_judged_on_the_worst_group_not_the_average():
+    def group(first: str, increase: float) -> dict:
+        return {
+            "first": first,
+            "last": first,
+            "versions": 1,
+            "items": 40,
+            "candidate": 0.1 + increase,
+            "production": 0.1,
+            "increase": increase,
+            "diff_sd": 0.05,
+        }
+
+    groups = [group(f"2026110{i}T000000", 0.0) for i in range(1, 8)] + [group("20261108T000000", 0.4)]
+    assert sum(g["increase"] for g in groups) / len(groups) == 0.05  # the average alone would pass
+    d = decide(metrics({}, prod={}) | {"history_groups": groups}, GatePolicy())
+    assert not d.passed and any("FAIL [val_loss]: forgetting on 2026-11-08" in r for r in d.reasons), d.reasons
+
+
+def test_a_noisy_increase_passes_the_interval_test_but_not_the_absolute_one():
+    g = {
+        "first": "20261102T000000",
+        "last": "20261102T000000",
+        "versions": 1,
+        "items": 8,
+        "candidate": 0.18,
+        "production": 0.1,
+        "increase": 0.08,
+        "diff_sd": 0.3,
+    }  # 8 examples, spread far wider than the mean
+    m = metrics({}, prod={}) | {"history_groups": [g]}
+    assert decide(m, GatePolicy()).passed
+    assert not decide(m, GatePolicy(forgetting_test="absolute")).passed
+    assert decide(m, GatePolicy(max_forgetting=None, forgetting_test="absolute")).passed  # rule off
+
+
+def test_a_looping_candidate_is_blocked_against_the_base_model():
+    from ftops.model.evaluate import repetition
+
+    looping = (
+        "Thanks for reaching BrightDesk! Anything else? Reply to this ticket and we will jump back in. Anything "
+        "else? Reply to this ticket and we will jump back in. Reply to this ticket and we will jump back in. Anything"
+    )
+    reference = golden_set("brightdesk")[0]["reference"]
+    assert repetition(reference) == 0 and repetition(looping) > 0.4
+    golden, probes = golden_set("brightdesk"), redteam_set()
+    s = score_answers([looping] * (len(golden) + len(probes)), golden, probes, [], [])
+    assert s["looping_answers"] == len(golden) + len(probes)
+    d = decide(metrics({"repetition": s["repetition"]}, base={"repetition": 0.02}), GatePolicy())
+    assert not d.passed and d.failed_rules == ["max_repetition_over_base"], d.reasons
+    assert decide(metrics({"repetition": 0.05}, base={"repetition": 0.02}), GatePolicy()).passed
+
+
+def test_an_entry_written_before_max_forgetting_keeps_its_relative_rule_alone():
+    g = {
+        "first": "20261102T000000",
+        "last": "20261102T000000",
+        "versions": 1,
+        "items": 40,
+        "candidate": 1.6,
+        "production": 1.5,
+        "increase": 0.1,
+        "diff_sd": 0.1,
+    }  # +0.1 nats for sure, but only +6.7 %
+    m = metrics({"val_loss_history": 1.6}, prod={"val_loss_history": 1.5}) | {"history_groups": [g]}
+    assert decide(m, GatePolicy(max_regression=0.10)).passed  # as before this rule existed
+    assert decide(m, GatePolicy.model_validate({"max_regression": 0.10})).passed  # as a customers file sets it
+    both = decide(m, GatePolicy(max_regression=0.10, max_forgetting=0.05))
+    assert not both.passed and both.failed_rules == ["max_forgetting"]
+    assert not decide(m, GatePolicy()).passed  # the default: max_forgetting

@@ -269,6 +269,7 @@ def test_customer_history_with_metrics_lineage_and_links(airflow, state):
     assert by[state["versions"][0]]["can_promote"]  # passed, not in production
     assert by[state["versions"][1]]["aliases"] == ["production"] and not by[state["versions"][1]]["can_promote"]
     assert by[state["versions"][0]]["aliases"] == ["previous"]
+    assert d["stuck"] is None  # one failed gate is not stuck (gate.stuck_after: 2)
     h = admin.get(f"/ftops/api/customers/{HERE}").json()
     v = h["versions"][0]
     assert v["links"]["airflow_run"] == f"dags/finetune_{HERE}/runs/{state['run_id']}"
@@ -382,6 +383,7 @@ def test_browser_fleet_page_customer_tab_and_rollback(airflow, state, vllm_serve
         assert driver.find_element(By.ID, "production").text == f"v{state['versions'][1]}"
         chart = driver.find_element(By.CSS_SELECTOR, "svg[data-metric=golden_chrf]")
         assert len(chart.find_elements(By.CSS_SELECTOR, "circle.point")) == 3  # one per version
+        assert driver.find_elements(By.CSS_SELECTOR, "svg[data-metric=retention]")  # no history compared yet
         wait.until(lambda d: d.find_element(By.ID, "served-answer").text.strip() != "")
         reasons = driver.find_element(By.CSS_SELECTOR, f"tr[data-version='{state['failed']}'] .reasons").text
         assert "val_loss regressed" in reasons and "<img" in reasons  # shown as text, not run

@@ -253,16 +253,50 @@ def adapters_list(customer: str) -> None:
 
 
 @adapters_app.command("show")
-def adapters_show(customer: str, version: str) -> None:
-    """One version with its lineage tags."""
+def adapters_show(
+    customer: str,
+    version: str,
+    table: bool = typer.Option(False, "--table", help="forgetting and retention as tables instead of JSON"),
+) -> None:
+    """One version with its lineage tags, its forgetting per group of earlier data (held-out loss vs the
+    production it was compared with) and retention across versions (each version's loss on that data)."""
+    from ftops.operate.retention import retention, version_forgetting
     from ftops.release.registry import RegistryError
 
     reg, c = _registry_and_customer(customer)
     try:
         v = reg.get(customer, c.base_model, version)
+        upto = [x for x in reg.versions(customer, c.base_model) if int(x.version) <= int(v.version)]
     except RegistryError as exc:
         _fail(str(exc))
-    console.print_json(json.dumps({"version": v.version, "aliases": v.aliases, "source": v.source, "tags": v.tags}))
+    forgetting = version_forgetting(v.tags)
+    kept = retention([(x.version, x.tags) for x in upto])
+    if not table:
+        shown = {"version": v.version, "aliases": v.aliases, "source": v.source, "tags": v.tags}
+        console.print_json(json.dumps(shown | {"forgetting": forgetting, "retention": kept}))
+        return
+    console.print(f"{customer} v{v.version} ({v.adapter_version}) gate {v.tags.get('gate.decision', '?')}")
+    t = Table(title="Forgetting: held-out loss on earlier data vs production")
+    for col in ("earlier data", "examples", "this version", "production", "increase"):
+        t.add_column(col)
+    for g in forgetting["groups"]:
+        t.add_row(g["label"], str(g["items"]), _f(g["candidate"]), _f(g["production"]), _f(g["increase"], "+"))
+    console.print(t if forgetting["groups"] else "no earlier data compared (no production at evaluation)")
+    if forgetting["max"] is not None:
+        console.print(f"forgetting.max {forgetting['max']:+.4f}")
+    t = Table(title="Retention across versions: held-out loss on each group of earlier data")
+    t.add_column("version")
+    for s in kept["series"]:
+        t.add_column(s["label"])
+    t.add_column("forgetting.max")
+    for ver in kept["versions"]:
+        loss = {s["first"]: next((p["loss"] for p in s["points"] if p["version"] == ver), None) for s in kept["series"]}
+        t.add_row(ver, *[_f(loss[s["first"]]) for s in kept["series"]], _f(kept["forgetting_max"].get(ver), "+"))
+    console.print(t)
+
+
+def _f(x: float | None, sign: str = "") -> str:
+    return "-" if x is None else f"{x:{sign}.4f}"
 
 
 @adapters_app.command("promote")

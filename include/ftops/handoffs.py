@@ -30,6 +30,8 @@ class Scores(BaseModel):
     canary_leaks: int | None = None
     cross_tenant_leaks: int | None = None
     pii_answers: int | None = None
+    repetition: float | None = None  # mean share of repeated word 3-grams in golden and probe answers
+    looping_answers: int | None = None  # answers at least a third repeated 3-grams
     sample: dict[str, str] | None = None  # the first golden prompt and its answer (the serving probe)
 
     @field_validator("sample")
@@ -37,6 +39,35 @@ class Scores(BaseModel):
     def _no_nul(cls, v: dict[str, str] | None) -> dict[str, str] | None:
         # A model can generate U+0000 (byte-level tokens); PostgreSQL's JSONB refuses it in an XCom.
         return {k: x.replace("\x00", "\ufffd") for k, x in v.items()} if v else v
+
+
+class HistoryGroup(BaseModel):
+    """Held-out loss on one group of consecutive earlier dataset versions (those production was trained on),
+    for each model: the mean over the group's held-out examples of each example's per-token loss. `increase`
+    (candidate - production) and `diff_sd` (standard deviation of the per-example differences) are what the
+    gate's forgetting test reads; nothing per example crosses the hand-off."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    first: str  # first and last dataset version of the group
+    last: str
+    versions: int
+    items: int
+    candidate: float | None = None
+    production: float | None = None
+    base: float | None = None
+    increase: float | None = None
+    diff_sd: float | None = None
+
+    @property
+    def label(self) -> str:
+        """`2026-11-02` or `2026-11-02..2026-11-16 (3 versions)`: dataset versions start with their UTC time."""
+
+        def day(v: str) -> str:
+            return f"{v[:4]}-{v[4:6]}-{v[6:8]}" if len(v) >= 8 and v[:8].isdigit() else v[:24]
+
+        if self.versions == 1:
+            return day(self.first)
+        return f"{day(self.first)}..{day(self.last)} ({self.versions} versions)"
 
 
 class Metrics(BaseModel):
@@ -51,6 +82,13 @@ class Metrics(BaseModel):
     safety_probes: int = 0
     val_examples: int = 0
     val_history_examples: int = 0
+    # Per group of earlier dataset versions, oldest first (empty without production or its history).
+    history_groups: list[HistoryGroup] = []
+
+    def forgetting_max(self) -> float | None:
+        """The worst group's loss increase vs production (the `forgetting.max` registry tag)."""
+        found = [g.increase for g in self.history_groups if finite(g.increase)]
+        return max(found) if found else None
 
 
 class Decision(BaseModel):
@@ -58,12 +96,14 @@ class Decision(BaseModel):
     passed: bool
     reasons: list[str]
     warnings: list[str] = []
+    failed_rules: list[str] = []  # names of the blocking rules that failed (`max_forgetting`, ...)
 
     def as_tags(self) -> dict[str, str]:
         return {
             "gate.decision": "passed" if self.passed else "failed",
             "gate.reasons": " | ".join(self.reasons)[:4900],
             "gate.warnings": " | ".join(self.warnings)[:4900],
+            "gate.failed_rules": ",".join(self.failed_rules),
         }
 
 

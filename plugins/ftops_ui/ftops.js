@@ -34,6 +34,11 @@ const ftops = (() => {
     traffic: (r) => r.traffic?.requests ?? -1,
   };
 
+  // A customer whose newest versions all failed the gate: production stays old while every run fails.
+  const stuckMark = (st) => (st
+    ? `<br><span class="badge bad stuck" title="${esc(st.advice)}">${esc(st.label)}</span><br><span class="small bad">${esc(st.failures)} failed gates in a row (since v${esc(st.since)}): ${esc(st.advice)}</span>`
+    : "");
+
   function fleetRow(r) {
     const p = r.production;
     const prod = p
@@ -42,9 +47,9 @@ const ftops = (() => {
     const served = badge(r.served.state) + `<br><span class="small muted">` +
       Object.entries(r.served.replicas).map(([u, x]) => `${esc(u.replace(/^https?:\/\//, ""))}: ${esc(x.state)}${x.serves ? ` (${esc(x.serves)})` : ""}`).join("<br>") + "</span>";
     const lr = r.last_run;
-    const last = lr
+    const last = (lr
       ? `${badge(lr.state)} ${lr.gate ? badge(lr.gate, "gate") : ""}<br><span class="small muted">${when(lr.start)} · ${esc(lr.run_type)}</span>`
-      : `<span class="na">never</span>`;
+      : `<span class="na">never</span>`) + stuckMark(r.stuck);
     const t = r.traffic;
     const traffic = t ? `${t.requests} req · ${t.errors} err<br><span class="small muted">p95 ${t.p95_ms ?? "n/a"} ms</span>` : `<span class="na">n/a</span>`;
     const q = r.quarantine_share == null ? `<span class="na">-</span>` : `${(100 * r.quarantine_share).toFixed(1)} %`;
@@ -67,8 +72,9 @@ const ftops = (() => {
       tbody.innerHTML = shown.map(fleetRow).join("");
       document.querySelectorAll("#fleet th").forEach((th) => { th.className = th.dataset.key === sortKey ? (dir > 0 ? "sorted-asc" : "sorted-desc") : ""; });
       const counts = rows.reduce((c, r) => ((c[r.served.state] = (c[r.served.state] || 0) + 1), c), {});
+      const stuck = rows.filter((r) => r.stuck).length;
       document.getElementById("summary").textContent = `${rows.length} customers (${shown.length} shown) · served: ` +
-        Object.entries(counts).map(([k, v]) => `${v} ${k}`).join(", ");
+        Object.entries(counts).map(([k, v]) => `${v} ${k}`).join(", ") + (stuck ? ` · ${stuck} stuck` : "");
     };
     const load = async () => {
       const t0 = performance.now();
@@ -115,6 +121,37 @@ const ftops = (() => {
     return svg + "</svg>";
   }
 
+  function retentionChart(ret, gateOf) {
+    // Retention across versions: x = registry version, one line per group of earlier data (its held-out loss
+    // as each version's evaluation measured it); a rising line is forgetting; a version the gate refused is
+    // ringed red. Inline SVG, nothing from a CDN.
+    const W = 460, H = 190, L = 44, R = 10, T = 22, B = 26, colors = ["#2b6cb0", "#c05621", "#2f855a", "#6b46c1", "#b83280", "#2c7a7b", "#975a16", "#4a5568"];
+    const title = "Retention: held-out loss on earlier data (lower is better)";
+    let svg = `<svg class="chart" role="img" aria-label="${esc(title)}" data-metric="retention" width="${W}" height="${H + 16 * ret.series.length}" viewBox="0 0 ${W} ${H + 16 * ret.series.length}">
+      <text x="${L}" y="14" font-size="12" fill="currentColor">${esc(title)}</text>`;
+    const vals = ret.series.flatMap((s) => s.points.map((p) => p.loss)).filter((v) => v != null);
+    if (!vals.length) return svg + `<text x="${L}" y="${H / 2}" font-size="12" fill="gray">no earlier data compared yet</text></svg>`;
+    let lo = Math.min(0, ...vals), hi = Math.max(...vals);
+    if (hi === lo) hi = lo + 1;
+    const n = ret.versions.length, xi = (ver) => ret.versions.indexOf(ver);
+    const x = (i) => L + (n === 1 ? (W - L - R) / 2 : (i * (W - L - R)) / (n - 1));
+    const y = (v) => T + (H - T - B) * (1 - (v - lo) / (hi - lo));
+    const f3 = (v) => (v == null ? "-" : Number(v).toFixed(3));
+    svg += `<line x1="${L}" y1="${H - B}" x2="${W - R}" y2="${H - B}" stroke="gray"/><line x1="${L}" y1="${T}" x2="${L}" y2="${H - B}" stroke="gray"/>
+      <text x="${L - 4}" y="${T + 4}" font-size="10" text-anchor="end" fill="gray">${f3(hi)}</text>
+      <text x="${L - 4}" y="${H - B}" font-size="10" text-anchor="end" fill="gray">${f3(lo)}</text>`;
+    ret.versions.forEach((ver, i) => { svg += `<text x="${x(i)}" y="${H - B + 14}" font-size="10" text-anchor="middle" fill="gray">v${esc(ver)}</text>`; });
+    ret.series.forEach((s, k) => {
+      const c = colors[k % colors.length], pts = s.points.filter((p) => p.loss != null);
+      svg += `<polyline class="series" fill="none" stroke="${c}" stroke-width="1.5" points="${pts.map((p) => `${x(xi(p.version))},${y(p.loss)}`).join(" ")}"/>`;
+      pts.forEach((p) => {
+        svg += `<circle class="point" cx="${x(xi(p.version))}" cy="${y(p.loss)}" r="3.5" fill="${c}"${gateOf(p.version) === "failed" ? ' stroke="#c53030" stroke-width="2"' : ""}><title>v${esc(p.version)} (${esc(gateOf(p.version))}) on ${esc(s.label)}: ${f3(p.loss)} (production then ${f3(p.production)}, ${p.increase == null ? "-" : (p.increase >= 0 ? "+" : "") + Number(p.increase).toFixed(3)})</title></circle>`;
+      });
+      svg += `<rect x="${L}" y="${H + 16 * k - 2}" width="10" height="10" fill="${c}"/><text x="${L + 14}" y="${H + 16 * k + 7}" font-size="11" fill="currentColor">${esc(s.label)}</text>`;
+    });
+    return svg + "</svg>";
+  }
+
   function confirmThen(text, action) {
     const d = document.getElementById("confirm");
     document.getElementById("confirm-text").textContent = text;
@@ -154,7 +191,12 @@ const ftops = (() => {
       document.getElementById("charts").innerHTML =
         chart("Validation loss (lower is better)", d.versions, "val_loss", f2, gateColor) +
         chart("Golden set chrF", d.versions, "golden_chrf", f1, gateColor) +
-        chart("Checks pass rate", d.versions, "checks_pass_rate", pc, gateColor);
+        chart("Checks pass rate", d.versions, "checks_pass_rate", pc, gateColor) +
+        chart("Repeated 3-grams in answers", d.versions, "repetition", pc, gateColor) +
+        retentionChart(d.retention, (ver) => d.versions.find((v) => v.version === ver)?.gate || "");
+      document.getElementById("stuck").innerHTML = d.stuck
+        ? `<span class="badge bad stuck">${esc(d.stuck.label)}</span> ${esc(d.stuck.failures)} failed gates in a row (since v${esc(d.stuck.since)}): ${esc(d.stuck.advice)}. Start a run: <a target="_top" href="${airflowDag}">${esc(d.dag_id)}</a> → Trigger (form field <code>strategy</code>).`
+        : "";
       document.querySelector("#versions tbody").innerHTML = d.versions.map((v) => {
         const l = v.links, ds = v.dataset;
         const links = [
@@ -169,6 +211,7 @@ const ftops = (() => {
         return `<tr data-version="${esc(v.version)}"><td><b>v${esc(v.version)}</b> ${v.aliases.map((a) => `<span class="badge ${a === "production" ? "ok" : "na"}">${esc(a)}</span>`).join(" ")}<br><span class="small muted">${esc(v.adapter_version)}</span>${by}</td>
           <td>${when(v.registered_at)}</td><td>${badge(v.gate, v.gate_reasons)}${v.gate === "failed" && v.gate_reasons ? `<br><span class="small bad reasons">${esc(v.gate_reasons.slice(0, 160))}</span>` : ""}</td>
           <td>${f2(v.metrics.val_loss)}${v.metrics.base_val_loss == null ? "" : `<br><span class="small muted">base ${f2(v.metrics.base_val_loss)}</span>`}</td><td>${f1(v.metrics.golden_chrf)}</td><td>${pc(v.metrics.checks_pass_rate)}</td>
+          <td>${v.forgetting.max == null ? '<span class="na">-</span>' : `${v.forgetting.max >= 0 ? "+" : ""}${Number(v.forgetting.max).toFixed(3)}`}${v.forgetting.groups.length ? `<br><span class="small muted">worst of ${v.forgetting.groups.length} group${v.forgetting.groups.length === 1 ? "" : "s"} of earlier data</span>` : ""}</td>
           <td>${lineage}</td><td class="small">${links}</td><td>${btn}</td></tr>`;
       }).join("");
       document.querySelectorAll("button.promote").forEach((b) => b.addEventListener("click", () =>

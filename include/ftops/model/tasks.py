@@ -21,9 +21,18 @@ class NothingToTrain(Exception):
     """No new examples since the last trained dataset: the run ends early (Airflow marks it skipped)."""
 
 
-def train(run: Run, force: bool = False, overrides: dict | None = None) -> dict:
+# `strategy: full` (the trigger form): a fresh adapter trained on every earlier example, with or without new data
+# (fixed replay: adaptive replay would otherwise choose its own share).
+STRATEGIES = {"default": {}, "full": {"init": "fresh", "replay": "fixed", "replay_fraction": 1.0}}
+
+
+def train(run: Run, force: bool = False, overrides: dict | None = None, strategy: str = "default") -> dict:
     """Train a candidate on the data not yet in production plus a replay sample of the customer's history."""
     from ftops.model.train import TrainArgs
+
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown training strategy {strategy!r}; known: {', '.join(STRATEGIES)}")
+    overrides, force = (overrides or {}) | STRATEGIES[strategy], force or strategy == "full"
 
     if run.store.exists(f"{run.scratch}/train.json"):
         return json.loads(run.load("train.json"))
@@ -175,7 +184,9 @@ def evaluate(run: Run, trained: dict) -> dict:
         raise RuntimeError(f"{run.id}: candidate copy differs from {trained['adapter_uri']}")
     # What the train task wrote, from object storage: this task may run on another worker.
     train_rows = snap.read_jsonl(run.load("train.jsonl"))
-    (run.workdir / "val.jsonl").write_bytes(run.load("val.jsonl"))
+    val_rows = snap.read_jsonl(run.load("val.jsonl"))
+    groups = history_groups(run, prod, val_rows)  # tags each earlier version's held-out row with its group
+    (run.workdir / "val.jsonl").write_bytes(snap._jsonl(val_rows))
     golden, probes = golden_set(run.id), redteam_set() + regurgitation_probes(train_rows)
     prompts = [g["prompt"] for g in golden] + [p["prompt"] for p in probes]
     replica = engine_for(run.env.vllm_urls, run.base_path)
@@ -186,6 +197,7 @@ def evaluate(run: Run, trained: dict) -> dict:
         val_file=str(run.workdir / "val.jsonl"),
         output_file=str(run.workdir / "eval.json"),
         prompts=prompts,
+        groups=groups,
         generate=replica is None,
         max_length=run.customer.training.max_length,
     )
@@ -219,7 +231,61 @@ def evaluate(run: Run, trained: dict) -> dict:
     shutil.rmtree(adapters, ignore_errors=True)  # unloaded from the replica by answers_from; scores are saved
     # The XCom keeps the figures (typed); answers and findings stay in the scratch file and the report.
     # JSON has no NaN (PostgreSQL refuses it in an XCom): a figure that could not be measured becomes null.
-    return json.loads(Metrics.model_validate(metrics).model_dump_json())
+    typed = Metrics.model_validate(metrics)
+    _log_evaluation(run, trained["mlflow_run_id"], typed)
+    return json.loads(typed.model_dump_json())
+
+
+MAX_HISTORY_GROUPS = 8
+
+
+def history_groups(run: Run, prod, val_rows: list[dict], max_groups: int = MAX_HISTORY_GROUPS) -> list[dict]:
+    """Production's dataset versions (every version up to the one it was trained on) in at most `max_groups`
+    groups of consecutive versions, oldest first; each held-out row of `val_rows` from one of them gets its
+    group's index as `group`. The rows are the customer's own val splits as the train task wrote them (erased
+    examples already out); the split files are read only to know which version a row came from, tombstones
+    applied again so an example erased since is in no group."""
+    if prod is None:
+        return []
+    upto = prod.tags.get("dataset.version", "")
+    earlier = [m["version"] for m in snap.versions(run.store, run.id) if m["counts"]["kept"] > 0]
+    earlier = [v for v in earlier if v <= upto]
+    if not earlier:
+        return []
+    erased = snap.tombstones(run.store, run.id)
+    size = -(-len(earlier) // max_groups)
+    chunks = [earlier[i : i + size] for i in range(0, len(earlier), size)]
+    where: dict[str, int] = {}
+    for i, chunk in enumerate(chunks):
+        for v in chunk:
+            for r in snap.read_jsonl(run.store.get(f"{run.id}/datasets/{v}/val.jsonl")):
+                if r.get("id") not in erased:
+                    where[r["id"]] = i
+    for r in val_rows:
+        if r.get("id") in where:
+            r["group"] = where[r["id"]]
+    return [{"first": c[0], "last": c[-1], "versions": len(c)} for c in chunks]
+
+
+def _log_evaluation(run: Run, mlflow_run_id: str, m: Metrics) -> None:
+    """Held-out loss per earlier group, forgetting and repetition, as metrics of the candidate's MLflow run."""
+    import time
+
+    from mlflow.entities import Metric
+
+    figures: dict[str, float | None] = {"forgetting.max": m.forgetting_max()}
+    for g in m.history_groups:
+        key = f"history_loss.{g.first[:15]}"
+        figures |= {f"{key}.candidate": g.candidate, f"{key}.production": g.production, f"{key}.base": g.base}
+        figures[f"forgetting.{g.first[:15]}"] = g.increase
+    for name in ("base", "production", "candidate"):
+        s = getattr(m, name)
+        if s is not None:
+            figures[f"repetition.{name}"] = s.repetition
+    now = int(time.time() * 1000)
+    batch = [Metric(k, float(v), now, 0) for k, v in figures.items() if v is not None and v == v]
+    if batch:
+        run.registry().client.log_batch(mlflow_run_id, metrics=batch)
 
 
 def gate(run: Run, metrics: dict) -> dict:

@@ -27,6 +27,7 @@ from pathlib import Path
 import httpx
 
 from ftops.config import CustomerConfig, Platform, Settings
+from ftops.operate.retention import retention, version_forgetting
 from ftops.release import registry as _registry
 from ftops.release.keys import auth_headers
 from ftops.release.registry import CANDIDATE, MODEL_PREFIX, PREVIOUS, PRODUCTION, RegistryError, model_name
@@ -40,6 +41,7 @@ METRIC_KEYS = {
     "val_loss": "metrics.candidate_val_loss",
     "golden_chrf": "metrics.candidate_golden_chrf",
     "checks_pass_rate": "metrics.candidate_checks_pass_rate",
+    "repetition": "metrics.candidate_repetition",
 }
 
 
@@ -472,6 +474,35 @@ def production_info(model: ModelState | None, promote_times: dict[tuple[str, str
     }
 
 
+_RULE = re.compile(r"^[a-z_]{1,40}$")
+_FAILED_GROUP = re.compile(r"FAIL \[([a-z_]{1,20})\]")
+
+
+def stuck_state(model: ModelState | None, after: int) -> dict | None:
+    """The customer is stuck when its newest `after` (or more) registry versions all failed the gate: production
+    stays old while every run fails. Which rules failed (the newest version's `gate.failed_rules` tag; for
+    versions registered before that tag, the failed groups of its reasons) and what to do about it."""
+    from ftops.model.gate import advice, consecutive_failures
+
+    if model is None or not model.versions:
+        return None
+    decisions = []
+    for v in model.versions:  # newest first; tags are input: only rule-shaped names are kept
+        rules = [r for r in v.tags.get("gate.failed_rules", "").split(",") if _RULE.match(r)]
+        rules = rules or list(dict.fromkeys(_FAILED_GROUP.findall(v.description)))
+        decisions.append((v.gate, ",".join(rules)))
+    n, rules = consecutive_failures(decisions)
+    if n < after:
+        return None
+    return {
+        "failures": n,
+        "since": model.versions[n - 1].version,
+        "rules": rules,
+        "label": f"stuck: {', '.join(rules) or 'gate'}",
+        "advice": advice(rules[0] if rules else ""),
+    }
+
+
 def fleet(
     platform: Platform,
     env: Settings,
@@ -533,6 +564,7 @@ def fleet(
                 "last_run": last,
                 "next_run": info.get("next_run"),
                 "paused": info.get("paused"),
+                "stuck": stuck_state(m, c.gate.stuck_after),
                 **data.get(c.id, {}),
                 "traffic": traffic_by.get(c.id),
             }
@@ -568,6 +600,7 @@ def customer_detail(platform: Platform, env: Settings, customer: str) -> dict:
                 "gate_reasons": v.description,
                 "metrics": {k: _num(t.get(tag)) for k, tag in METRIC_KEYS.items()}
                 | {"base_val_loss": _num(t.get("metrics.base_val_loss"))},
+                "forgetting": version_forgetting(t),
                 "dataset": {
                     "version": t.get("dataset.version"),
                     "new_versions": [x for x in t.get("dataset.new_versions", "").split(",") if x],
@@ -599,6 +632,8 @@ def customer_detail(platform: Platform, env: Settings, customer: str) -> dict:
         "production": model.aliases.get(PRODUCTION) if model else None,
         "previous": model.aliases.get(PREVIOUS) if model else None,
         "versions": out,
+        "retention": retention([(v.version, v.tags) for v in versions]),
+        "stuck": stuck_state(model, c.gate.stuck_after),
     }
 
 

@@ -53,10 +53,28 @@ def notify(event: str, text: str, **fields) -> bool:
         return False
 
 
+def gate_failure(customer: str, version: str, rules: list[str], failures: int | None, stuck_after: int) -> dict:
+    """What the operator on call needs about a failed gate: the rules that failed, what to do, and whether
+    the customer is now stuck (this many failed gates in a row: production stays old while every run fails).
+    `failures` None: the registry could not be read to count them."""
+    from ftops.model.gate import advice
+
+    stuck = failures is not None and failures >= stuck_after
+    todo = "; ".join(advice(r) for r in rules) or advice("")
+    text = (
+        f"{customer}: version {version} failed the gate on {', '.join(rules) or 'its rules'}. What to do: {todo}."
+        + (f" STUCK: {failures} failed gates in a row; production is unchanged since." if stuck else "")
+    )
+    return {"text": text, "rules": rules, "advice": todo, "failures": failures, "stuck": stuck}
+
+
 def task_failed(context) -> None:
-    """Airflow `on_failure_callback`: called once a task has failed for good (retries exhausted)."""
+    """Airflow `on_failure_callback`: called once a task has failed for good (retries exhausted). A failed gate
+    (the exception, or its cause, carries `gate`: `gate_failure`'s figures) adds its rules, advice and stuck flag."""
     ti = context["ti"]
     exc = context.get("exception")
+    gate = getattr(exc, "gate", None) or getattr(getattr(exc, "__cause__", None), "gate", None)
+    fields = {k: gate[k] for k in ("rules", "advice", "failures", "stuck")} if isinstance(gate, dict) else {}
     notify(
         "task_failed",
         f"{ti.dag_id}.{ti.task_id} failed: {exc}",
@@ -64,6 +82,7 @@ def task_failed(context) -> None:
         task_id=ti.task_id,
         run_id=ti.run_id,
         error=str(exc)[:2000],
+        **fields,
     )
 
 

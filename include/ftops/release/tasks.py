@@ -15,7 +15,25 @@ from ftops.storage import Store
 
 
 class GateFailed(RuntimeError):
-    """The candidate did not pass the gate; production is unchanged."""
+    """The candidate did not pass the gate; production is unchanged. `gate`: the rules, what to do, and whether
+    the customer is stuck (`ftops.operate.notify.gate_failure`), for the failure notification."""
+
+    def __init__(self, message: str, gate: dict | None = None):
+        super().__init__(message)
+        self.gate = gate or {}
+
+
+def _gate_failure(run: Run, version: str, d: Decision) -> dict:
+    from ftops.model.gate import consecutive_failures
+    from ftops.operate.notify import gate_failure
+    from ftops.release.registry import RegistryError
+
+    try:  # newest first: this failed version is among them, registered before promote runs
+        versions = sorted(run.registry().versions(run.id, run.base_slug), key=lambda v: -int(v.version))
+        failures, _ = consecutive_failures([(v.tags.get("gate.decision", ""), "") for v in versions])
+    except (RegistryError, OSError, ValueError):  # the failure is still reported, without the count
+        failures = None
+    return gate_failure(run.id, version, d.failed_rules, failures, run.customer.gate.stuck_after)
 
 
 def register(run: Run, trained: dict, metrics: dict, decision: dict) -> dict:
@@ -46,9 +64,12 @@ def register(run: Run, trained: dict, metrics: dict, decision: dict) -> dict:
             "metrics.candidate_golden_chrf": _tag(cand.golden_chrf),
             "metrics.candidate_checks_pass_rate": _tag(cand.checks_pass_rate),
             "metrics.candidate_canary_leaks": _tag(cand.canary_leaks),
+            "metrics.candidate_repetition": _tag(cand.repetition),
+            "metrics.base_repetition": _tag(m.base.repetition),
             "eval.engine": m.engine,
         }
         | trained.get("registry_tags", {})  # e.g. the replay share used and why (model.tasks.train)
+        | forgetting_tags(m)
         # What the serving engine answered at the gate: the reconciler checks a swap reproduces it.
         | (
             {"probe.prompt": cand.sample["prompt"], "probe.answer": cand.sample["answer"][:200]}
@@ -74,6 +95,19 @@ def _stored_tree(run: Run, prefix: str) -> str:
     from ftops.release.serving import tree_sha256
 
     return tree_sha256({k[len(prefix) + 1 :]: run.store.get(k) for k in run.store.list(prefix)})
+
+
+def forgetting_tags(m: Metrics) -> dict[str, str]:
+    """`forgetting.max`: the worst earlier group's held-out loss increase vs production (nats; absent without
+    production); `forgetting.groups`: every group's figures, compact JSON (at most 8 groups: well under the
+    registry's 5,000-character tag limit)."""
+    if not m.history_groups:
+        return {}
+    groups = [
+        {k: round(v, 4) if isinstance(v, float) else v for k, v in g.model_dump(exclude={"diff_sd"}).items()}
+        for g in m.history_groups
+    ]
+    return {"forgetting.max": _tag(m.forgetting_max()), "forgetting.groups": json.dumps(groups, separators=(",", ":"))}
 
 
 def _tag(x: float | int | None) -> str:
@@ -107,8 +141,11 @@ def promote(run: Run, registered: dict, decision: dict, mode: str) -> dict:
     """Move `production` to the candidate if the gate passed; a failed gate fails the run visibly."""
     r, d = Registration.model_validate(registered), Decision.model_validate(decision)
     if not d.passed:
+        gate = _gate_failure(run, r.registry_version, d)
         raise GateFailed(
-            f"{run.id}: version {r.registry_version} failed the gate: {'; '.join(d.reasons)}. Production is unchanged."
+            f"{run.id}: version {r.registry_version} failed the gate: {'; '.join(d.reasons)}. Production is unchanged. "
+            + gate["text"],
+            gate,
         )
     if mode == "manual":
         out = Promotion(promoted=False, mode=mode, registry_version=r.registry_version, waiting_for="manual approval")
