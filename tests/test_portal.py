@@ -174,6 +174,11 @@ def test_a_customer_sees_and_touches_only_its_own_files(api, tmp_path):
     with pytest.raises(openai.PermissionDeniedError, match="jobs"):
         client(api, key(A, "files")).fine_tuning.jobs.list()
     assert httpx.get(f"{api.url}/v1/files").status_code == 401
+    # A crafted job id cannot walk into another customer's DAG through Airflow's URL path
+    from ftops.portal.jobs import job_id
+
+    with pytest.raises(openai.NotFoundError):
+        other.fine_tuning.jobs.retrieve(job_id(f"../../finetune_{A}/dagRuns/x"))
 
 
 def test_an_old_key_store_entry_means_inference_only(home):
@@ -344,7 +349,7 @@ def test_a_job_from_an_upload_runs_the_real_dag_and_reports_its_model(api, airfl
     from ftops.data.demo import write_batch
 
     c = client(api, key(TUNED))
-    data = write_batch(TUNED, tmp_path, n=60, dirty=False)
+    data = write_batch(A, tmp_path, n=60, batch=7, dirty=False)
     f = c.files.create(file=data.open("rb"), purpose="fine-tune")
     assert f.status == "processed"
     job = c.fine_tuning.jobs.create(training_file=f.id, model="tiny")
@@ -367,7 +372,7 @@ def test_a_gate_failure_surfaces_as_failed_with_the_reason(api, airflow, tmp_pat
     from ftops.data.demo import write_batch
 
     c = client(api, key(STRICT))
-    f = c.files.create(file=write_batch(STRICT, tmp_path, n=60, dirty=False).open("rb"), purpose="fine-tune")
+    f = c.files.create(file=write_batch(B, tmp_path, n=60, batch=8, dirty=False).open("rb"), purpose="fine-tune")
     job, seen = wait_job(c, c.fine_tuning.jobs.create(training_file=f.id, model="tiny").id, 600)
     assert job.status == "failed", seen
     assert job.error.code == "gate_failed", job.error
@@ -379,7 +384,7 @@ def test_a_running_job_is_cancelled(api, airflow, tmp_path):
     from ftops.data.demo import write_batch
 
     c = client(api, key(A))
-    f = c.files.create(file=write_batch(A, tmp_path, n=40, dirty=False).open("rb"), purpose="fine-tune")
+    f = c.files.create(file=write_batch(A, tmp_path, n=40, batch=9, dirty=False).open("rb"), purpose="fine-tune")
     job = c.fine_tuning.jobs.create(training_file=f.id, model="tiny", hyperparameters={"n_epochs": 1})
     wait_job(c, job.id, 300, until=("validating_files", "running", "succeeded", "failed"))
     cancelled = c.fine_tuning.jobs.cancel(job.id)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import base64
 import binascii
 import os
+import re
 import threading
 import time
 from datetime import datetime
@@ -24,6 +25,7 @@ import httpx
 
 from ftops.portal.auth import ApiError
 
+RUN_ID = re.compile(r"[A-Za-z0-9_.:+-]{1,250}")
 DATA_TASKS = {"ingest", "validate", "clean", "dedupe", "snapshot"}
 CANCEL_NOTE = "cancelled by the customer through the API"
 # OpenAI's hyper-parameter names -> the DAG's run params (`dags/customer_finetune.py`)
@@ -39,9 +41,14 @@ def run_id(jid: str) -> str:
         raise ApiError(404, f"No such fine-tuning job: {jid[:64]!r}.", "job_not_found", "fine_tuning_job_id")
     body = jid[6:]
     try:
-        return base64.urlsafe_b64decode(body + "=" * (-len(body) % 4)).decode()
+        rid = base64.urlsafe_b64decode(body + "=" * (-len(body) % 4)).decode()
     except (binascii.Error, UnicodeDecodeError, ValueError):
-        raise ApiError(404, f"No such fine-tuning job: {jid[:64]!r}.", "job_not_found", "fine_tuning_job_id") from None
+        rid = ""
+    # A run id goes into Airflow's URL path: only the characters Airflow's own run ids use, never `/` or `..`
+    # (a crafted id must not reach another customer's DAG through path normalisation)
+    if not RUN_ID.fullmatch(rid) or ".." in rid:
+        raise ApiError(404, f"No such fine-tuning job: {jid[:64]!r}.", "job_not_found", "fine_tuning_job_id")
+    return rid
 
 
 def _ts(value: str | None) -> int | None:
