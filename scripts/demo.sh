@@ -51,7 +51,7 @@ echo "   (export KEY for the python line; a key reaches only its own customer's 
 echo
 API="${FTOPS_API_URL:-http://127.0.0.1:${API_PORT:-8090}}"
 echo "== the customer API at $API (FTOPS_API_URL): upload data, see its validation at once, follow fine-tuning jobs"
-echo "   (a key for it needs the files and jobs scopes; the page at $API/ does the same without code)"
+echo "   (a key for it needs the files and jobs scopes; the page at $API/ does the same without code; jobs need the scheduler: make airflow-ui)"
 for c in $CUSTOMERS; do
   echo "   $c:"
   echo "     export KEY=\$(.venv/bin/ftops keys create $c --scope files --scope jobs)"
