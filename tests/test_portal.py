@@ -354,11 +354,11 @@ JOB_TIMEOUT = 1500  # a whole run on the tiny model: minutes alone, much longer 
 
 
 @pytest.fixture(scope="module")
-def strict_job(api, airflow, tmp_path_factory):
+def strict_job(api, airflow, tokens, tmp_path_factory):
     """A job for the customer whose gate no candidate passes, started early so that it runs beside the others."""
     from ftops.data.demo import write_batch
 
-    c = client(api, key(STRICT))
+    c = client(api, tokens[(STRICT, ("files", "jobs"))])
     path = write_batch(B, tmp_path_factory.mktemp("strict"), n=60, batch=8, dirty=False)
     f = c.files.create(file=path.open("rb"), purpose="fine-tune")
     return c, c.fine_tuning.jobs.create(training_file=f.id, model="tiny").id

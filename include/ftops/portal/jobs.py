@@ -358,9 +358,10 @@ class Jobs:
         )
         if r.status_code != 200:
             raise ApiError(503, "The scheduler did not cancel the job; try again shortly.", "scheduler_unavailable")
-        deadline = time.time() + 5
-        run = r.json()
-        while run.get("note") is None and time.time() < deadline:  # some versions apply the note separately
+        # The PATCH answer can carry the run as it was (Airflow 3.3 sets the state with a bulk update): read it back
+        deadline, run = time.time() + 30, r.json()
+        while run["state"] in ("queued", "running") and time.time() < deadline:
+            time.sleep(0.5)
             run = self._run(customer, jid)
         return self.job(customer, run, self._versions(customer, base), tasks=[])
 
