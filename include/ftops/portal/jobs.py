@@ -138,10 +138,11 @@ class Jobs:
             tasks = tasks if tasks is not None else self._tasks(customer, rid)
             started = {t["task_id"] for t in tasks if t.get("start_date")}
             status = "running" if started - DATA_TASKS - {"cleanup"} else "validating_files"
+        elif (run.get("note") or "").startswith(CANCEL_NOTE):
+            # Airflow may end a run marked failed as `success` (its not-yet-run tasks skipped, the teardown done)
+            status = "cancelled"
         elif state == "success":
             status = "succeeded"
-        elif (run.get("note") or "").startswith(CANCEL_NOTE):
-            status = "cancelled"
         else:
             status = "failed"
         error = None
