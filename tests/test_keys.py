@@ -60,7 +60,12 @@ def test_keys_command(tmp_path):
     made = ftops("create", "brightdesk", "--json")
     assert made.returncode == 0, made.stderr
     doc = json.loads(made.stdout)
-    assert set(doc) == {"customer", "key_id", "key"} and doc["customer"] == "brightdesk"
+    assert set(doc) == {"customer", "key_id", "key", "scopes"} and doc["customer"] == "brightdesk"
+    assert doc["scopes"] == ["inference"]  # the default: vLLM only
+    scoped = json.loads(ftops("create", "brightdesk", "--scope", "files", "--scope", "jobs", "--json").stdout)
+    assert scoped["scopes"] == ["files", "jobs"]
+    bad = ftops("create", "brightdesk", "--scope", "admin")
+    assert bad.returncode != 0 and "scopes must be" in bad.stderr
     stored = Path(tmp_path / "secrets" / "api_keys.json").read_text()
     assert doc["key"] not in stored
     listed = ftops("list", "--json")

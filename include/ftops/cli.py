@@ -122,8 +122,7 @@ def data_erase(
 
     _answer_promptly()
 
-    from ftops.data import snapshot as snap
-    from ftops.storage import Store
+    from ftops.data.erasure import erase
 
     try:
         check_customer_id(customer)
@@ -134,29 +133,9 @@ def data_erase(
         _fail("give exactly one of --match TEXT or --example KEY")
     if match is not None and not match.strip():
         _fail("--match needs a non-empty text")
-    env = settings()
-    store = Store(env.storage_root)
-    found = snap.find_examples(store, customer, match=match, example=example)
-    ids = {i for v in found.values() for i in v}
-    result: dict = {
-        "customer": customer,
-        "examples": len(ids),
-        "dataset_versions": {v: len(i) for v, i in found.items()},
-        "tombstone": None,
-        "adapter_versions": None,
-    }
-    if ids:
-        result["tombstone"] = snap.erase(store, customer, ids, match if match is not None else example)
-    code = 0
-    if ids and customer in platform.customers:
-        from ftops.release.registry import Registry
-
-        try:
-            versions = Registry(env.mlflow_uri).versions(customer, platform.customers[customer].base_model)
-            result["adapter_versions"] = snap.adapters_containing(versions, set(found))
-        except Exception as exc:  # noqa: BLE001 - the erasure stands; say what could not be checked
-            result["adapter_versions_error"] = f"registry unavailable ({type(exc).__name__}): retry the report"
-            code = 3
+    result = erase(customer, match=match, example=example, platform=platform)
+    ids = result["examples"]
+    code = 3 if "adapter_versions_error" in result else 0
     if retrain and ids:
         conf = json.dumps({"force": True})
         done = subprocess.run(
@@ -455,20 +434,28 @@ def serving_status() -> None:
 
 
 @keys_app.command("create")
-def keys_create(customer: str, as_json: bool = typer.Option(False, "--json", help="print one JSON object")) -> None:
-    """A new serving key for CUSTOMER, printed once (only its hash is stored); vLLM accepts it within seconds."""
+def keys_create(
+    customer: str,
+    scope: list[str] = typer.Option(
+        ["inference"], "--scope", help="inference (vLLM), files, jobs (the customer API); repeat for several"
+    ),
+    as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
+) -> None:
+    """A new key for CUSTOMER, printed once (only its hash is stored); vLLM and the customer API accept it within
+    seconds, each for the scopes it holds (default: inference only)."""
     from ftops.release import keys
 
+    scopes = [x.strip() for s in scope for x in s.split(",") if x.strip()]
     try:
         load_platform().customer(customer)  # a key for a customer vLLM does not know would never work
-        info, key = keys.create(customer)
+        info, key = keys.create(customer, scopes=scopes)
     except (ConfigError, keys.KeyStoreError) as exc:
         _fail(str(exc))
     if as_json:
-        print(json.dumps({"customer": customer, "key_id": info.key_id, "key": key}))
+        print(json.dumps({"customer": customer, "key_id": info.key_id, "key": key, "scopes": list(info.scopes)}))
         return
     print(key)
-    Console(stderr=True).print(f"key {info.key_id} for {customer}: shown once, store it now")
+    Console(stderr=True).print(f"key {info.key_id} for {customer} ({', '.join(info.scopes)}): shown once, store it now")
 
 
 @keys_app.command("list")
@@ -486,10 +473,10 @@ def keys_list(
         print(json.dumps([k.public() for k in found]))
         return
     table = Table()
-    for col in ("key_id", "customer", "created", "revoked"):
+    for col in ("key_id", "customer", "scopes", "created", "revoked"):
         table.add_column(col)
     for k in found:
-        table.add_row(k.key_id, k.customer, k.created, k.revoked or "-")
+        table.add_row(k.key_id, k.customer, ",".join(k.scopes) or "INVALID", k.created, k.revoked or "-")
     console.print(table)
 
 
@@ -503,6 +490,18 @@ def keys_revoke(key_id: str, as_json: bool = typer.Option(False, "--json", help=
     except keys.KeyStoreError as exc:
         _fail(str(exc))
     print(json.dumps(info.public()) if as_json else f"revoked {info.key_id} ({info.customer}) at {info.revoked}")
+
+
+@app.command("api")
+def api(
+    host: str = typer.Option("127.0.0.1", help="bind address (0.0.0.0 in a container)"),
+    port: int = typer.Option(None, help="default: FTOPS_API_PORT, else 8090"),
+) -> None:
+    """The customer API: OpenAI-compatible files and fine-tuning jobs, and a page at `/` (keys with the `files` /
+    `jobs` scopes). Clients find it through FTOPS_API_URL."""
+    from ftops.portal.app import serve
+
+    serve(host, port or int(os.environ.get("FTOPS_API_PORT", "8090")))
 
 
 @app.command("report")

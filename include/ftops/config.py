@@ -205,6 +205,15 @@ class ServingSettings(_Strict):
     )
 
 
+class ApiSettings(_Strict):
+    """What the customer API (`ftops api`, `ftops.portal`) lets this customer do by itself."""
+
+    allowed_hyperparameters: list[Literal["n_epochs", "learning_rate_multiplier", "max_steps"]] = Field(
+        [], description="hyper-parameters a customer may set on `fine_tuning.jobs.create` (others: HTTP 400)"
+    )
+    uploads_per_minute: int = Field(10, ge=1, description="file uploads per minute (more: HTTP 429)")
+
+
 class CustomerConfig(_Strict):
     id: str
     name: str
@@ -224,6 +233,7 @@ class CustomerConfig(_Strict):
     data: DataPolicy = DataPolicy()
     gate: GatePolicy = GatePolicy()
     serving: ServingSettings = ServingSettings()
+    api: ApiSettings = ApiSettings()
 
     @field_validator("id")
     @classmethod

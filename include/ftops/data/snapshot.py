@@ -265,10 +265,13 @@ def tombstones(store: Store, customer: str) -> set[str]:
     return ids
 
 
-def find_examples(store: Store, customer: str, match: str | None = None, example: str | None = None) -> dict[str, list]:
+def find_examples(
+    store: Store, customer: str, match: str | None = None, example: str | None = None, source: str | None = None
+) -> dict[str, list]:
     """Ids of the stored examples an erasure request names, per dataset version that holds them: `example` is
-    an id (content key); `match` a text, looked for as the pipeline stored it (normalised, case-folded) in
-    every turn and the rejected answer. Streams each version's files."""
+    an id (content key); `source` the inbox file they came from (its lineage name); `match` a text, looked for
+    as the pipeline stored it (normalised, case-folded) in every turn and the rejected answer. Streams each
+    version's files."""
     from ftops.data.clean import normalise, redact
     from ftops.data.records import iter_jsonl
 
@@ -280,6 +283,8 @@ def find_examples(store: Store, customer: str, match: str | None = None, example
                 for row in iter_jsonl(f):
                     if example is not None:
                         hit = row["id"] == example
+                    elif source is not None:
+                        hit = row.get("source") == source
                     else:
                         texts = [t["content"] for t in row["messages"]] + [row.get("rejected") or ""]
                         hit = any(needle in " ".join(t.casefold().split()) for t in texts)

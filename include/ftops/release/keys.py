@@ -7,6 +7,11 @@ is as strong as a slow one here, and the middleware checks one per request. The 
 re-reads it when it changes (checked every few seconds), so new and revoked keys apply without a restart.
 In production the file is a shared secret volume (a Kubernetes Secret mount is refreshed by the kubelet).
 
+Scopes say which door a key opens: `inference` (vLLM), `files` and `jobs` (the customer API, `ftops.portal`).
+A stored entry without `scopes` (every key made before scopes existed) means `inference` only, so old stores
+keep working unchanged. A `Verifier` admits only keys holding its `scope` (default `inference`: what the vLLM
+middleware builds), so a files-only key is refused by vLLM with no change there.
+
 The admin key (reconciler, evaluation, operators) comes from `FTOPS_SERVING_ADMIN_KEY`, else from
 `$FTOPS_HOME/secrets/serving_admin_key` (mode 0600), which `scripts/services.sh` creates when neither exists.
 
@@ -31,6 +36,8 @@ PREFIX = "ftk"
 ADMIN = "_admin"  # the admin's label in metrics; never a customer id (those start with [a-z0-9])
 _KEY = re.compile(rf"^{PREFIX}_([0-9a-f]{{16}})_([A-Za-z0-9_-]{{43}})$")
 _CUSTOMER = re.compile(r"^[a-z0-9][a-z0-9-]{1,62}$")
+SCOPES = ("inference", "files", "jobs")
+DEFAULT_SCOPES = ("inference",)
 
 
 class KeyStoreError(ValueError):
@@ -84,9 +91,32 @@ class KeyInfo:
     customer: str
     created: str
     revoked: str | None = None
+    scopes: tuple[str, ...] = DEFAULT_SCOPES
 
     def public(self) -> dict:
-        return {"key_id": self.key_id, "customer": self.customer, "created": self.created, "revoked": self.revoked}
+        return {
+            "key_id": self.key_id,
+            "customer": self.customer,
+            "created": self.created,
+            "revoked": self.revoked,
+            "scopes": list(self.scopes),
+        }
+
+
+def entry_scopes(entry: dict) -> tuple[str, ...] | None:
+    """A stored entry's scopes: absent means inference only (stores written before scopes); anything that is not
+    a list of known scopes is None (unknown is not absent: such a key opens nothing)."""
+    scopes = entry.get("scopes", list(DEFAULT_SCOPES))
+    if not isinstance(scopes, list) or not scopes or not all(isinstance(x, str) and x in SCOPES for x in scopes):
+        return None
+    return tuple(x for x in SCOPES if x in scopes)
+
+
+def check_scopes(scopes) -> tuple[str, ...]:
+    unknown = [x for x in scopes if x not in SCOPES]
+    if unknown or not scopes:
+        raise KeyStoreError(f"scopes must be some of {', '.join(SCOPES)}; got {', '.join(scopes) or 'none'}")
+    return tuple(x for x in SCOPES if x in scopes)
 
 
 def _read(path: Path) -> dict:
@@ -116,17 +146,24 @@ def _write(path: Path, doc: dict) -> None:
     os.replace(tmp, path)  # atomic: the middleware never reads half a file
 
 
-def create(customer: str, path: Path | None = None) -> tuple[KeyInfo, str]:
-    """A new key for `customer`; the key itself is returned once and never stored."""
+def create(customer: str, path: Path | None = None, scopes=DEFAULT_SCOPES) -> tuple[KeyInfo, str]:
+    """A new key for `customer` opening `scopes`; the key itself is returned once and never stored."""
     if not _CUSTOMER.match(customer):
         raise KeyStoreError(f"invalid customer id {customer!r}")
+    scopes = check_scopes(list(scopes))
     path = path or store_path()
     key_id = secrets.token_hex(8)
     key = f"{PREFIX}_{key_id}_{secrets.token_urlsafe(32)}"
-    info = KeyInfo(key_id=key_id, customer=customer, created=_now())
+    info = KeyInfo(key_id=key_id, customer=customer, created=_now(), scopes=scopes)
     with _locked(path):
         doc = _read(path)
-        doc["keys"][key_id] = {"customer": customer, "sha256": digest(key), "created": info.created, "revoked": None}
+        doc["keys"][key_id] = {
+            "customer": customer,
+            "sha256": digest(key),
+            "created": info.created,
+            "revoked": None,
+            "scopes": list(scopes),
+        }
         _write(path, doc)
     return info, key
 
@@ -134,7 +171,13 @@ def create(customer: str, path: Path | None = None) -> tuple[KeyInfo, str]:
 def list_keys(customer: str | None = None, path: Path | None = None) -> list[KeyInfo]:
     doc = _read(path or store_path())
     out = [
-        KeyInfo(key_id=k, customer=v["customer"], created=v.get("created", ""), revoked=v.get("revoked"))
+        KeyInfo(
+            key_id=k,
+            customer=v["customer"],
+            created=v.get("created", ""),
+            revoked=v.get("revoked"),
+            scopes=entry_scopes(v) or (),
+        )
         for k, v in doc["keys"].items()
     ]
     return sorted((k for k in out if customer is None or k.customer == customer), key=lambda k: k.created)
@@ -150,20 +193,29 @@ def revoke(key_id: str, path: Path | None = None) -> KeyInfo:
         entry["revoked"] = entry.get("revoked") or _now()
         _write(path, doc)
     return KeyInfo(
-        key_id=key_id, customer=entry["customer"], created=entry.get("created", ""), revoked=entry["revoked"]
+        key_id=key_id,
+        customer=entry["customer"],
+        created=entry.get("created", ""),
+        revoked=entry["revoked"],
+        scopes=entry_scopes(entry) or (),
     )
 
 
 class Verifier:
     """Key -> customer for the middleware: reloads the store when its file changes (mtime/size/inode),
-    checked at most every `recheck_s` seconds, so the cost per request is one comparison of hashes."""
+    checked at most every `recheck_s` seconds, so the cost per request is one comparison of hashes.
 
-    def __init__(self, path: Path | None = None, recheck_s: float = 2.0):
+    Only keys holding `scope` are admitted (default `inference`, the vLLM door); `scope=None` admits every
+    valid key and `lookup` then says which scopes it holds (the customer API checks them per route)."""
+
+    def __init__(self, path: Path | None = None, recheck_s: float = 2.0, scope: str | None = "inference"):
         self.path = path or store_path()
         self.recheck_s = recheck_s
+        self.scope = scope
         self._stamp: tuple | None = None
         self._checked = 0.0
-        self._by_id: dict[str, tuple[str, str]] = {}  # key_id -> (sha256, customer), revoked ones left out
+        # key_id -> (sha256, customer, scopes); revoked ones, and ones without `scope`, left out
+        self._by_id: dict[str, tuple[str, str, tuple[str, ...]]] = {}
 
     def _reload(self, now: float) -> None:
         self._checked = now
@@ -180,14 +232,24 @@ class Verifier:
             # A store that cannot be read admits no customer key (fail closed); the admin key still works.
             self._by_id, self._stamp = {}, None
             return
-        self._by_id = {
-            k: (v["sha256"], v["customer"])
-            for k, v in doc["keys"].items()
-            if not v.get("revoked") and isinstance(v.get("sha256"), str) and _CUSTOMER.match(v.get("customer", ""))
-        }
+        by_id = {}
+        for k, v in doc["keys"].items():
+            if not isinstance(v, dict) or v.get("revoked") or not isinstance(v.get("sha256"), str):
+                continue
+            scopes = entry_scopes(v)
+            if not isinstance(v.get("customer"), str) or not _CUSTOMER.match(v["customer"]) or not scopes:
+                continue
+            if self.scope is None or self.scope in scopes:
+                by_id[k] = (v["sha256"], v["customer"], scopes)
+        self._by_id = by_id
         self._stamp = stamp
 
     def customer(self, key: str, now: float) -> str | None:
+        found = self.lookup(key, now)
+        return found[0] if found else None
+
+    def lookup(self, key: str, now: float) -> tuple[str, tuple[str, ...]] | None:
+        """(customer, scopes) of a valid key admitted by this verifier, else None."""
         if now - self._checked >= self.recheck_s:
             self._reload(now)
         m = _KEY.match(key)
@@ -199,4 +261,4 @@ class Verifier:
             entry = self._by_id.get(m[1])
         if entry is None or not hmac.compare_digest(entry[0], digest(key)):
             return None
-        return entry[1]
+        return entry[1], entry[2]
