@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import pytest
 
-from ftops.data.clean import clean, find_pii, redact
-from ftops.data.records import Batch, Example, Quarantined
+from ftops.data.clean import clean, find_pii, quarantined, redact
+from ftops.data.records import Batch, Example
 
 KEY = "ASQWb2RtGd9Vjl7XTT3LCXO3v46xPzq2+tyy9oEo"  # random, shaped like an AWS secret access key
 LEAKY = f"Write to john&#64;example.com or j&amp;#x40;acme-corp.io; the key is {KEY}."
@@ -28,7 +28,7 @@ def test_character_references_and_bare_keys_never_reach_the_training_text():
 
 def test_nor_the_quarantine():
     dropped = clean(Batch(examples=[_example(LEAKY)]), "drop").quarantine[0].raw
-    raw = Quarantined("f", 2, "invalid_role", "bad role", f'{{"messages": "{LEAKY}"}}').raw  # not cleaned first
+    raw = quarantined("f", 2, "invalid_role", "bad role", f'{{"messages": "{LEAKY}"}}').raw  # not cleaned first
     for stored in (dropped, raw):
         assert "john" not in stored and "acme-corp" not in stored and KEY not in stored, stored
 
