@@ -389,9 +389,9 @@ def main() -> None:
     print(f"baseline at its best setting: {b3['setting']}", file=err)
     print(f"{'band':<8} {'n':>4} | {'ours flag':>9} | {'best flag':>9} | {'dsk5 flag':>9}", file=err)
     for band, o in r["near_dup_bands"].items():
-        b, b5b = b3["near_dup_bands"][band], b5["near_dup_bands"][band]
+        b, c = b3["near_dup_bands"][band], b5["near_dup_bands"][band]
         print(
-            f"{band:<8} {o['pairs']:>4} | {o['flagged_share']:>9} | {b['flagged_share']:>9} | {b5b['flagged_share']:>9}",
+            f"{band:<8} {o['pairs']:>4} | {o['flagged_share']:>9} | {b['flagged_share']:>9} | {c['flagged_share']:>9}",
             file=err,
         )
     print(
