@@ -239,7 +239,7 @@ def customer_dag(c: CustomerConfig):
             "on_failure_callback": task_failed,
             "retries": 2,
             "retry_delay": timedelta(seconds=30),
-            "retry_exponential_backoff": True,
+            "retry_exponential_backoff": 2.0,  # a multiplier in Airflow 3 (True is 1.0: a constant delay)
             "execution_timeout": timedelta(hours=1),
         },
     )

@@ -49,6 +49,7 @@ def airflow(home, tiny_model, mlflow_server, customers_file, postgres):
         "AIRFLOW__DAG_PROCESSOR__MIN_FILE_PROCESS_INTERVAL": "10",
         "AIRFLOW__DAG_PROCESSOR__STALE_DAG_THRESHOLD": "10",
         "AIRFLOW__SCHEDULER__PARSING_CLEANUP_INTERVAL": "10",
+        "FTOPS_TRAIN_SLOTS": "2",
     }
     try:
         for svc in _service("airflow", extra, "AIRFLOW_PORT"):
@@ -77,7 +78,26 @@ def queued_events(http: httpx.Client) -> list[dict]:
 
 
 def test_no_run_starts_when_a_customer_is_enabled(airflow):
-    assert runs(airflow) == []  # the weekly slot is in the future; no catch-up run
+    """Checked once the scheduler has planned the DAG (its next run time set): a catch-up would plan a past
+    slot and create that run in the same scheduler loop; the next run must be the weekly slot, in the future,
+    on the customer's weekday (schedule_weekday 0: Monday) between 01:00 and 07:00 UTC."""
+    deadline = time.time() + 120
+    while not (dag := airflow.get(f"/dags/{DAG}").json())["next_dagrun_run_after"]:
+        assert time.time() < deadline, "the scheduler never planned the DAG"
+        time.sleep(1)
+    assert dag["is_paused"] is False  # enabled: only the schedule keeps it from running
+    planned = datetime.fromisoformat(dag["next_dagrun_run_after"].replace("Z", "+00:00"))
+    assert planned.timestamp() > time.time()
+    assert planned.weekday() == 0 and 1 <= planned.hour < 7, planned
+    time.sleep(10)  # several scheduler loops after planning
+    assert [r["run_type"] for r in runs(airflow)] == []
+    assert airflow.get(f"/dags/{DAG}").json()["next_dagrun_run_after"] == dag["next_dagrun_run_after"]
+
+
+def test_training_slots_are_the_gpu_pool(airflow):
+    # FTOPS_TRAIN_SLOTS sizes the `gpu` pool every train task takes a slot of (scripts/airflow.sh sets it)
+    pool = airflow.get("/pools/gpu").json()
+    assert pool["slots"] == 2 and pool["description"] == "concurrent trainings"
 
 
 def trigger(http: httpx.Client, dag: str, conf: dict) -> httpx.Response:

@@ -124,7 +124,38 @@ def test_models_list_filtered_to_the_callers_model(served):
     assert {OWN, OTHER, served["base"]} <= everything  # the admin sees every model
 
 
+# Every other route whose body names a model (README: Tenant isolation): a body any of them can read.
+MORE_MODEL_ROUTES = [
+    "/v1/chat/completions/batch",
+    "/v1/messages/count_tokens",
+    "/pooling",
+    "/classify",
+    "/score",
+    "/v1/score",
+    "/rerank",
+    "/v1/rerank",
+    "/v2/rerank",
+    "/v1/systemone",
+]
+
+
+def any_body(model: str) -> dict:
+    return {
+        "model": model,
+        "prompt": "Hi",
+        "input": "Hi",
+        "messages": MSG,
+        "max_tokens": 2,
+        "text_1": "a",
+        "text_2": "b",
+        "query": "q",
+        "documents": ["d"],
+    }
+
+
 def test_other_customers_and_base_model_refused(served):
+    errors_before = metric(served["url"], "ftops_tenant_errors_total", customer=OWN, reason="forbidden_model")
+    refused = 0  # requests that must each add one `forbidden_model` error to the customer's counter
     c = client(served, served[OWN]["key"])
     for model in (OTHER, served["base"]):
         with pytest.raises(openai.PermissionDeniedError):
@@ -133,11 +164,12 @@ def test_other_customers_and_base_model_refused(served):
             c.completions.create(model=model, prompt="Hi", max_tokens=4, stream=True)
         with pytest.raises(openai.PermissionDeniedError):
             c.responses.create(model=model, input="Hi", max_output_tokens=4)
-    # allowed for a customer whose setting says so
+        refused += 3
+    # allowed for a customer whose setting says so: a real completion of the base model
     base_answer = client(served, served[OTHER]["key"]).completions.create(
         model=served["base"], prompt="Hi", max_tokens=4
     )
-    assert base_answer.choices[0].text is not None
+    assert base_answer.model == served["base"] and base_answer.usage.completion_tokens >= 1
     key = {"Authorization": f"Bearer {served[OWN]['key']}"}
     with httpx.Client(base_url=served["url"], headers=key, timeout=60) as http:
         for path, body in [
@@ -147,8 +179,15 @@ def test_other_customers_and_base_model_refused(served):
             ("/v1/embeddings", {"model": OTHER, "input": "Hi"}),
             ("/v1/messages", {"model": OTHER, "max_tokens": 4, "messages": MSG}),
             ("/tokenize", {"prompt": "Hi"}),  # no model: vLLM would use the base model
+            *((path, any_body(OTHER)) for path in MORE_MODEL_ROUTES),
         ]:
-            assert http.post(path, json=body).status_code == 403, path
+            r = http.post(path, json=body)
+            assert r.status_code == 403 and r.json()["error"]["type"] == "ftops_auth", (path, r.text)
+            refused += 1
+        # the same routes with the caller's own model pass the middleware: whatever vLLM answers, not a refusal
+        for path in MORE_MODEL_ROUTES:
+            r = http.post(path, json=any_body(OWN))
+            assert r.status_code not in (401, 403) and "ftops_auth" not in r.text, (path, r.status_code, r.text)
         # SageMaker's adapter header would replace the body's `model` after the check: refused to customers
         sagemaker = {"X-Amzn-SageMaker-Adapter-Identifier": OTHER}
         assert http.post("/invocations", json={"model": OWN, "prompt": "Hi"}, headers=sagemaker).status_code == 403
@@ -161,6 +200,11 @@ def test_other_customers_and_base_model_refused(served):
             http.post("/v1/completions", content=smuggled, headers={"content-type": "application/json"}).status_code
             == 403
         )
+        refused += 1
+    # per-customer error counters on the live server: each refusal above counted once, with its reason
+    errors_after = metric(served["url"], "ftops_tenant_errors_total", customer=OWN, reason="forbidden_model")
+    assert errors_after - errors_before == refused
+    assert metric(served["url"], "ftops_tenant_errors_total", customer=OWN, reason="admin_header") >= 1
 
 
 def test_missing_wrong_and_revoked_keys(served):
@@ -180,28 +224,25 @@ def test_missing_wrong_and_revoked_keys(served):
         ]:
             assert http.request(method, path, json={"model": OWN, "prompt": "Hi"}).status_code == 401, path
         assert http.get("/v1/models", headers={"Authorization": "Basic " + served[OWN]["key"]}).status_code == 401
-    # a key made now works without a restart; revoked, it is refused within seconds (the issue allows 60)
+    # A key made now works without a restart; revoked, it is refused within the store's re-check interval
+    # (keys.Verifier: an unknown key re-reads the store at most 4 times a second, every key every 2 s). The README
+    # says "within ~2 s"; the allowance below adds one second for the polling and the request itself.
     fresh = new_key(OWN)
-    c = client(served, fresh["key"])
-    t0 = time.monotonic()
-    while True:  # the store is re-read within seconds (a miss re-reads it, rate-limited to 4 per second)
-        try:
-            assert c.completions.create(model=OWN, prompt="Hi", max_tokens=2).choices
-            break
-        except openai.AuthenticationError:
-            assert time.monotonic() - t0 < 10, "a new key was not accepted within 10 s"
-            time.sleep(0.5)
-    revoked = ftops("keys", "revoke", fresh["key_id"], "--json")
-    assert revoked.returncode == 0 and json.loads(revoked.stdout)["revoked"]
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < 60:
-        try:
-            c.completions.create(model=OWN, prompt="Hi", max_tokens=2)
-        except openai.AuthenticationError:
-            break
-        time.sleep(0.5)
-    else:
-        pytest.fail("a revoked key still works after 60 s")
+    auth = {"Authorization": f"Bearer {fresh['key']}"}
+    with httpx.Client(base_url=served["url"], headers=auth, timeout=30) as http:
+        t0 = time.monotonic()
+        while http.get("/v1/models").status_code != 200:
+            assert time.monotonic() - t0 < 3, "a new key was not accepted within 3 s"
+            time.sleep(0.05)
+        accepted_s = time.monotonic() - t0
+        revoked = ftops("keys", "revoke", fresh["key_id"], "--json")
+        assert revoked.returncode == 0 and json.loads(revoked.stdout)["revoked"]
+        t0 = time.monotonic()
+        while http.get("/v1/models").status_code != 401:
+            assert time.monotonic() - t0 < 3, "a revoked key still works after 3 s"
+            time.sleep(0.05)
+        refused_s = time.monotonic() - t0
+    print(f"new key accepted after {accepted_s:.2f} s, revoked key refused after {refused_s:.2f} s")
     listed = json.loads(ftops("keys", "list", OWN, "--json").stdout)
     assert {k["key_id"]: bool(k["revoked"]) for k in listed}[fresh["key_id"]] is True
     assert served[OWN]["key_id"] in {k["key_id"] for k in listed} and all(k["customer"] == OWN for k in listed)
