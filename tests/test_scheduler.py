@@ -6,6 +6,7 @@ approval before promoting, and retires a customer's DAG and inbox trigger when t
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import time
@@ -89,9 +90,21 @@ def test_no_run_starts_when_a_customer_is_enabled(airflow):
     planned = datetime.fromisoformat(dag["next_dagrun_run_after"].replace("Z", "+00:00"))
     assert planned.timestamp() > time.time()
     assert planned.weekday() == 0 and 1 <= planned.hour < 7, planned
-    time.sleep(10)  # several scheduler loops after planning
+    heartbeats_after(airflow, time.time(), 3)  # the scheduler has looked at the planned DAG three times since
     assert [r["run_type"] for r in runs(airflow)] == []
     assert airflow.get(f"/dags/{DAG}").json()["next_dagrun_run_after"] == dag["next_dagrun_run_after"]
+
+
+def heartbeats_after(http: httpx.Client, since: float, n: int, timeout: float = 120) -> None:
+    """Wait for `n` distinct scheduler heartbeats after `since`: only then is "nothing happened" the scheduler's
+    decision rather than a race against it."""
+    deadline, beats = time.time() + timeout, set()
+    while len(beats) < n:
+        beat = http.get("/monitor/health").json()["scheduler"]["latest_scheduler_heartbeat"]
+        if beat and datetime.fromisoformat(beat).timestamp() > since:
+            beats.add(beat)
+        assert time.time() < deadline, "the scheduler stopped heartbeating"
+        time.sleep(1)
 
 
 def test_training_slots_are_the_gpu_pool(airflow):
@@ -142,6 +155,34 @@ def test_manual_trigger_with_params_through_the_rest_api(airflow):
         for t in airflow.get(f"/dags/{DAG}/dagRuns/{run_id}/taskInstances").json()["task_instances"]
     }
     assert tis["snapshot"] == "success" and tis["train"] == "skipped" and tis["promote"] == "skipped"
+
+
+def test_erase_with_retrain_triggers_a_forced_run(airflow, home, postgres):
+    """`ftops data erase --retrain` triggers the customer's DAG with `force` (through Airflow's own CLI, on the
+    same metadata database). The run is left to finish on its own while the next tests go on."""
+    env = dict(os.environ, AIRFLOW_HOME=str(home / "airflow-standalone"), **postgres)
+    before = {r["dag_run_id"] for r in runs(airflow)}
+    erase = subprocess.run(
+        [
+            str(ROOT / ".venv" / "bin" / "ftops"),
+            "data",
+            "erase",
+            "--customer",
+            CUSTOMER,
+            "--match",
+            "a failed export",
+            "--retrain",
+        ]
+        + ["--json"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    result = json.loads(erase.stdout)
+    assert erase.returncode == 0 and result["retrain"] == "triggered", erase.stdout + erase.stderr[-2000:]
+    [new] = [r for r in runs(airflow) if r["dag_run_id"] not in before]
+    assert new["run_type"] == "manual" and new["conf"] == {"force": True}
 
 
 def test_manual_approval_customer_waits_then_promotes_on_approval(airflow, home):
@@ -230,11 +271,5 @@ def test_removing_a_customer_retires_its_dag_and_its_inbox_trigger(airflow, home
     while inbox_asset(airflow)["watchers"] and events() == seen:
         assert time.time() < deadline, "the upload was never seen (no asset event)"
         time.sleep(1)
-    seen_at, beats = time.time(), set()
-    while len(beats) < 3:  # three distinct heartbeats after the event: the scheduler has looked
-        beat = airflow.get("/monitor/health").json()["scheduler"]["latest_scheduler_heartbeat"]
-        if beat and datetime.fromisoformat(beat).timestamp() > seen_at:
-            beats.add(beat)
-        assert time.time() < deadline + 60, "the scheduler stopped heartbeating"
-        time.sleep(1)
+    heartbeats_after(airflow, time.time(), 3)  # three distinct heartbeats after the event: the scheduler has looked
     assert len(runs(airflow)) == before, "a removed customer's inbox still starts runs"
