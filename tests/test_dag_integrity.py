@@ -162,3 +162,23 @@ def test_io_tasks_retry_with_exponential_backoff(dagbag):
         # Airflow adds a deterministic jitter: the n-th wait lies in [d * m^(n-1), 2 * d * m^(n-1))
         first, third = delay(1), delay(3)
         assert third >= 2 * first, (name, first, third)
+
+
+def test_a_customer_enabled_after_its_slot_waits_for_the_next_one(dagbag, monkeypatch):
+    """No catch-up, on any day: enabled an hour after this week's slot, the first run is next week's slot.
+    (Airflow's clock is set by hand: whether the last slot is "recent" depends on when the test runs.)"""
+    from datetime import timedelta
+
+    from airflow.serialization.serialized_objects import DagSerialization
+    from airflow.timetables import trigger
+    from pendulum import datetime as pdt
+
+    for dag_id, dag in dagbag.dags.items():
+        if not dag_id.startswith("finetune_"):
+            continue
+        serialized = DagSerialization.from_dict(DagSerialization.to_dict(dag))
+        weekly = getattr(serialized.timetable, "timetable", serialized.timetable)  # inside AssetOrTimeSchedule
+        slot = weekly._get_next(pdt(2026, 11, 30, tz="UTC"))  # this week's slot
+        monkeypatch.setattr(trigger, "utcnow", lambda slot=slot: slot + timedelta(hours=1))
+        first = serialized.next_dagrun_info(last_automated_run_info=None).run_after
+        assert first == slot + timedelta(days=7), (dag_id, slot, first)

@@ -292,10 +292,17 @@ def test_crafted_registry_tags_are_refused_and_the_customer_keeps_its_adapter(
             "adapter.sha256": v1_sha,
         },
     }
+    from ftops.run import Run, production_copy
+
+    run = Run(CUSTOMER, "manual__tampered", f"finetune_{CUSTOMER}")
     for why, tags in cases.items():
         reg.promote(CUSTOMER, BASE, crafted_version(reg, versions[1], **tags))
         with pytest.raises(ReconcileIncomplete, match=why):
             sync_serving()
+        if "sha256" in why and "missing" not in why:
+            # the copy training's `init: production` and evaluation's production comparison start from
+            with pytest.raises(ServingError, match=why):
+                production_copy(run, reg.by_alias(CUSTOMER, BASE, "production"), tmp_path / "init" / why[:6])
         assert all(served(u)[CUSTOMER] == "serving-v1" for u in urls), why
         assert os.readlink(adapter_dir / "resolver" / CUSTOMER).endswith("serving-v1"), why
     assert not (adapter_dir.parent / "dags").exists() and not (adapter_dir / "dags").exists()
