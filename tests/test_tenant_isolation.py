@@ -226,7 +226,7 @@ def test_missing_wrong_and_revoked_keys(served):
         assert http.get("/v1/models", headers={"Authorization": "Basic " + served[OWN]["key"]}).status_code == 401
     # A key made now works without a restart; revoked, it is refused within the store's re-check interval
     # (keys.Verifier: an unknown key re-reads the store at most 4 times a second, every key every 2 s). The README
-    # says "within ~2 s"; the allowance below adds one second for the polling and the request itself.
+    # says so; the 4 s allowed below leave room for a request on a loaded machine.
     # Made and revoked in-process, so the clock starts when the store is written (the `ftops keys` command
     # itself takes seconds to start, and is checked above and in tests/test_keys.py).
     from ftops.release import keys
@@ -237,13 +237,13 @@ def test_missing_wrong_and_revoked_keys(served):
     auth = {"Authorization": f"Bearer {fresh['key']}"}
     with httpx.Client(base_url=served["url"], headers=auth, timeout=30) as http:
         while http.get("/v1/models").status_code != 200:
-            assert time.monotonic() - t0 < 3, "a new key was not accepted within 3 s"
+            assert time.monotonic() - t0 < 4, "a new key was not accepted within 4 s"
             time.sleep(0.05)
         accepted_s = time.monotonic() - t0
         t0 = time.monotonic()
         keys.revoke(fresh["key_id"])
         while http.get("/v1/models").status_code != 401:
-            assert time.monotonic() - t0 < 3, "a revoked key still works after 3 s"
+            assert time.monotonic() - t0 < 4, "a revoked key still works after 4 s"
             time.sleep(0.05)
         refused_s = time.monotonic() - t0
     print(f"new key accepted after {accepted_s:.2f} s, revoked key refused after {refused_s:.2f} s")
@@ -301,12 +301,38 @@ def test_admin_key_file_and_store_hold_no_secret_in_the_clear(served, vllm_serve
 
 
 def test_vllm_refuses_to_start_without_an_admin_key(tiny_model, tmp_path):
-    """Fail closed: the middleware raises when no admin key exists, so vLLM never serves unprotected.
-    Checked in the vLLM venv itself, without starting an engine."""
-    env = dict(os.environ, FTOPS_HOME=str(tmp_path), PYTHONPATH=str(ROOT / "include"))
+    """Fail closed, on a real start: vLLM with the middleware and no admin key loads its engine, then exits
+    with the middleware's error before it ever listens (vLLM 0.32 builds the middleware stack at start-up)."""
+    from conftest import free_port
+
+    home = tmp_path / "home"  # no secrets/ here
+    env = dict(os.environ, FTOPS_HOME=str(home), PYTHONPATH=str(ROOT / "include"), VLLM_CPU_KVCACHE_SPACE="1")
     env.pop("FTOPS_SERVING_ADMIN_KEY", None)
-    code = "from ftops.release.serving_auth import TenantAuth; TenantAuth(None)"
-    r = subprocess.run(
-        [str(ROOT / ".venv-vllm" / "bin" / "python"), "-c", code], env=env, capture_output=True, text=True
-    )
-    assert r.returncode != 0 and "no serving admin key" in r.stderr
+    port = free_port()
+    log = tmp_path / "vllm.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [str(ROOT / ".venv-vllm" / "bin" / "python"), "-m", "vllm.entrypoints.openai.api_server"]
+            + ["--model", str(tiny_model), "--dtype", "float32", "--max-model-len", "512", "--host", "127.0.0.1"]
+            + ["--port", str(port), "--middleware", "ftops.release.serving_auth.TenantAuth"],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    answered = []
+    try:
+        deadline = time.time() + 600
+        while proc.poll() is None:
+            assert time.time() < deadline, "vLLM neither exited nor served without an admin key"
+            try:  # any answer at all, even an error page, means it started serving
+                answered.append(httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code)
+            except httpx.HTTPError:
+                pass
+            time.sleep(1)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, 9)
+            proc.wait()
+    assert proc.returncode != 0 and answered == [], (proc.returncode, answered)
+    assert "no serving admin key" in log.read_text(errors="replace")
