@@ -160,6 +160,18 @@ def test_manual_trigger_with_params_through_the_rest_api(airflow):
 def test_erase_with_retrain_triggers_a_forced_run(airflow, home, postgres):
     """`ftops data erase --retrain` triggers the customer's DAG with `force` (through Airflow's own CLI, on the
     same metadata database). The run is left to finish on its own while the next tests go on."""
+    import io
+
+    from ftops.config import DataPolicy
+    from ftops.data.ingest import InboxFile
+    from ftops.data.tasks import prepare
+    from ftops.storage import Store
+
+    # a dataset version holding the text to erase (made here, so the test does not depend on the others)
+    turns = [("user", "Zebulon Quaxley asks about a failed export"), ("assistant", "Retry it, Zebulon Quaxley.")]
+    line = json.dumps({"messages": [{"role": r, "content": c} for r, c in turns]}) + "\n"
+    upload = InboxFile("erase.jsonl", "erase.jsonl", lambda: io.BytesIO(line.encode()))
+    prepare(Store(os.environ["FTOPS_STORAGE_ROOT"]), CUSTOMER, [upload], DataPolicy())
     env = dict(os.environ, AIRFLOW_HOME=str(home / "airflow-standalone"), **postgres)
     before = {r["dag_run_id"] for r in runs(airflow)}
     erase = subprocess.run(
@@ -170,7 +182,7 @@ def test_erase_with_retrain_triggers_a_forced_run(airflow, home, postgres):
             "--customer",
             CUSTOMER,
             "--match",
-            "a failed export",
+            "Zebulon Quaxley",
             "--retrain",
         ]
         + ["--json"],
