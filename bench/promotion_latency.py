@@ -3,9 +3,15 @@ completion served by the new version, through the asset-triggered `sync_vllm_ada
 Airflow scheduler (standalone), MLflow and vLLM (CPU, tiny model). Side by side in the same run: a direct
 reconcile (the floor: no Airflow in the path), and the baseline without the asset event: an alias moved in
 MLflow's UI or API by hand reaches vLLM only through the sync DAG's */5 cron, measured over
-`--cron-rounds` rounds started at random moments (each waits up to five minutes).
+`--cron-rounds` rounds. Each cron round draws a phase uniformly in [0, 300) s of the 5-minute schedule, sleeps
+until that phase (up to five minutes) and moves the alias there, so the wait to the next tick is uniform over
+the period (expected 150 s, plus the DAG run). Per round it records the schedule's real next fire time as
+Airflow reports it (`next_dagrun_run_after` of the DAG, read right after the move) and splits the latency into
+the wait for that tick and the pickup after it (`cron_pickup_s`: the DAG run, from the tick to the first
+completion served). `cron_expected_s` = 150 s + the median pickup: what the median approaches with enough
+rounds. A full run (`--cron-rounds 9`) takes about 45 minutes of cron rounds; `--quick` runs 2 + 2 rounds.
 
-    .venv/bin/python bench/promotion_latency.py [--rounds 4] [--cron-rounds 3]
+    .venv/bin/python bench/promotion_latency.py [--rounds 4] [--cron-rounds 9] [--quick] [--seed 0]
 
 Starts its own services on free ports in a temporary FTOPS_HOME and stops them. One JSON line last.
 """
@@ -22,12 +28,14 @@ import subprocess
 import sys
 import tempfile
 import time
+from datetime import datetime
 from pathlib import Path
 
 import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
 CUSTOMER, BASE = "brightdesk", "tiny"
+PERIOD = 300.0  # the sync DAG's */5 cron (dags/sync_vllm_adapters.py), in seconds
 
 
 def free_port() -> int:
@@ -63,8 +71,12 @@ def served_by(vllm: str, adapter_version: str, deadline: float) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=4)
-    ap.add_argument("--cron-rounds", type=int, default=3)
+    ap.add_argument("--cron-rounds", type=int, default=9)
+    ap.add_argument("--seed", type=int, default=0, help="seed of the cron rounds' phases")
+    ap.add_argument("--quick", action="store_true", help="2 asset rounds, 2 cron rounds (~15 minutes)")
     a = ap.parse_args()
+    if a.quick:
+        a.rounds, a.cron_rounds = 2, 2
     home = Path(tempfile.mkdtemp(prefix="bench-promotion-"))
     ports = {"MLFLOW_PORT": free_port(), "VLLM_PORT": free_port(), "AIRFLOW_PORT": free_port()}
     os.environ.update(
@@ -114,16 +126,29 @@ def main() -> None:
             direct.append(served_by(vllm, reg.get(CUSTOMER, BASE, back).adapter_version, t0 + 60) - t0)
             reg.promote(CUSTOMER, BASE, target, force=True)
             sync_serving()
-        cron, rng = [], random.Random(0)
+        cron, waits, pickups, phases, rng, unreported = [], [], [], [], random.Random(a.seed), 0
         current = v2 if a.rounds % 2 else v1  # what production is now
         for i in range(a.cron_rounds):
-            time.sleep(rng.uniform(0, 60))  # start at an arbitrary moment of the 5-minute cycle
+            phase = rng.uniform(0, PERIOD)  # seconds after a */5 tick (ticks fall on multiples of 300 s of UTC)
+            time.sleep((phase - time.time() % PERIOD) % PERIOD)
             target = v1 if current == v2 else v2
             t0 = time.time()
             reg.promote(CUSTOMER, BASE, target, force=True)  # no asset event: only the cron will notice
-            cron.append(served_by(vllm, reg.get(CUSTOMER, BASE, target).adapter_version, t0 + 420) - t0)
+            after = api.get("/dags/sync_vllm_adapters").json().get("next_dagrun_run_after")
+            if after:
+                tick = datetime.fromisoformat(after.replace("Z", "+00:00")).timestamp()
+            else:  # not reported (yet): the cron's own next tick, counted apart
+                tick, unreported = t0 + (PERIOD - t0 % PERIOD), unreported + 1
+            cron.append(served_by(vllm, reg.get(CUSTOMER, BASE, target).adapter_version, t0 + 2 * PERIOD + 60) - t0)
+            phases.append(t0 % PERIOD)
+            waits.append(tick - t0)
+            pickups.append(cron[-1] - waits[-1])
             current = target
-            print(f"cron round {i}: {cron[-1]:.1f} s", file=sys.stderr)
+            print(
+                f"cron round {i}: phase {phases[-1]:.1f} s, next tick in {waits[-1]:.1f} s, served after "
+                f"{cron[-1]:.1f} s (pickup {pickups[-1]:.1f} s)",
+                file=sys.stderr,
+            )
         figures = {
             "cores": os.cpu_count(),
             "rounds": a.rounds,
@@ -132,6 +157,12 @@ def main() -> None:
             "direct_reconcile_s_median": round(statistics.median(direct), 2),
             "cron_only_s_median": round(statistics.median(cron), 2) if cron else None,
             "cron_only_s": [round(x, 2) for x in cron],
+            "cron_rounds": len(cron),
+            "cron_next_tick_not_reported": unreported,
+            "cron_phase_s": [round(x, 1) for x in phases],
+            "cron_wait_to_tick_s": [round(x, 2) for x in waits],
+            "cron_pickup_s": [round(x, 2) for x in pickups],
+            "cron_expected_s": round(PERIOD / 2 + statistics.median(pickups), 1) if cron else None,
             "speedup_vs_cron_only": round(statistics.median(cron) / statistics.median(asset_dag), 1) if cron else None,
             "target_s": 15,
             "asset_dag_s": [round(x, 2) for x in asset_dag],

@@ -58,7 +58,10 @@ def weekly_cron(customer_id: str, weekday: int) -> str:
 
 def schedule(c: CustomerConfig, cron: str):
     """Weekly on the customer's slot, and (if configured) as soon as enough new examples wait in the inbox."""
-    weekly = CronTriggerTimetable(cron, timezone="UTC")
+    # run_immediately=0: Airflow 3.3 reads the default (False) as "run the last slot if it was less than a tenth
+    # of the period ago" (16.8 h for a weekly cron), so a customer enabled on its weekday after its slot ran at
+    # once; a zero window waits for the next slot.
+    weekly = CronTriggerTimetable(cron, timezone="UTC", run_immediately=timedelta(0))
     if c.trigger_min_examples is None:
         return weekly
     trigger = InboxVolumeTrigger(c.id, settings().storage_root, c.trigger_min_examples, c.trigger_poll_seconds)
@@ -259,7 +262,7 @@ def customer_dag(c: CustomerConfig):
             "on_failure_callback": task_failed,
             "retries": 2,
             "retry_delay": timedelta(seconds=30),
-            "retry_exponential_backoff": True,
+            "retry_exponential_backoff": 2.0,  # a multiplier in Airflow 3 (True is 1.0: a constant delay)
             "execution_timeout": timedelta(hours=1),
         },
     )

@@ -109,3 +109,76 @@ def test_dag_files_import_no_heavy_library():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert json.loads(out.stdout.strip().splitlines()[-1]) == []
+
+
+def test_weekly_slots_stay_between_01_and_07_utc_and_spread_500_tenants():
+    """The slot of any customer id falls in the six hours from 01:00 UTC on its weekday; 500 tenants spread
+    over most of the 360 minutes instead of starting together."""
+    from airflow.timetables.trigger import CronTriggerTimetable
+    from pendulum import datetime as pdt
+
+    sys.path.insert(0, str(DAGS))
+    from customer_finetune import weekly_cron
+
+    start = pdt(2026, 11, 30, 0, 0, tz="UTC")  # a Monday, midnight
+    minutes = set()
+    for i in range(500):
+        weekday = i % 7
+        expression = weekly_cron(f"tenant-{i:03d}", weekday)
+        fire = CronTriggerTimetable(expression, timezone="UTC")._get_next(start)  # the first slot after `start`
+        assert fire.weekday() == weekday and 1 <= fire.hour < 7, (expression, fire)
+        assert (fire - start).days < 7
+        minutes.add(fire.hour * 60 + fire.minute)
+    assert len(minutes) >= 250  # 500 draws over 360 minutes: ~270 distinct expected
+
+
+def test_io_tasks_retry_with_exponential_backoff(dagbag):
+    """The delay Airflow's scheduler computes before each retry (`TaskInstance.next_retry_datetime`) grows with
+    every try. (Airflow 3 reads `retry_exponential_backoff` as a multiplier: `True` is 1.0, a constant delay.)"""
+    from datetime import timedelta
+    from types import SimpleNamespace
+
+    from airflow.models.taskinstance import TaskInstance
+    from airflow.sdk import timezone
+
+    dag = dagbag.dags["finetune_brightdesk"]
+    for name in ("ingest", "validate", "clean", "dedupe", "snapshot", "register", "promote"):
+        task = dag.get_task(name)
+        assert task.retries >= 2, name
+
+        def delay(try_number: int, task=task) -> timedelta:
+            ti = SimpleNamespace(  # what next_retry_datetime reads of a task instance
+                task=task,
+                dag_id=dag.dag_id,
+                task_id=task.task_id,
+                logical_date=None,
+                try_number=try_number,
+                end_date=timezone.utcnow(),
+                retry_delay_override=None,
+                log=None,
+            )
+            return TaskInstance.next_retry_datetime(ti) - ti.end_date
+
+        # Airflow adds a deterministic jitter: the n-th wait lies in [d * m^(n-1), 2 * d * m^(n-1))
+        first, third = delay(1), delay(3)
+        assert third >= 2 * first, (name, first, third)
+
+
+def test_a_customer_enabled_after_its_slot_waits_for_the_next_one(dagbag, monkeypatch):
+    """No catch-up, on any day: enabled an hour after this week's slot, the first run is next week's slot.
+    (Airflow's clock is set by hand: whether the last slot is "recent" depends on when the test runs.)"""
+    from datetime import timedelta
+
+    from airflow.serialization.serialized_objects import DagSerialization
+    from airflow.timetables import trigger
+    from pendulum import datetime as pdt
+
+    for dag_id, dag in dagbag.dags.items():
+        if not dag_id.startswith("finetune_"):
+            continue
+        serialized = DagSerialization.from_dict(DagSerialization.to_dict(dag))
+        weekly = getattr(serialized.timetable, "timetable", serialized.timetable)  # inside AssetOrTimeSchedule
+        slot = weekly._get_next(pdt(2026, 11, 30, tz="UTC"))  # this week's slot
+        monkeypatch.setattr(trigger, "utcnow", lambda slot=slot: slot + timedelta(hours=1))
+        first = serialized.next_dagrun_info(last_automated_run_info=None).run_after
+        assert first == slot + timedelta(days=7), (dag_id, slot, first)

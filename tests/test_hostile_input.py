@@ -381,15 +381,16 @@ def test_any_unicode_text_kept_by_the_chain_reaches_the_training_mix_intact(tmp_
     from ftops.data.clean import normalise, redact
 
     tmp = tmp_path_factory.mktemp("prop")
-    records = [chat(f"Question {i}: {t}", f"Answer {i}: {t}") for i, t in enumerate(texts)]
+    # a plain first record is always kept (first seen, valid): the property is checked on every example
+    anchor = chat("Where is the parcel I ordered last week?", "It left the depot this morning.")
+    records = [anchor] + [chat(f"Question {i}: {t}", f"Answer {i}: {t}") for i, t in enumerate(texts, start=1)]
     store, out = run_prepare(tmp, {"p.jsonl": jl(*records)})
-    if not out["kept"]:
-        return
+    assert out["kept"] >= 1
     rows, val, _ = snap.training_mix(store, "acme", [out["dataset_version"]], [], 0.0, 0)
     got = sorted(r["messages"][0]["content"] for r in rows + val)
     kept_sources = {r["line"] for r in rows + val}
     want = sorted(redact(normalise(records[i - 1]["messages"][0]["content"]))[0] for i in kept_sources)
-    assert got == want
+    assert got == want and anchor["messages"][0]["content"] in got
 
 
 # --- detection that holds up ----------------------------------------------------------------------------

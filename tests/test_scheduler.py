@@ -6,6 +6,7 @@ approval before promoting, and retires a customer's DAG and inbox trigger when t
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import time
@@ -49,6 +50,7 @@ def airflow(home, tiny_model, mlflow_server, customers_file, postgres):
         "AIRFLOW__DAG_PROCESSOR__MIN_FILE_PROCESS_INTERVAL": "10",
         "AIRFLOW__DAG_PROCESSOR__STALE_DAG_THRESHOLD": "10",
         "AIRFLOW__SCHEDULER__PARSING_CLEANUP_INTERVAL": "10",
+        "FTOPS_TRAIN_SLOTS": "2",
     }
     try:
         for svc in _service("airflow", extra, "AIRFLOW_PORT"):
@@ -77,7 +79,38 @@ def queued_events(http: httpx.Client) -> list[dict]:
 
 
 def test_no_run_starts_when_a_customer_is_enabled(airflow):
-    assert runs(airflow) == []  # the weekly slot is in the future; no catch-up run
+    """Checked once the scheduler has planned the DAG (its next run time set): a catch-up would plan a past
+    slot and create that run in the same scheduler loop; the next run must be the weekly slot, in the future,
+    on the customer's weekday (schedule_weekday 0: Monday) between 01:00 and 07:00 UTC."""
+    deadline = time.time() + 120
+    while not (dag := airflow.get(f"/dags/{DAG}").json())["next_dagrun_run_after"]:
+        assert time.time() < deadline, "the scheduler never planned the DAG"
+        time.sleep(1)
+    assert dag["is_paused"] is False  # enabled: only the schedule keeps it from running
+    planned = datetime.fromisoformat(dag["next_dagrun_run_after"].replace("Z", "+00:00"))
+    assert planned.timestamp() > time.time()
+    assert planned.weekday() == 0 and 1 <= planned.hour < 7, planned
+    heartbeats_after(airflow, time.time(), 3)  # the scheduler has looked at the planned DAG three times since
+    assert [r["run_type"] for r in runs(airflow)] == []
+    assert airflow.get(f"/dags/{DAG}").json()["next_dagrun_run_after"] == dag["next_dagrun_run_after"]
+
+
+def heartbeats_after(http: httpx.Client, since: float, n: int, timeout: float = 120) -> None:
+    """Wait for `n` distinct scheduler heartbeats after `since`: only then is "nothing happened" the scheduler's
+    decision rather than a race against it."""
+    deadline, beats = time.time() + timeout, set()
+    while len(beats) < n:
+        beat = http.get("/monitor/health").json()["scheduler"]["latest_scheduler_heartbeat"]
+        if beat and datetime.fromisoformat(beat).timestamp() > since:
+            beats.add(beat)
+        assert time.time() < deadline, "the scheduler stopped heartbeating"
+        time.sleep(1)
+
+
+def test_training_slots_are_the_gpu_pool(airflow):
+    # FTOPS_TRAIN_SLOTS sizes the `gpu` pool every train task takes a slot of (scripts/airflow.sh sets it)
+    pool = airflow.get("/pools/gpu").json()
+    assert pool["slots"] == 2 and pool["description"] == "concurrent trainings"
 
 
 def trigger(http: httpx.Client, dag: str, conf: dict) -> httpx.Response:
@@ -122,6 +155,49 @@ def test_manual_trigger_with_params_through_the_rest_api(airflow):
         for t in airflow.get(f"/dags/{DAG}/dagRuns/{run_id}/taskInstances").json()["task_instances"]
     }
     assert tis["snapshot"] == "success" and tis["train"] == "skipped" and tis["promote"] == "skipped"
+
+
+def test_erase_with_retrain_triggers_a_forced_run(airflow, home, postgres):
+    """`ftops data erase --retrain` triggers the customer's DAG with `force` (through Airflow's own CLI, on the
+    same metadata database)."""
+    import io
+
+    from ftops.config import DataPolicy
+    from ftops.data.ingest import InboxFile
+    from ftops.data.tasks import prepare
+    from ftops.storage import Store
+
+    # a dataset version holding the text to erase (made here, so the test does not depend on the others)
+    turns = [("user", "Zebulon Quaxley asks about a failed export"), ("assistant", "Retry it, Zebulon Quaxley.")]
+    line = json.dumps({"messages": [{"role": r, "content": c} for r, c in turns]}) + "\n"
+    upload = InboxFile("erase.jsonl", "erase.jsonl", lambda: io.BytesIO(line.encode()))
+    prepare(Store(os.environ["FTOPS_STORAGE_ROOT"]), CUSTOMER, [upload], DataPolicy())
+    env = dict(os.environ, AIRFLOW_HOME=str(home / "airflow-standalone"), **postgres)
+    before = {r["dag_run_id"] for r in runs(airflow)}
+    erase = subprocess.run(
+        [
+            str(ROOT / ".venv" / "bin" / "ftops"),
+            "data",
+            "erase",
+            "--customer",
+            CUSTOMER,
+            "--match",
+            "Zebulon Quaxley",
+            "--retrain",
+        ]
+        + ["--json"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    result = json.loads(erase.stdout)
+    assert erase.returncode == 0 and result["retrain"] == "triggered", erase.stdout + erase.stderr[-2000:]
+    [new] = [r for r in runs(airflow) if r["dag_run_id"] not in before]
+    assert new["run_type"] == "manual" and new["conf"] == {"force": True}
+    # Seen; not run to the end (a training here would only slow the next tests): ended as an operator would.
+    r = airflow.patch(f"/dags/{DAG}/dagRuns/{new['dag_run_id']}", json={"state": "failed"})
+    assert r.status_code == 200, r.text
 
 
 def test_manual_approval_customer_waits_then_promotes_on_approval(airflow, home):
@@ -210,11 +286,5 @@ def test_removing_a_customer_retires_its_dag_and_its_inbox_trigger(airflow, home
     while inbox_asset(airflow)["watchers"] and events() == seen:
         assert time.time() < deadline, "the upload was never seen (no asset event)"
         time.sleep(1)
-    seen_at, beats = time.time(), set()
-    while len(beats) < 3:  # three distinct heartbeats after the event: the scheduler has looked
-        beat = airflow.get("/monitor/health").json()["scheduler"]["latest_scheduler_heartbeat"]
-        if beat and datetime.fromisoformat(beat).timestamp() > seen_at:
-            beats.add(beat)
-        assert time.time() < deadline + 60, "the scheduler stopped heartbeating"
-        time.sleep(1)
+    heartbeats_after(airflow, time.time(), 3)  # three distinct heartbeats after the event: the scheduler has looked
     assert len(runs(airflow)) == before, "a removed customer's inbox still starts runs"

@@ -35,8 +35,17 @@ PROMPT = "How do I fix a failed export?"
 
 
 @pytest.fixture(scope="module")
-def second_replica(home, tiny_model, vllm_server):
-    for svc in _service("vllm", {"VLLM_MODEL": str(tiny_model)}, "VLLM_PORT"):
+def replica_customers(tmp_path_factory) -> Path:
+    """The customers file the second replica's tenant middleware reads (a copy: a test removes a customer)."""
+    path = tmp_path_factory.mktemp("replica") / "customers.yaml"
+    shutil.copy(TEST_CUSTOMERS, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def second_replica(home, tiny_model, vllm_server, replica_customers):
+    extra = {"VLLM_MODEL": str(tiny_model), "FTOPS_CUSTOMERS": str(replica_customers)}
+    for svc in _service("vllm", extra, "VLLM_PORT"):
         os.environ["FTOPS_VLLM_URLS"] = f"{vllm_server.url},{svc.url}"
         yield svc
     os.environ["FTOPS_VLLM_URLS"] = vllm_server.url
@@ -271,10 +280,17 @@ def test_crafted_registry_tags_are_refused_and_the_customer_keeps_its_adapter(
             "adapter.sha256": v1_sha,
         },
     }
+    from ftops.run import Run, production_copy
+
+    run = Run(CUSTOMER, "manual__tampered", f"finetune_{CUSTOMER}")
     for why, tags in cases.items():
         reg.promote(CUSTOMER, BASE, crafted_version(reg, versions[1], **tags))
         with pytest.raises(ReconcileIncomplete, match=why):
             sync_serving()
+        if "sha256" in why and "missing" not in why:
+            # the copy training's `init: production` and evaluation's production comparison start from
+            with pytest.raises(ServingError, match=why):
+                production_copy(run, reg.by_alias(CUSTOMER, BASE, "production"), tmp_path / "init" / why[:6])
         assert all(served(u)[CUSTOMER] == "serving-v1" for u in urls), why
         assert os.readlink(adapter_dir / "resolver" / CUSTOMER).endswith("serving-v1"), why
     assert not (adapter_dir.parent / "dags").exists() and not (adapter_dir / "dags").exists()
@@ -357,10 +373,31 @@ def test_storage_stopped_mid_copy_leaves_every_replica_as_it_was(
     assert sum("swapped brightdesk" in a for a in sync_serving()["actions"]) == 2  # S3 back: it converges
 
 
-def test_removed_customer_is_unloaded(versions, vllm_server, second_replica, tmp_path, monkeypatch):
+def test_removed_customer_is_unloaded_and_its_keys_stop_working(
+    versions, vllm_server, second_replica, replica_customers, tmp_path, monkeypatch
+):
+    from ftops.release.keys import create
+
     Registry(os.environ["MLFLOW_TRACKING_URI"]).promote(CUSTOMER, BASE, versions[0])
     sync_serving()
     urls = (vllm_server.url, second_replica.url)
+    _, key = create(CUSTOMER)
+    ask = {"model": CUSTOMER, "prompt": PROMPT, "max_tokens": 2}
+    with httpx.Client(base_url=second_replica.url, headers={"Authorization": f"Bearer {key}"}, timeout=60) as http:
+        deadline = time.time() + 5
+        while (r := http.post("/v1/completions", json=ask)).status_code != 200:  # a new key: within a second
+            assert time.time() < deadline, r.text
+            time.sleep(0.2)
+        # The customer leaves the file the replica reads: its keys stop working, adapter loaded or not.
+        gone = yaml.safe_load(replica_customers.read_text())
+        gone["customers"] = [c for c in gone["customers"] if c["id"] != CUSTOMER]
+        (tmp_path / "gone.yaml").write_text(yaml.safe_dump(gone))
+        os.replace(tmp_path / "gone.yaml", replica_customers)
+        t0 = time.time()
+        while (r := http.post("/v1/completions", json=ask)).status_code != 401:
+            assert time.time() - t0 < 8, f"a removed customer's key still works: {r.status_code}"  # re-read every 5 s
+            time.sleep(0.2)
+        assert http.get("/v1/models").status_code == 401 and CUSTOMER in served(second_replica.url)
     doc = yaml.safe_load(TEST_CUSTOMERS.read_text())
     # An invalid entry is unknown, not removed: its adapter stays and the sync reports it.
     broken = dict(doc, customers=[c | {"lora": {"r": "many"}} if c["id"] == CUSTOMER else c for c in doc["customers"]])

@@ -124,7 +124,38 @@ def test_models_list_filtered_to_the_callers_model(served):
     assert {OWN, OTHER, served["base"]} <= everything  # the admin sees every model
 
 
+# Every other route whose body names a model (README: Tenant isolation): a body any of them can read.
+MORE_MODEL_ROUTES = [
+    "/v1/chat/completions/batch",
+    "/v1/messages/count_tokens",
+    "/pooling",
+    "/classify",
+    "/score",
+    "/v1/score",
+    "/rerank",
+    "/v1/rerank",
+    "/v2/rerank",
+    "/v1/systemone",
+]
+
+
+def any_body(model: str) -> dict:
+    return {
+        "model": model,
+        "prompt": "Hi",
+        "input": "Hi",
+        "messages": MSG,
+        "max_tokens": 2,
+        "text_1": "a",
+        "text_2": "b",
+        "query": "q",
+        "documents": ["d"],
+    }
+
+
 def test_other_customers_and_base_model_refused(served):
+    errors_before = metric(served["url"], "ftops_tenant_errors_total", customer=OWN, reason="forbidden_model")
+    refused = 0  # requests that must each add one `forbidden_model` error to the customer's counter
     c = client(served, served[OWN]["key"])
     for model in (OTHER, served["base"]):
         with pytest.raises(openai.PermissionDeniedError):
@@ -133,11 +164,12 @@ def test_other_customers_and_base_model_refused(served):
             c.completions.create(model=model, prompt="Hi", max_tokens=4, stream=True)
         with pytest.raises(openai.PermissionDeniedError):
             c.responses.create(model=model, input="Hi", max_output_tokens=4)
-    # allowed for a customer whose setting says so
+        refused += 3
+    # allowed for a customer whose setting says so: a real completion of the base model
     base_answer = client(served, served[OTHER]["key"]).completions.create(
         model=served["base"], prompt="Hi", max_tokens=4
     )
-    assert base_answer.choices[0].text is not None
+    assert base_answer.model == served["base"] and base_answer.usage.completion_tokens >= 1
     key = {"Authorization": f"Bearer {served[OWN]['key']}"}
     with httpx.Client(base_url=served["url"], headers=key, timeout=60) as http:
         for path, body in [
@@ -147,8 +179,15 @@ def test_other_customers_and_base_model_refused(served):
             ("/v1/embeddings", {"model": OTHER, "input": "Hi"}),
             ("/v1/messages", {"model": OTHER, "max_tokens": 4, "messages": MSG}),
             ("/tokenize", {"prompt": "Hi"}),  # no model: vLLM would use the base model
+            *((path, any_body(OTHER)) for path in MORE_MODEL_ROUTES),
         ]:
-            assert http.post(path, json=body).status_code == 403, path
+            r = http.post(path, json=body)
+            assert r.status_code == 403 and r.json()["error"]["type"] == "ftops_auth", (path, r.text)
+            refused += 1
+        # the same routes with the caller's own model pass the middleware: whatever vLLM answers, not a refusal
+        for path in MORE_MODEL_ROUTES:
+            r = http.post(path, json=any_body(OWN))
+            assert r.status_code not in (401, 403) and "ftops_auth" not in r.text, (path, r.status_code, r.text)
         # SageMaker's adapter header would replace the body's `model` after the check: refused to customers
         sagemaker = {"X-Amzn-SageMaker-Adapter-Identifier": OTHER}
         assert http.post("/invocations", json={"model": OWN, "prompt": "Hi"}, headers=sagemaker).status_code == 403
@@ -161,6 +200,11 @@ def test_other_customers_and_base_model_refused(served):
             http.post("/v1/completions", content=smuggled, headers={"content-type": "application/json"}).status_code
             == 403
         )
+        refused += 1
+    # per-customer error counters on the live server: each refusal above counted once, with its reason
+    errors_after = metric(served["url"], "ftops_tenant_errors_total", customer=OWN, reason="forbidden_model")
+    assert errors_after - errors_before == refused
+    assert metric(served["url"], "ftops_tenant_errors_total", customer=OWN, reason="admin_header") >= 1
 
 
 def test_missing_wrong_and_revoked_keys(served):
@@ -180,28 +224,31 @@ def test_missing_wrong_and_revoked_keys(served):
         ]:
             assert http.request(method, path, json={"model": OWN, "prompt": "Hi"}).status_code == 401, path
         assert http.get("/v1/models", headers={"Authorization": "Basic " + served[OWN]["key"]}).status_code == 401
-    # a key made now works without a restart; revoked, it is refused within seconds (the issue allows 60)
-    fresh = new_key(OWN)
-    c = client(served, fresh["key"])
+    # A key made now works without a restart; revoked, it is refused within the store's re-check interval
+    # (keys.Verifier: an unknown key re-reads the store at most 4 times a second, every key every 2 s). The README
+    # says so; the 4 s allowed below leave room for a request on a loaded machine.
+    # Made and revoked in-process, so the clock starts when the store is written (the `ftops keys` command
+    # itself takes seconds to start, and is checked above and in tests/test_keys.py).
+    from ftops.release import keys
+
     t0 = time.monotonic()
-    while True:  # the store is re-read within seconds (a miss re-reads it, rate-limited to 4 per second)
-        try:
-            assert c.completions.create(model=OWN, prompt="Hi", max_tokens=2).choices
-            break
-        except openai.AuthenticationError:
-            assert time.monotonic() - t0 < 10, "a new key was not accepted within 10 s"
-            time.sleep(0.5)
-    revoked = ftops("keys", "revoke", fresh["key_id"], "--json")
+    info, secret = keys.create(OWN)
+    fresh = {"key_id": info.key_id, "key": secret}
+    auth = {"Authorization": f"Bearer {fresh['key']}"}
+    with httpx.Client(base_url=served["url"], headers=auth, timeout=30) as http:
+        while http.get("/v1/models").status_code != 200:
+            assert time.monotonic() - t0 < 4, "a new key was not accepted within 4 s"
+            time.sleep(0.05)
+        accepted_s = time.monotonic() - t0
+        t0 = time.monotonic()
+        keys.revoke(fresh["key_id"])
+        while http.get("/v1/models").status_code != 401:
+            assert time.monotonic() - t0 < 4, "a revoked key still works after 4 s"
+            time.sleep(0.05)
+        refused_s = time.monotonic() - t0
+    print(f"new key accepted after {accepted_s:.2f} s, revoked key refused after {refused_s:.2f} s")
+    revoked = ftops("keys", "revoke", new_key(OWN)["key_id"], "--json")  # the operator's command does the same
     assert revoked.returncode == 0 and json.loads(revoked.stdout)["revoked"]
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < 60:
-        try:
-            c.completions.create(model=OWN, prompt="Hi", max_tokens=2)
-        except openai.AuthenticationError:
-            break
-        time.sleep(0.5)
-    else:
-        pytest.fail("a revoked key still works after 60 s")
     listed = json.loads(ftops("keys", "list", OWN, "--json").stdout)
     assert {k["key_id"]: bool(k["revoked"]) for k in listed}[fresh["key_id"]] is True
     assert served[OWN]["key_id"] in {k["key_id"] for k in listed} and all(k["customer"] == OWN for k in listed)
@@ -254,12 +301,38 @@ def test_admin_key_file_and_store_hold_no_secret_in_the_clear(served, vllm_serve
 
 
 def test_vllm_refuses_to_start_without_an_admin_key(tiny_model, tmp_path):
-    """Fail closed: the middleware raises when no admin key exists, so vLLM never serves unprotected.
-    Checked in the vLLM venv itself, without starting an engine."""
-    env = dict(os.environ, FTOPS_HOME=str(tmp_path), PYTHONPATH=str(ROOT / "include"))
+    """Fail closed, on a real start: vLLM with the middleware and no admin key loads its engine, then exits
+    with the middleware's error before it ever listens (vLLM 0.32 builds the middleware stack at start-up)."""
+    from conftest import free_port
+
+    home = tmp_path / "home"  # no secrets/ here
+    env = dict(os.environ, FTOPS_HOME=str(home), PYTHONPATH=str(ROOT / "include"), VLLM_CPU_KVCACHE_SPACE="1")
     env.pop("FTOPS_SERVING_ADMIN_KEY", None)
-    code = "from ftops.release.serving_auth import TenantAuth; TenantAuth(None)"
-    r = subprocess.run(
-        [str(ROOT / ".venv-vllm" / "bin" / "python"), "-c", code], env=env, capture_output=True, text=True
-    )
-    assert r.returncode != 0 and "no serving admin key" in r.stderr
+    port = free_port()
+    log = tmp_path / "vllm.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [str(ROOT / ".venv-vllm" / "bin" / "python"), "-m", "vllm.entrypoints.openai.api_server"]
+            + ["--model", str(tiny_model), "--dtype", "float32", "--max-model-len", "512", "--host", "127.0.0.1"]
+            + ["--port", str(port), "--middleware", "ftops.release.serving_auth.TenantAuth"],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    answered = []
+    try:
+        deadline = time.time() + 600
+        while proc.poll() is None:
+            assert time.time() < deadline, "vLLM neither exited nor served without an admin key"
+            try:  # any answer at all, even an error page, means it started serving
+                answered.append(httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code)
+            except httpx.HTTPError:
+                pass
+            time.sleep(1)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, 9)
+            proc.wait()
+    assert proc.returncode != 0 and answered == [], (proc.returncode, answered)
+    assert "no serving admin key" in log.read_text(errors="replace")
