@@ -219,6 +219,7 @@ def bench_model(name: str, path: str, n: int, batch: int, max_length: int, round
     peaks = []
     for r in range(rounds):
         peaks.append(_sub("--peak", path)["peak_flops"])
+        print(name, f"round {r}", "peak GFLOP/s", round(peaks[-1] / 1e9, 1), file=sys.stderr)
         for setup in SETUPS if r % 2 == 0 else reversed(SETUPS):
             runs[setup].append(_sub("--one", path, setup, str(n), str(max_length), str(batch)))
             print(name, f"round {r}", setup, runs[setup][-1], file=sys.stderr)

@@ -350,7 +350,7 @@ def _dpo_callbacks(log_metrics, offset: int):
     return [Track()]
 
 
-def _model(args: TrainArgs, cuda: bool):
+def _model(args: TrainArgs, cuda: bool, batching: str):
     """The base model's folder (TRL wraps it in a fresh LoRA), or the base with the adapter to continue from."""
     if not args.init_adapter:
         return args.base_model
@@ -358,7 +358,11 @@ def _model(args: TrainArgs, cuda: bool):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    base = AutoModelForCausalLM.from_pretrained(args.base_model, dtype=torch.bfloat16 if cuda else torch.float32)
+    base = AutoModelForCausalLM.from_pretrained(
+        args.base_model,
+        dtype=torch.bfloat16 if cuda else torch.float32,
+        **({"attn_implementation": "flash_attention_2"} if batching == "varlen_packed" else {}),
+    )
     return PeftModel.from_pretrained(base, args.init_adapter, is_trainable=True)
 
 
@@ -383,7 +387,7 @@ def train(args: TrainArgs) -> dict:
     val = [{"messages": r["messages"]} for r in read_jsonl(Path(args.val_file).read_bytes())]
     checkpoints = Checkpoints(store, args.checkpoint_prefix, out) if args.checkpoint_prefix else None
     resume = checkpoints.latest() if checkpoints else None
-    model = _model(args, cuda)
+    model = _model(args, cuda, batching)
     peft_config = (
         None
         if args.init_adapter
