@@ -240,7 +240,7 @@ def run(
     mlflow.set_tracking_uri(mlflow_uri)
     if mlflow.get_experiment_by_name("continual") is None:  # artifacts under the bench's folder, not the cwd
         mlflow.create_experiment("continual", artifact_location=(work / "mlartifacts").as_uri())
-    lora = LoraSettings().model_dump()
+    lora = LoraSettings()
     scorer = Scorer(model, common["max_length"], answer_items)
     chains = {
         (name, seed): {
@@ -278,8 +278,8 @@ def run(
                 val_file=str(d / "val.jsonl"),
                 output_dir=str(d / "out"),
                 storage_root=store.root,
-                **lora,
-                **t.model_dump(exclude={"replay_fraction", "replay", "adaptive", "init"}),
+                lora=lora,
+                training=t,
                 init_adapter=init,
                 mlflow_uri=mlflow_uri,
                 mlflow_experiment="continual",

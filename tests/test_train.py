@@ -10,7 +10,6 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 from ftops.data import snapshot as snap
@@ -72,7 +71,7 @@ def test_killed_training_resumes_from_last_checkpoint(tmp_path, tiny_model, mlfl
         checkpoint_prefix="acme/runs/r1/checkpoints",
     )
     config = tmp_path / "run.json"
-    config.write_text(json.dumps(asdict(args)))
+    config.write_text(args.dump())
     cmd = [sys.executable, "-m", "ftops.cli", "train", "--config", str(config)]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 300

@@ -205,7 +205,7 @@ def registered_style_version(
 ) -> str:
     """Train a small adapter on a fresh batch in `style`'s voice and register it as a passed version; returns
     the registry version. For tests and benchmarks that need real versions without a whole DAG run."""
-    from ftops.config import settings
+    from ftops.config import TrainingSettings, settings
     from ftops.data import snapshot as snap
     from ftops.data.dedupe import History, dedupe
     from ftops.data.ingest import ingest
@@ -228,10 +228,8 @@ def registered_style_version(
         val_file=str(data),
         output_dir=str(workdir / f"o{batch}"),
         storage_root=settings().storage_root,
-        learning_rate=5e-3,
-        batch_size=8,
-        max_length=128,
-        max_steps=max_steps,
+        # The platform's LoRA defaults (`LoraSettings`), training shortened for a demo version.
+        training=TrainingSettings(learning_rate=5e-3, batch_size=8, max_length=128, max_steps=max_steps),
         mlflow_uri=mlflow_uri,
     )
     result = train(args)
@@ -243,7 +241,7 @@ def registered_style_version(
         "adapter.sha256": hashlib.sha256(files["adapter_model.safetensors"]).hexdigest(),
         "adapter.tree_sha256": tree_sha256(files),
         "gate.decision": "passed",
-        "lora.r": "8",
+        "lora.r": str(args.lora.r),
     }
     return (
         Registry(mlflow_uri)

@@ -87,9 +87,9 @@ def train(run: Run, force: bool = False, overrides: dict | None = None, strategy
         val_file=str(run.workdir / "val.jsonl"),
         output_dir=str(run.workdir / "train"),
         storage_root=run.env.storage_root,
-        **run.customer.lora.model_dump(),
-        # The customer's trainer settings carry over by name; replay and init are decided above.
-        **t.model_dump(exclude={"replay_fraction", "replay", "adaptive", "init"}),
+        # The customer's settings as they are (replay and init are decided above, and logged with the rest).
+        lora=run.customer.lora,
+        training=t,
         init_adapter=init_adapter,
         checkpoint_prefix=f"{run.scratch}/checkpoints",
         result_key=f"{run.scratch}/train-result.json",
@@ -110,7 +110,7 @@ def train(run: Run, force: bool = False, overrides: dict | None = None, strategy
         },
     )
     config = run.workdir / "train.json"
-    config.write_text(json.dumps(asdict(args), indent=2))
+    config.write_text(args.dump())
     # Whether this run already trained is read from object storage, never from this worker's disk: a retry
     # on another worker after a finished training reuses its result. Without a result, anything under the
     # run's adapter prefix is a crashed try's partial upload (no version refers to it yet): it goes, and the

@@ -2,15 +2,16 @@
 
 Airflow runs it in a subprocess (the worker gets its memory back); a GPU worker or a container on a
 cluster runs the same command unchanged: CUDA with bf16 when present, else the CPU settings that work.
-It trains on assistant tokens only, padding-free (sequences of a batch are concatenated, with a
-block-diagonal attention mask, so no compute goes to padding; examples are packed best-fit), and:
+The LoRA and training settings are the customers file's own models (`ftops.config.LoraSettings`,
+`TrainingSettings`): no second set of defaults. It trains on assistant tokens only, and picks the batching
+that is fastest on the device without changing what a step learns (`choose_batching`), and:
 - checkpoints every `save_steps` to object storage; a killed run started again with the same run file
   resumes from the last complete checkpoint and continues the same MLflow run;
 - can continue from an existing adapter (the customer's production one) instead of starting fresh;
 - when the data holds preference pairs (`prompt`/`chosen`/`rejected`), runs DPO (TRL) after SFT on
   the same adapter;
-- logs parameters, per-step loss, periodic validation loss and tokens seen to MLflow, with the dataset
-  as the run's input;
+- logs parameters (the batching chosen among them), per-step loss, periodic validation loss and tokens
+  seen to MLflow, with the dataset as the run's input;
 - refuses an adapter vLLM could not serve (anything but LoRA matrices), then uploads it write-once to
   `<root>/<customer>/adapters/<base>/<version>/` and writes `result.json` beside the run file.
 """
@@ -20,12 +21,21 @@ from __future__ import annotations
 import json
 import re
 import time
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, model_validator
+
+from ftops.config import LoraSettings, TrainingSettings
 
 
-@dataclass
-class TrainArgs:
+class TrainArgs(BaseModel):
+    """One training run, as the pipeline writes it to the run file. `lora` and `training` are the customer's
+    settings from the customers file, as they are; a LoRA or training setting may also be given by its own name
+    (`TrainArgs(..., max_steps=4)`): it lands in those models and is validated there."""
+
+    model_config = ConfigDict(extra="forbid")
+
     customer: str
     base_model: str  # local folder
     base_model_slug: str
@@ -34,39 +44,43 @@ class TrainArgs:
     val_file: str
     output_dir: str
     storage_root: str
-    r: int = 8
-    alpha: int = 16
-    dropout: float = 0.05
-    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
-    epochs: float = 3
-    max_steps: int = -1
-    learning_rate: float = 2e-4
-    warmup_ratio: float = 0.0  # linear warm-up share of the steps; each version re-warms and re-decays (cosine)
-    batch_size: int = 4
-    gradient_accumulation_steps: int = 1
-    max_length: int = 512
-    seed: int = 42
-    padding_free: bool = True
+    lora: LoraSettings = LoraSettings()
+    training: TrainingSettings = TrainingSettings()
+    # "auto": the fastest batching measured for the device (`choose_batching`); logged as the `batching` param.
+    batching: Literal["auto", "length_grouped", "varlen_packed"] = "auto"
     init_adapter: str = ""  # continue from this adapter folder instead of a fresh LoRA
-    dpo_max_steps: int = -1  # preference stage: -1 one epoch over the pairs, 0 off
-    dpo_beta: float = 0.1
-    dpo_learning_rate: float = 5e-5
-    save_steps: int = 50
     eval_steps: int = 0  # 0: evaluate once per epoch
     checkpoint_prefix: str = ""  # storage prefix for resumable checkpoints; empty: no checkpoints
     result_key: str = ""  # storage key the result is written to once the adapter is uploaded (retries read it)
     mlflow_uri: str = ""
     mlflow_experiment: str = "ftops"
     run_name: str = ""
-    tags: dict = field(default_factory=dict)
-    params: dict = field(default_factory=dict)  # extra lineage to log (dataset version, replay share...)
+    tags: dict = {}
+    params: dict = {}  # extra lineage to log (dataset version, replay share...)
     dataset_name: str = ""  # `<customer>@<dataset version>`, logged as the run's input
     dataset_uri: str = ""
     dataset_dir: str = ""  # manifest and validation report of the snapshot, logged as artifacts
 
+    @model_validator(mode="before")
+    @classmethod
+    def _nest(cls, data):
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        for key, model in (("lora", LoraSettings), ("training", TrainingSettings)):
+            flat = {k: data.pop(k) for k in list(data) if k in model.model_fields}
+            if flat:
+                given = data.get(key, {})
+                given = given.model_dump() if isinstance(given, BaseModel) else dict(given)
+                data[key] = given | flat
+        return data
+
     @classmethod
     def load(cls, path: str | Path) -> TrainArgs:
-        return cls(**json.loads(Path(path).read_text()))
+        return cls.model_validate_json(Path(path).read_text())
+
+    def dump(self) -> str:
+        return self.model_dump_json(indent=2)
 
 
 class UnservableAdapter(RuntimeError):
@@ -135,6 +149,14 @@ def _callbacks(log_metrics, checkpoints: Checkpoints | None):
     return [Track()]
 
 
+def run_params(args: TrainArgs, batching: str) -> dict:
+    """MLflow params of a run: the customer's LoRA and training settings by their customers-file names, the
+    batching chosen for the device, and the run's own fields."""
+    own = args.model_dump(exclude={"lora", "training", "tags", "params"}) | {"batching": batching}
+    lora = {f"lora.{k}": v for k, v in args.lora.model_dump().items()}
+    return own | lora | {f"training.{k}": v for k, v in args.training.model_dump().items()}
+
+
 def _log_dataset(mlflow, args: TrainArgs, rows: list[dict]) -> None:
     """Lineage: the training mix as the run's input, and the snapshot's manifest and validation report."""
     import pandas as pd
@@ -147,43 +169,133 @@ def _log_dataset(mlflow, args: TrainArgs, rows: list[dict]) -> None:
         mlflow.log_artifacts(args.dataset_dir, artifact_path="dataset")
 
 
-def sft_config(args: TrainArgs, has_val: bool, cuda: bool):
+def choose_batching(args: TrainArgs, cuda: bool) -> str:
+    """The batching for this device; both keep every example whole and its loss its own (tests/test_batching.py).
+
+    - `length_grouped` (CPU): each step takes `batch_size` examples, as TRL's default does, but of near-equal
+      length (`LengthBucketSampler`), padded to the longest; the LM head scores only assistant positions. On this
+      CPU, cost is linear in positions and attention is short: padding is what wastes time, and packing rows to
+      `max_length` costs more in block-diagonal attention over long rows than it saves (bench/train_efficiency.py).
+    - `varlen_packed` (CUDA with flash-attention installed): TRL's best-fit packing to `max_length`, padding-free,
+      flash-attention's variable-length kernel keeps examples apart at no cost. A step then holds `batch_size`
+      rows of up to `max_length` tokens, so more examples than `batch_size`. Untested here: no GPU machine.
+    """
+    if args.batching != "auto":
+        return args.batching
+    if cuda:
+        import importlib.util
+
+        if importlib.util.find_spec("flash_attn") is not None:
+            return "varlen_packed"
+    return "length_grouped"
+
+
+def sft_config(args: TrainArgs, has_val: bool, cuda: bool, batching: str = "length_grouped"):
     import torch
     from trl import SFTConfig
 
+    t = args.training
+    packed = batching == "varlen_packed"
     return SFTConfig(
         output_dir=str(Path(args.output_dir) / "checkpoints"),
-        num_train_epochs=args.epochs,
-        max_steps=args.max_steps,
-        per_device_train_batch_size=args.batch_size,
-        per_device_eval_batch_size=args.batch_size,
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
-        learning_rate=args.learning_rate,
+        num_train_epochs=t.epochs,
+        max_steps=t.max_steps,
+        per_device_train_batch_size=t.batch_size,
+        per_device_eval_batch_size=t.batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        learning_rate=t.learning_rate,
         # Every training (each weekly version) re-warms to the peak LR and re-decays to 0: the recipe of Ibrahim
         # et al. 2024 for continual training; bench/continual.py measures the warm-up share.
         lr_scheduler_type="cosine",
-        warmup_steps=args.warmup_ratio,  # a float in [0, 1) is a share of the steps in transformers 5
-        max_length=args.max_length,
+        warmup_steps=t.warmup_ratio,  # a float in [0, 1) is a share of the steps in transformers 5
+        max_length=t.max_length,
         assistant_only_loss=True,
-        # Best-fit-decreasing packing: whole examples share a row up to max_length, padding-free, with a
-        # block-diagonal attention mask (no attention across examples). On length-skewed chat data it
-        # removes almost all padding (see bench/train_efficiency.py).
-        packing=args.padding_free,
+        packing=packed,
         packing_strategy="bfd",
+        # Our sampler replaces this strategy's (see LengthBucketSampler); the name says what the run does.
+        train_sampling_strategy="group_by_length" if batching == "length_grouped" else "random",
         include_num_input_tokens_seen="non_padding",
         logging_steps=1,
         eval_strategy=("steps" if args.eval_steps else "epoch") if has_val else "no",
         eval_steps=args.eval_steps or None,
         save_strategy="steps" if args.checkpoint_prefix else "no",
-        save_steps=args.save_steps,
+        save_steps=t.save_steps,
         save_total_limit=2,
         report_to="none",
-        seed=args.seed,
+        seed=t.seed,
         use_cpu=not cuda,
         bf16=cuda,
         gradient_checkpointing=False,
-        model_init_kwargs={"dtype": torch.bfloat16 if cuda else torch.float32},
+        model_init_kwargs={"dtype": torch.bfloat16 if cuda else torch.float32}
+        | ({"attn_implementation": "flash_attention_2"} if packed else {}),
     )
+
+
+class LengthBucketSampler:
+    """Training order in which each run of `batch_size` indices holds examples of near-equal length.
+
+    transformers' `get_length_grouped_indices` (random mega-batches of 50 batches, sorted by length inside) but
+    with the mega-batch never shrunk for a small dataset (transformers' sampler shrinks it to a quarter of the
+    data, leaving ~20 % padding on 48 examples), and the batches' order shuffled so that an epoch does not run
+    from long to short. The last, partial batch stays last: the dataloader cuts the stream every `batch_size`.
+    Uses torch's global generator, which the Trainer seeds: the order is reproducible and differs per epoch."""
+
+    MEGA_BATCHES = 50
+
+    def __init__(self, lengths: list[int], batch_size: int):
+        self.lengths, self.batch_size = lengths, batch_size
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __iter__(self):
+        import torch
+        from transformers.trainer_pt_utils import get_length_grouped_indices
+
+        order = get_length_grouped_indices(self.lengths, self.batch_size, mega_batch_mult=self.MEGA_BATCHES)
+        n_full = len(order) // self.batch_size
+        # Mega-batches are whole batches but the last: the partial batch is the stream's tail, and stays there.
+        batches = [order[i * self.batch_size : (i + 1) * self.batch_size] for i in range(n_full)]
+        shuffled = [i for b in torch.randperm(n_full).tolist() for i in batches[b]]
+        return iter(shuffled + order[n_full * self.batch_size :])
+
+
+def sft_trainer(args: TrainArgs, cuda: bool, batching: str, **kw):
+    """TRL's SFTTrainer with this batching: on `length_grouped`, our length-bucketed order, and the LM head run only
+    on assistant positions (TRL already does that on GPUs; on CPU it scores every position, prompt and padding
+    included, then masks them: the 49k-wide projection of positions whose loss is thrown away)."""
+    from trl import SFTTrainer
+
+    class Trainer(SFTTrainer):
+        def _get_train_sampler(self, train_dataset=None):
+            dataset = self.train_dataset if train_dataset is None else train_dataset
+            if batching != "length_grouped" or "input_ids" not in getattr(dataset, "column_names", ()):
+                return super()._get_train_sampler(train_dataset)
+            step = self.args.train_batch_size * self.args.gradient_accumulation_steps
+            return LengthBucketSampler([len(x) for x in dataset["input_ids"]], step)
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            if batching != "length_grouped":
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            with _compact_lm_head():
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
+    return Trainer(args=sft_config(args, kw.get("eval_dataset") is not None, cuda, batching), **kw)
+
+
+class _compact_lm_head:
+    """While active, TRL's fused LM head gathers the labelled positions before projecting (its GPU path, plain torch
+    on the chunked path it runs on CPU). Per-token results are the same; the saved work is the masked positions."""
+
+    def __enter__(self):
+        import trl.trainer.utils as trl_utils
+
+        self._utils, self._saved = trl_utils, trl_utils._use_triton
+        trl_utils._use_triton = lambda device: True
+        return self
+
+    def __exit__(self, *exc):
+        self._utils._use_triton = self._saved
 
 
 def dpo(args: TrainArgs, model, tokenizer, pairs: list[dict], cuda: bool, callbacks) -> dict:
@@ -194,15 +306,15 @@ def dpo(args: TrainArgs, model, tokenizer, pairs: list[dict], cuda: bool, callba
     config = DPOConfig(
         output_dir=str(Path(args.output_dir) / "dpo"),
         num_train_epochs=1,
-        max_steps=args.dpo_max_steps,
-        per_device_train_batch_size=args.batch_size,
-        learning_rate=args.dpo_learning_rate,
-        beta=args.dpo_beta,
-        max_length=args.max_length,
+        max_steps=args.training.dpo_max_steps,
+        per_device_train_batch_size=args.training.batch_size,
+        learning_rate=args.training.dpo_learning_rate,
+        beta=args.training.dpo_beta,
+        max_length=args.training.max_length,
         logging_steps=1,
         save_strategy="no",
         report_to="none",
-        seed=args.seed,
+        seed=args.training.seed,
         use_cpu=not cuda,
         bf16=cuda,
         gradient_checkpointing=False,
@@ -241,7 +353,7 @@ def _dpo_callbacks(log_metrics, offset: int):
     return [Track()]
 
 
-def _model(args: TrainArgs, cuda: bool):
+def _model(args: TrainArgs, cuda: bool, batching: str):
     """The base model's folder (TRL wraps it in a fresh LoRA), or the base with the adapter to continue from."""
     if not args.init_adapter:
         return args.base_model
@@ -249,7 +361,11 @@ def _model(args: TrainArgs, cuda: bool):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    base = AutoModelForCausalLM.from_pretrained(args.base_model, dtype=torch.bfloat16 if cuda else torch.float32)
+    base = AutoModelForCausalLM.from_pretrained(
+        args.base_model,
+        dtype=torch.bfloat16 if cuda else torch.float32,
+        **({"attn_implementation": "flash_attention_2"} if batching == "varlen_packed" else {}),
+    )
     return PeftModel.from_pretrained(base, args.init_adapter, is_trainable=True)
 
 
@@ -259,13 +375,13 @@ def train(args: TrainArgs) -> dict:
     from datasets import Dataset
     from peft import LoraConfig
     from transformers import AutoTokenizer
-    from trl import SFTTrainer
 
     from ftops.data.snapshot import read_jsonl
     from ftops.storage import Store
 
     out = Path(args.output_dir)
     cuda = torch.cuda.is_available()
+    batching = choose_batching(args, cuda)
     store = Store(args.storage_root)
     tokenizer = AutoTokenizer.from_pretrained(args.base_model)
     raw = read_jsonl(Path(args.train_file).read_bytes())
@@ -274,15 +390,15 @@ def train(args: TrainArgs) -> dict:
     val = [{"messages": r["messages"]} for r in read_jsonl(Path(args.val_file).read_bytes())]
     checkpoints = Checkpoints(store, args.checkpoint_prefix, out) if args.checkpoint_prefix else None
     resume = checkpoints.latest() if checkpoints else None
-    model = _model(args, cuda)
+    model = _model(args, cuda, batching)
     peft_config = (
         None
         if args.init_adapter
         else LoraConfig(
-            r=args.r,
-            lora_alpha=args.alpha,
-            lora_dropout=args.dropout,
-            target_modules=args.target_modules,
+            r=args.lora.r,
+            lora_alpha=args.lora.alpha,
+            lora_dropout=args.lora.dropout,
+            target_modules=list(args.lora.target_modules),
             task_type="CAUSAL_LM",
         )
     )
@@ -297,11 +413,13 @@ def train(args: TrainArgs) -> dict:
         if checkpoints:
             checkpoints.remember_run(run.info.run_id)
         if not previous_run:
-            mlflow.log_params({k: v for k, v in asdict(args).items() if k not in ("tags", "params")} | args.params)
+            mlflow.log_params(run_params(args, batching) | args.params)
             _log_dataset(mlflow, args, rows)
-        trainer = SFTTrainer(
+        trainer = sft_trainer(
+            args,
+            cuda,
+            batching,
             model=model,
-            args=sft_config(args, bool(val), cuda),
             processing_class=tokenizer,
             train_dataset=Dataset.from_list(rows),
             eval_dataset=Dataset.from_list(val) if val else None,
@@ -311,7 +429,7 @@ def train(args: TrainArgs) -> dict:
         started = time.time()
         stats = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
         preference = {}
-        if pairs and args.dpo_max_steps != 0:
+        if pairs and args.training.dpo_max_steps != 0:
             preference = dpo(
                 args,
                 trainer.model,
@@ -338,6 +456,7 @@ def train(args: TrainArgs) -> dict:
             "lora_tensors": n_tensors,
             "mlflow_run_id": run.info.run_id,
             "device": "cuda" if cuda else "cpu",
+            "batching": batching,
         } | preference
         mlflow.log_metrics(
             {"final_train_loss": stats.training_loss, "train_seconds": seconds}
