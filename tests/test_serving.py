@@ -25,7 +25,7 @@ from ftops.config import settings
 from ftops.data.demo import write_batch
 from ftops.release.keys import auth_headers
 from ftops.release.registry import Registry, RegistryUnavailable, model_name
-from ftops.release.serving import ReconcileIncomplete, Replica, ServingError
+from ftops.release.serving import ReconcileIncomplete, Replica, ServingError, tree_sha256
 from ftops.release.tasks import sync_serving
 from ftops.storage import Store
 
@@ -259,8 +259,22 @@ def test_crafted_registry_tags_are_refused_and_the_customer_keeps_its_adapter(
     shutil.copytree(storage / v1.adapter_prefix, tampered_cfg)
     (tampered_cfg / "adapter_config.json").write_text(json.dumps(config))
     Store(str(storage)).upload_dir(tampered_cfg, f"{CUSTOMER}/adapters/{BASE}/cfgtamper")
+    # Checks passed, load refused by vLLM: v1's files with a LoRA rank above the replicas' --max-lora-rank,
+    # its hashes recorded as registration would record them.
+    config["lora_alpha"], config["r"] = config["lora_alpha"] // 16, 512
+    big = tmp_path / "bigrank"
+    shutil.copytree(storage / v1.adapter_prefix, big)
+    (big / "adapter_config.json").write_text(json.dumps(config))
+    Store(str(storage)).upload_dir(big, f"{CUSTOMER}/adapters/{BASE}/bigrank")
+    big_files = {p.relative_to(big).as_posix(): p.read_bytes() for p in big.rglob("*") if p.is_file()}
     (storage / "sterling-law" / "inbox").mkdir(parents=True, exist_ok=True)
     cases = {
+        "bigrank.*failed": {
+            "adapter.version": "bigrank",
+            "adapter.prefix": f"{CUSTOMER}/adapters/{BASE}/bigrank",
+            "adapter.sha256": v1_sha,  # the weights are v1's, unchanged
+            "adapter.tree_sha256": tree_sha256(big_files),
+        },
         "not a plain version name": {"adapter.version": "../../dags/pwn", "adapter.prefix": "sterling-law/inbox"},
         "is not": {"adapter.version": "serving-v9", "adapter.prefix": "sterling-law/inbox"},  # another tenant
         "sha256 missing": {

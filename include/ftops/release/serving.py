@@ -322,7 +322,7 @@ def reconcile(plan: Plan, replica_urls: list[str], adapter_dir: Path, store, max
             ready.append(d)
         except Exception as exc:  # storage down, a refused hash, ...: this customer stays as served
             report.errors.append(f"{d.customer}: registry v{d.registry_version} not served: {exc}")
-    point_resolver(resolver, ready, adapter_dir, plan.remove)
+    refused: set[str] = set()  # customers a replica would not load: their resolver link keeps what it served
     for url, (replica, loaded) in replicas.items():
         for d in ready:
             path = str(local_path(adapter_dir, d))
@@ -331,6 +331,7 @@ def reconcile(plan: Plan, replica_urls: list[str], adapter_dir: Path, store, max
             try:
                 replica.load(d.customer, path, inplace=d.customer in loaded)
                 if replica.adapters().get(d.customer) != path:
+                    refused.add(d.customer)
                     report.errors.append(f"{url}: {d.customer} does not report {path} after loading")
                     continue
                 if _probe_differs(replica, d):
@@ -342,6 +343,7 @@ def reconcile(plan: Plan, replica_urls: list[str], adapter_dir: Path, store, max
                     f"{url}: {verb} {d.customer} -> registry v{d.registry_version} ({d.adapter_version})"
                 )
             except (ServingError, httpx.HTTPError) as exc:
+                refused.add(d.customer)
                 report.errors.append(f"{url}: {d.customer}: {exc}")
         for name in loaded:
             remove, why = _removable(name, plan)
@@ -354,4 +356,6 @@ def reconcile(plan: Plan, replica_urls: list[str], adapter_dir: Path, store, max
                 report.actions.append(f"{url}: unloaded {name}")
             except (ServingError, httpx.HTTPError) as exc:
                 report.errors.append(f"{url}: {name}: {exc}")
+    # After the loads: a version a replica refused must not be what a restarted replica resolves to.
+    point_resolver(resolver, [d for d in ready if d.customer not in refused], adapter_dir, plan.remove)
     return report
