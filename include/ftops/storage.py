@@ -62,6 +62,11 @@ def subprocess_env(env: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
+def adapter_prefix(customer: str, base_slug: str, adapter_version: str) -> str:
+    """Where an adapter version lives in object storage: `<customer>/adapters/<base>/<version>` (write-once)."""
+    return f"{customer}/adapters/{base_slug}/{adapter_version}"
+
+
 class AlreadyExists(FileExistsError):
     """A write-once object exists already; nothing was changed."""
 

@@ -212,7 +212,7 @@ def registered_style_version(
     from ftops.model.train import TrainArgs, train
     from ftops.release.registry import Registry
     from ftops.release.serving import tree_sha256
-    from ftops.storage import Store
+    from ftops.storage import Store, adapter_prefix
 
     examples, _, _ = dedupe(
         ingest(str(write_batch(style, workdir / f"in{batch}", n, batch, dirty=False).parent), set()), History()
@@ -233,7 +233,7 @@ def registered_style_version(
         mlflow_uri=mlflow_uri,
     )
     result = train(args)
-    prefix, store = f"{customer}/adapters/{base_slug}/{adapter_version}", Store(settings().storage_root)
+    prefix, store = adapter_prefix(customer, base_slug, adapter_version), Store(settings().storage_root)
     files = {k[len(prefix) + 1 :]: store.get(k) for k in store.list(prefix)}
     tags = {
         "adapter.version": adapter_version,

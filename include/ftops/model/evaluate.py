@@ -52,7 +52,9 @@ class EvalArgs:
 
 
 def load_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    from ftops.data.records import read_jsonl  # the one reader: it splits on `\n` only, as the writer escapes
+
+    return read_jsonl(path.read_bytes()) if path.exists() else []
 
 
 def golden_set(customer: str) -> list[dict]:

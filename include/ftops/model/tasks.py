@@ -10,6 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
 
+from ftops import storage
 from ftops.data import snapshot as snap
 from ftops.data.tasks import snapshot as published_snapshot
 from ftops.handoffs import Metrics
@@ -77,7 +78,7 @@ def train(run: Run, force: bool = False, overrides: dict | None = None, strategy
     if run.store.list(docs):
         run.store.download_dir(docs, dataset_dir / "data_docs")
     adapter_version = f"{dataset_version[:15]}-{run.key[:8]}"  # derives from the run: a retry reuses it
-    adapter_prefix = f"{run.id}/adapters/{run.base_slug}/{adapter_version}"
+    adapter_prefix = storage.adapter_prefix(run.id, run.base_slug, adapter_version)
     args = TrainArgs(
         customer=run.id,
         base_model=str(run.base_path),

@@ -377,7 +377,7 @@ def train(args: TrainArgs) -> dict:
     from transformers import AutoTokenizer
 
     from ftops.data.snapshot import read_jsonl
-    from ftops.storage import Store
+    from ftops.storage import Store, adapter_prefix
 
     out = Path(args.output_dir)
     cuda = torch.cuda.is_available()
@@ -463,7 +463,7 @@ def train(args: TrainArgs) -> dict:
             | ({"final_eval_loss": eval_loss} if eval_loss is not None else {})
         )
         mlflow.log_artifacts(str(adapter_dir), artifact_path="adapter")
-        prefix = f"{args.customer}/adapters/{args.base_model_slug}/{args.adapter_version}"
+        prefix = adapter_prefix(args.customer, args.base_model_slug, args.adapter_version)
         result["adapter_uri"] = store.upload_dir(adapter_dir, prefix)
         result["adapter_artifact_uri"] = f"{run.info.artifact_uri}/adapter"
     (out / "result.json").write_text(json.dumps(result, indent=2))

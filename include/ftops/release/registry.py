@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from ftops.config import check_base_slug, check_customer_id
+from ftops.storage import adapter_prefix
 
 PRODUCTION, PREVIOUS, CANDIDATE = "production", "previous", "candidate"
 T = TypeVar("T")
@@ -93,7 +94,7 @@ class AdapterVersion:
         av, prefix, sha = self.adapter_version, self.adapter_prefix, self.tags.get("adapter.sha256", "")
         if not ADAPTER_VERSION_RE.fullmatch(av) or ".." in av:
             raise UntrustedVersion(f"{label}: refused: adapter.version {av[:80]!r} is not a plain version name")
-        expected = f"{self.customer}/adapters/{base_slug}/{av}"
+        expected = adapter_prefix(self.customer, base_slug, av)
         if prefix != expected:
             raise UntrustedVersion(f"{label}: refused: adapter.prefix {prefix[:120]!r} is not {expected!r}")
         if not SHA256_RE.fullmatch(sha):
