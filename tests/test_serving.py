@@ -367,15 +367,16 @@ def test_storage_stopped_mid_copy_leaves_every_replica_as_it_was(
     monkeypatch.setenv("FTOPS_STORAGE_ROOT", s3.root)
     monkeypatch.setenv("FTOPS_VLLM_ADAPTER_DIR", str(tmp_path / "adapters"))
     reg.promote(CUSTOMER, BASE, versions[1])
-    get, calls = Store.get, []
+    # Every read of an S3 object opens it (`get` too): S3 goes away once the copy has begun.
+    opened, calls = type(s3).open, []
 
     def stop_after_first(self, key):
         calls.append(key)
         if len(calls) == 2:
             s3_server.run("stop")  # S3 goes away in the middle of the copy
-        return get(self, key)
+        return opened(self, key)
 
-    monkeypatch.setattr(Store, "get", stop_after_first)
+    monkeypatch.setattr(type(s3), "open", stop_after_first)
     try:
         with pytest.raises(ReconcileIncomplete, match="not served"):
             sync_serving()
@@ -383,7 +384,7 @@ def test_storage_stopped_mid_copy_leaves_every_replica_as_it_was(
         s3_server.run("start")
     assert {u: Replica(u).adapters() for u in urls} == before  # no replica lost anything
     assert not [p for p in (tmp_path / "adapters" / CUSTOMER).iterdir() if p.name.startswith(".partial")]
-    monkeypatch.setattr(Store, "get", get)
+    monkeypatch.setattr(type(s3), "open", opened)
     assert sum("swapped brightdesk" in a for a in sync_serving()["actions"]) == 2  # S3 back: it converges
 
 
