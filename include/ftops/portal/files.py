@@ -187,7 +187,4 @@ class Files:
         return {"id": fid, "object": "file", "deleted": True, "erasure": report}
 
     def _remove(self, key: str) -> None:
-        if self.store.is_s3:
-            self.store.s3.delete_object(Bucket=self.store.bucket, Key=self.store._s3key(key))
-        else:
-            (self.store.base / key).unlink(missing_ok=True)
+        self.store.delete_prefix(key)  # the object of that key (nothing else lies under an upload's name)
