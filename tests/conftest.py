@@ -32,6 +32,25 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.fixture(autouse=True)
+def _mlflow_uri_unchanged():
+    """A test that trains in-process calls `mlflow.set_tracking_uri`, which also sets MLFLOW_TRACKING_URI in
+    os.environ (for subprocesses): left so, every later `ftops` command and DAG run of the session would write
+    to that test's store instead of the session's MLflow server."""
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    yield
+    if os.environ.get("MLFLOW_TRACKING_URI") == before:
+        return
+    import sys
+
+    if before is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = before
+    if "mlflow" in sys.modules:  # its own global too (it answers before the environment)
+        sys.modules["mlflow"].set_tracking_uri(before)
+
+
 @pytest.fixture(scope="session")
 def home(tmp_path_factory) -> Path:
     """An FTOPS_HOME for the session; the environment points every ftops component at it."""
