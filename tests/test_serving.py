@@ -385,6 +385,14 @@ def test_storage_stopped_mid_copy_leaves_every_replica_as_it_was(
     assert {u: Replica(u).adapters() for u in urls} == before  # no replica lost anything
     assert not [p for p in (tmp_path / "adapters" / CUSTOMER).iterdir() if p.name.startswith(".partial")]
     monkeypatch.setattr(type(s3), "open", opened)
+    deadline = time.time() + 60
+    while True:  # a restarted SeaweedFS answers 500 for a moment: wait until it serves the adapter again
+        try:
+            s3.get(f"{v2.adapter_prefix}/adapter_config.json")
+            break
+        except Exception:  # noqa: BLE001 - botocore's errors while the server comes up
+            assert time.time() < deadline, "S3 did not come back"
+            time.sleep(1)
     assert sum("swapped brightdesk" in a for a in sync_serving()["actions"]) == 2  # S3 back: it converges
 
 
