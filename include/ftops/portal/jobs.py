@@ -119,7 +119,15 @@ class Jobs:
         from ftops.release.registry import Registry, RegistryError
 
         try:
-            return Registry(self.registry_uri).versions(customer, base)
+            reg = Registry(self.registry_uri)
+            versions = reg.versions(customer, base)
+            # A version search leaves versions' aliases empty: the model's alias map is the truth.
+            for alias in ("production", "previous"):
+                if (held := reg.by_alias(customer, base, alias)) is not None:
+                    for v in versions:
+                        if v.version == held.version and alias not in v.aliases:
+                            v.aliases.append(alias)
+            return versions
         except RegistryError:
             return []
         except Exception:  # noqa: BLE001 - no registered model yet for this customer reads as none
