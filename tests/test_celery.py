@@ -149,9 +149,9 @@ def test_lost_workers_retry_elsewhere_and_training_resumes_from_its_checkpoint(s
     svc, http = stack
     storage = Path(os.environ["FTOPS_STORAGE_ROOT"])
     upload = write_batch("brightdesk", storage / CUSTOMER / "inbox", n=80, dirty=False)
-    # The same records again, 600 times (one chunk): dedupe keeps none of them, but ingest takes seconds (time to
-    # kill it).
-    (upload.parent / "resent.jsonl").write_text(upload.read_text() * 600)
+    # The same records again, 1200 times (two chunks): dedupe keeps none of them, but ingest takes seconds (time
+    # to kill it).
+    (upload.parent / "resent.jsonl").write_text(upload.read_text() * 1200)
     started = time.time()
     r = http.post(f"/dags/{DAG}/dagRuns", json={"logical_date": None, "conf": {}})
     assert r.status_code == 200, r.text
@@ -162,8 +162,8 @@ def test_lost_workers_retry_elsewhere_and_training_resumes_from_its_checkpoint(s
     deadline = time.time() + 180
     while not (scratch / "started").exists():
         assert time.time() < deadline, f"ingest never began: { {k: v['state'] for k, v in tis(http, run_id).items()} }"
-        time.sleep(0.1)
-    time.sleep(1)
+        time.sleep(0.05)
+    time.sleep(0.3)
     assert not (scratch / "data" / "ingest.json").exists(), "ingest finished before it could be interrupted"
     lose(home, svc, "worker-default", home / "workers" / "default")
     svc.run("start")  # the default worker's machine comes back (empty work folder: scratch is in storage)
