@@ -244,3 +244,42 @@ def test_an_entry_written_before_max_forgetting_keeps_its_relative_rule_alone():
     both = decide(m, GatePolicy(max_regression=0.10, max_forgetting=0.05))
     assert not both.passed and both.failed_rules == ["max_forgetting"]
     assert not decide(m, GatePolicy()).passed  # the default: max_forgetting
+
+
+def test_evaluation_asks_as_the_customers_application_does_after_its_system_message(tiny_model, tmp_path):
+    """The gate judges answers to the prompts the customer's users send, after the system message their
+    application sends (`system_prompt`): the same turn the adapter was trained on, not a bare user turn."""
+    import json
+
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ftops.model.evaluate import EvalArgs, evaluate
+
+    torch.manual_seed(0)
+    config = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False, task_type="CAUSAL_LM")
+    get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model), config).save_pretrained(tmp_path / "cand")
+    (tmp_path / "val.jsonl").write_text(json.dumps({"messages": [{"role": "user", "content": "Hi"}]}) + "\n")
+    system, prompt = "You are BrightDesk, a support agent.", "How do I fix a failed export?"
+
+    def answers(system_prompt: str | None) -> str:
+        args = EvalArgs(
+            base_model=str(tiny_model),
+            candidate_dir=str(tmp_path / "cand"),
+            val_file=str(tmp_path / "val.jsonl"),
+            output_file=str(tmp_path / "eval.json"),
+            prompts=[prompt],
+            system_prompt=system_prompt,
+            max_new_tokens=8,
+        )
+        return evaluate(args)["base"]["answers"][0]
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    turn = [{"role": "system", "content": system}, {"role": "user", "content": prompt}]
+    ids = tok.apply_chat_template(turn, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    with torch.no_grad():
+        out = AutoModelForCausalLM.from_pretrained(tiny_model).eval().generate(**ids, max_new_tokens=8, do_sample=False)
+    expected = tok.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True).strip()
+    assert answers(system) == expected
+    assert answers(None) != expected  # without it, another turn (what the gate asked before)

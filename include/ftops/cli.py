@@ -532,8 +532,8 @@ def report(prompt: str = typer.Option(None, help="ask every customer this instea
         console.print(f"gate: {t.get('gate.decision')}: {t.get('gate.reasons')}")
         q = prompt or c.demo_prompt
         console.print(f"[bold]Q:[/bold] {q}")
-        console.print(f"[green]{c.id} (vLLM, adapter):[/green] {replica.chat(c.id, q)}")
-        console.print(f"[yellow]base model (vLLM):[/yellow] {replica.chat(base, q)}")
+        console.print(f"[green]{c.id} (vLLM, adapter):[/green] {replica.chat(c.id, q, system=c.system_prompt)}")
+        console.print(f"[yellow]base model (vLLM):[/yellow] {replica.chat(base, q, system=c.system_prompt)}")
 
 
 if __name__ == "__main__":

@@ -227,6 +227,12 @@ class CustomerConfig(_Strict):
     promote: Literal["auto", "manual"] = "auto"
     tags: list[str] = []
     demo_prompt: str = "Hello, can you help me?"
+    system_prompt: str | None = Field(
+        None,
+        max_length=4000,
+        description="the system message the customer's application sends: evaluation's answers (golden, probes)"
+        " and the demo's calls send it too, so the gate judges the model as it is called",
+    )
     allow_base_model: bool = Field(False, description="the customer's serving keys may also call the base model")
     lora: LoraSettings = LoraSettings()
     training: TrainingSettings = TrainingSettings()

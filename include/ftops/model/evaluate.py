@@ -40,6 +40,7 @@ class EvalArgs:
     output_file: str
     production_dir: str | None = None
     prompts: list[str] = field(default_factory=list)  # generated with PEFT when `generate`
+    system_prompt: str | None = None  # the customer's system message, before each prompt
     # Groups of earlier dataset versions ({first, last, versions}); val rows carry their index as `group`.
     groups: list[dict] = field(default_factory=list)
     generate: bool = True
@@ -133,11 +134,13 @@ def repetition(answer: str, n: int = 3) -> float:
     return 1 - len(set(grams)) / len(grams) if grams else 0.0
 
 
-def _answer(model, tokenizer, prompt: str, max_new_tokens: int) -> str:
+def _answer(model, tokenizer, prompt: str, max_new_tokens: int, system: str | None = None) -> str:
     import torch
 
+    from ftops.release.serving import messages
+
     ids = tokenizer.apply_chat_template(
-        [{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+        messages(prompt, system), add_generation_prompt=True, return_tensors="pt", return_dict=True
     )
     with torch.no_grad():
         out = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False)
@@ -169,7 +172,11 @@ def evaluate(args: EvalArgs) -> dict:
     def score(name: str) -> dict:
         items = per_item[name] = _item_losses(model, tokenizer, rows, args.max_length)
         loss = _pooled(items)
-        answers = [_answer(model, tokenizer, p, args.max_new_tokens) for p in args.prompts] if args.generate else []
+        answers = (
+            [_answer(model, tokenizer, p, args.max_new_tokens, args.system_prompt) for p in args.prompts]
+            if args.generate
+            else []
+        )
         return {
             "val_loss": loss,
             "perplexity": math.exp(loss) if loss == loss else None,

@@ -198,6 +198,7 @@ def evaluate(run: Run, trained: dict) -> dict:
         val_file=str(run.workdir / "val.jsonl"),
         output_file=str(run.workdir / "eval.json"),
         prompts=prompts,
+        system_prompt=run.customer.system_prompt,
         groups=groups,
         generate=replica is None,
         max_length=run.customer.training.max_length,
@@ -211,7 +212,11 @@ def evaluate(run: Run, trained: dict) -> dict:
     # model loads, which leave the CPU to vLLM.
     with ThreadPoolExecutor(max_workers=1) as pool:
         answers = (
-            pool.submit(lambda: {k: answers_from(replica, *v, prompts) for k, v in served.items()}) if replica else None
+            pool.submit(
+                lambda: {k: answers_from(replica, *v, prompts, run.customer.system_prompt) for k, v in served.items()}
+            )
+            if replica
+            else None
         )
         ftops_command("evaluate", "--config", str(config))
         metrics = json.loads(Path(args.output_file).read_text())

@@ -692,12 +692,12 @@ def answers(platform: Platform, env: Settings, customer: str) -> dict:
         replica = Replica(url, timeout=60)
         try:
             base = replica.base_model()
-            served = replica.chat(c.id, c.demo_prompt) if c.id in replica.adapters() else None
+            served = replica.chat(c.id, c.demo_prompt, system=c.system_prompt) if c.id in replica.adapters() else None
             return {
                 "prompt": c.demo_prompt,
                 "replica": url,
                 "served": served,
-                "base": replica.chat(base, c.demo_prompt),
+                "base": replica.chat(base, c.demo_prompt, system=c.system_prompt),
                 "adapter": replica.adapters().get(c.id),
             }
         except (httpx.HTTPError, ServingError, StopIteration) as exc:

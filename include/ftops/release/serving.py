@@ -61,12 +61,12 @@ class Replica:
         if r.status_code != 200:
             raise ServingError(f"{self.url}: unloading {name} failed: {r.status_code} {r.text[:300]}")
 
-    def chat(self, model: str, prompt: str, max_tokens: int = 64) -> str:
+    def chat(self, model: str, prompt: str, max_tokens: int = 64, system: str | None = None) -> str:
         r = self.http.post(
             "/v1/chat/completions",
             json={
                 "model": model,
-                "messages": [{"role": "user", "content": prompt}],
+                "messages": messages(prompt, system),
                 "max_tokens": max_tokens,
                 "temperature": 0,
             },
@@ -133,7 +133,14 @@ def eval_name(customer: str, run_key: str, model: str) -> str:
     return f"eval.{customer}.{run_key}.{model}"
 
 
-def answers_from(replica: Replica, name: str, adapter_dir: Path | None, prompts: list[str]) -> list[str]:
+def messages(prompt: str, system: str | None = None) -> list[dict]:
+    """One user turn, after the customer's system message when it has one (`system_prompt`)."""
+    return ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+
+
+def answers_from(
+    replica: Replica, name: str, adapter_dir: Path | None, prompts: list[str], system: str | None = None
+) -> list[str]:
     """Greedy answers from a replica, through `adapter_dir` loaded under a temporary name (unloaded after).
     Sent concurrently: vLLM batches them, several times faster than one by one."""
     from concurrent.futures import ThreadPoolExecutor
@@ -141,9 +148,9 @@ def answers_from(replica: Replica, name: str, adapter_dir: Path | None, prompts:
     def ask(model: str) -> list[str]:
         # The first answer alone: it is the probe a swap is checked against, and batching can change the
         # last bits of the arithmetic, hence a greedy token.
-        first = [replica.chat(model, prompts[0])] if prompts else []
+        first = [replica.chat(model, prompts[0], system=system)] if prompts else []
         with ThreadPoolExecutor(max_workers=8) as pool:
-            return first + list(pool.map(lambda p: replica.chat(model, p), prompts[1:]))
+            return first + list(pool.map(lambda p: replica.chat(model, p, system=system), prompts[1:]))
 
     if adapter_dir is None:
         return ask(replica.base_model())
