@@ -32,10 +32,10 @@ _registry_cache = []
 
 
 def registry_cache():
-    """The fleet's registry snapshot (stale-while-revalidate, `ftops.operate.fleet.RegistryCache`), one per api-server;
-    made on first use so that task processes, which load plugins too, never import ftops.operate.fleet."""
+    """The fleet's registry snapshot (stale-while-revalidate, `ftops.release.registry.RegistryCache`), one per
+    api-server; made on first use so that task processes, which load plugins too, never import mlflow for it."""
     if not _registry_cache:
-        from ftops.operate.fleet import RegistryCache
+        from ftops.release.registry import RegistryCache
 
         _registry_cache.append(RegistryCache())
     return _registry_cache[0]
@@ -48,12 +48,12 @@ def _warm() -> None:
 
     from airflow.api_fastapi.core_api.security import get_user  # noqa: F401
 
-    from ftops.operate.fleet import Unavailable
+    from ftops.release.registry import RegistryUnavailable
 
     log, t0 = logging.getLogger(__name__), time.perf_counter()
     try:
         registry_cache().get(_ctx()[1].mlflow_uri)
-    except Unavailable as exc:  # the page will say so; nothing to warm
+    except RegistryUnavailable as exc:  # the page will say so; nothing to warm
         log.warning("ftops fleet: registry not read at start: %s", exc)
         return
     log.info("ftops fleet: registry snapshot read at start-up in %.1f s", time.perf_counter() - t0)
@@ -181,6 +181,7 @@ def static(name: Literal["ftops.css", "ftops.js"]):
 @app.get("/api/customers", tags=["fleet"], summary="One row per customer the user may read")
 def list_customers(user: User) -> dict:
     from ftops.operate import fleet
+    from ftops.release.registry import RegistryUnavailable
 
     t0 = time.perf_counter()
     platform, env = _ctx()
@@ -196,7 +197,7 @@ def list_customers(user: User) -> dict:
 
     try:
         rows = fleet.fleet(platform, env, runs, fleet.airflow_promote_times, registry, timings)
-    except fleet.Unavailable as exc:
+    except RegistryUnavailable as exc:
         raise HTTPException(503, str(exc)) from exc
     rows = [r | {"can_act": _can_trigger(user, r["customer"])} for r in rows if r["customer"] in readable]
     timings["total_s"] = round(time.perf_counter() - t0, 3)
@@ -212,13 +213,14 @@ def list_customers(user: User) -> dict:
 @app.get("/api/customers/{customer}", tags=["fleet"], summary="Version history, gate metrics, lineage, links")
 def get_customer(customer: str, user: User) -> dict:
     from ftops.operate import fleet
+    from ftops.release.registry import RegistryUnavailable
 
     platform, env = _ctx()
     _known(platform, customer)
     _may_read(user, customer)
     try:
         return fleet.customer_detail(platform, env, customer) | {"can_act": _can_trigger(user, customer)}
-    except fleet.Unavailable as exc:
+    except RegistryUnavailable as exc:
         raise HTTPException(503, str(exc)) from exc
 
 
@@ -263,6 +265,7 @@ def _move(customer: str, action: str, body: Move, user) -> dict:
     from airflow.api_fastapi.core_api.security import requires_access_dag
 
     from ftops.operate import fleet
+    from ftops.release.registry import RegistryUnavailable
 
     platform, env = _ctx()
     _known(platform, customer)
@@ -276,7 +279,7 @@ def _move(customer: str, action: str, body: Move, user) -> dict:
         raise HTTPException(404, str(exc)) from exc
     except fleet.GateNotPassed as exc:
         raise HTTPException(409, str(exc)) from exc
-    except fleet.Unavailable as exc:
+    except RegistryUnavailable as exc:
         raise HTTPException(503, str(exc)) from exc
     if moved["unchanged"]:
         return moved | {"sync_triggered": False}

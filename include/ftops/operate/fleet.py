@@ -4,8 +4,9 @@ One row per customer: what the registry has in production (and when, by which ru
 vLLM replica actually serves, how the last DAG run and its gate went, when the next run is due, what waits
 in the inbox, how much of the last batch was quarantined, and the serving traffic where the replicas export
 per-customer metrics. Built to stay fast at 500 customers: the registry is read in two batched searches
-(every `ftops` registered model and every version of them), not a call per customer; replicas and metrics
-endpoints are asked once each, concurrently; Airflow's own tables are read in three queries.
+(`ftops.release.registry.read_registry`: every `ftops` registered model and every version of them), not a
+call per customer; replicas and metrics endpoints are asked once each, concurrently; Airflow's own tables are
+read in three queries.
 
 The Airflow-specific reads (DAG runs, next run, the production-changed asset event) live in the functions
 whose names start with `airflow_`: they import Airflow lazily and run inside the api-server.
@@ -20,7 +21,6 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -28,9 +28,20 @@ import httpx
 
 from ftops.config import CustomerConfig, Platform, Settings
 from ftops.operate.retention import retention, version_forgetting
-from ftops.release import registry as _registry
 from ftops.release.keys import auth_headers
-from ftops.release.registry import CANDIDATE, MODEL_PREFIX, PREVIOUS, PRODUCTION, RegistryError, model_name
+from ftops.release.registry import (
+    CANDIDATE,
+    PREVIOUS,
+    PRODUCTION,
+    ModelState,
+    RegistryError,
+    RegistryUnavailable,
+    Version,
+    mlflow_client,
+    model_name,
+    read_model,
+    read_registry,
+)
 from ftops.release.serving import replica_adapters, served_state
 
 # Version tags an action from the fleet page writes: who moved production to this version, when, how.
@@ -57,176 +68,12 @@ class GateNotPassed(ValueError):
     pass
 
 
-class Unavailable(RuntimeError):
-    """The registry (MLflow) could not be read: the page says so instead of showing empty data."""
-
-
-# `Registry` raises this (when the registry module defines it) where MLflow cannot be read: a 503, not a 404.
-_UNAVAILABLE = getattr(_registry, "RegistryUnavailable", OSError)
-
-
 def dag_id(customer: str) -> str:
     return f"finetune_{customer}"
 
 
 def customer_of(dag: str) -> str | None:
     return dag.removeprefix("finetune_") if dag.startswith("finetune_") else None
-
-
-# --- registry: batched reads ------------------------------------------------------------------------------
-
-
-@dataclass
-class Version:
-    version: str
-    created: int
-    aliases: list[str]
-    tags: dict[str, str]
-    run_id: str
-    source: str
-    description: str = ""
-
-    @property
-    def gate(self) -> str:
-        return self.tags.get("gate.decision", "not evaluated")
-
-
-@dataclass
-class ModelState:
-    """One registered model (one customer on one base model) and its versions, newest first."""
-
-    name: str
-    customer: str
-    base_model: str
-    aliases: dict[str, str] = field(default_factory=dict)
-    versions: list[Version] = field(default_factory=list)
-
-    def alias(self, name: str) -> Version | None:
-        v = self.aliases.get(name)
-        return next((x for x in self.versions if x.version == v), None) if v else None
-
-
-def _client(uri: str):
-    from mlflow import MlflowClient
-
-    return MlflowClient(tracking_uri=uri, registry_uri=uri)
-
-
-def _paged(search, **kwargs) -> list:
-    out, token = [], None
-    while True:
-        page = search(**kwargs, page_token=token)
-        out += list(page)
-        token = getattr(page, "token", None)
-        if not token:
-            return out
-
-
-def read_registry(
-    mlflow_uri: str, name_filter: str = f"name LIKE '{MODEL_PREFIX}%'"
-) -> dict[tuple[str, str], ModelState]:
-    """Every ftops registered model with its aliases and versions, in two paged searches. Models are keyed by
-    their `customer` and `base_model` tags (not by parsing names, whose scheme may change)."""
-    from mlflow.exceptions import MlflowException
-
-    client = _client(mlflow_uri)
-    try:
-        models = _paged(client.search_registered_models, filter_string=name_filter, max_results=1000)
-        versions = _paged(client.search_model_versions, filter_string=name_filter, max_results=10000)
-    except (MlflowException, OSError) as exc:
-        raise Unavailable(f"the registry at {mlflow_uri} cannot be read: {exc}") from exc
-    by_name: dict[str, ModelState] = {}
-    for m in models:
-        tags = dict(m.tags or {})
-        if "customer" not in tags or "base_model" not in tags:
-            continue  # not one of ours
-        aliases = {a.alias: str(a.version) for a in (m.aliases or [])} if isinstance(m.aliases, list) else {}
-        if isinstance(m.aliases, dict):
-            aliases = {k: str(v) for k, v in m.aliases.items()}
-        by_name[m.name] = ModelState(m.name, tags["customer"], tags["base_model"], aliases)
-    for mv in versions:
-        state = by_name.get(mv.name)
-        if state is not None:
-            state.versions.append(
-                Version(
-                    str(mv.version),
-                    int(mv.creation_timestamp or 0),
-                    list(mv.aliases or []),
-                    dict(mv.tags or {}),
-                    mv.run_id or "",
-                    mv.source or "",
-                    mv.description or "",
-                )
-            )
-    for state in by_name.values():
-        state.versions.sort(key=lambda v: int(v.version), reverse=True)
-        if not state.aliases:  # older servers: aliases only on the versions
-            state.aliases = {a: v.version for v in state.versions for a in v.aliases}
-        # A version search leaves versions' aliases empty: the model's alias map is the truth.
-        for v in state.versions:
-            v.aliases = sorted(a for a, version in state.aliases.items() if version == v.version)
-    return {(s.customer, s.base_model): s for s in by_name.values()}
-
-
-class RegistryCache:
-    """The fleet's registry snapshot, served stale-while-revalidate: a page load uses a snapshot younger than
-    `max_age` seconds at once and, past `refresh_after`, refreshes it in the background for the next load.
-    One batched read costs seconds at 500 customers on a busy server; the registry changes a few times a day.
-    An action from the fleet page invalidates it, so its own effect is never shown stale."""
-
-    def __init__(self, max_age: float = 60.0, refresh_after: float = 5.0):
-        self.max_age, self.refresh_after = max_age, refresh_after
-        self._data: dict[str, tuple[float, dict]] = {}
-        self._lock, self._read_lock = threading.Lock(), threading.Lock()
-        self._refreshing: set[str] = set()
-        self._generation = 0
-
-    def _read(self, uri: str) -> dict:
-        with self._lock:
-            generation = self._generation
-        data = read_registry(uri)
-        with self._lock:
-            if generation == self._generation:  # a read begun before an invalidation must not be kept
-                self._data[uri] = (time.monotonic(), data)
-        return data
-
-    def get(self, uri: str) -> tuple[dict, float]:
-        """(snapshot, its age in seconds)."""
-        with self._lock:
-            entry = self._data.get(uri)
-        if entry is None or time.monotonic() - entry[0] > self.max_age:
-            with self._read_lock:  # one reader at a time; who waited gets the fresh snapshot
-                with self._lock:
-                    entry = self._data.get(uri)
-                if entry is None or time.monotonic() - entry[0] > self.max_age:
-                    return self._read(uri), 0.0
-        age = time.monotonic() - entry[0]
-        if age > self.refresh_after:
-            with self._lock:
-                start = uri not in self._refreshing
-                self._refreshing.add(uri)
-            if start:
-                threading.Thread(target=self._refresh, args=(uri,), daemon=True, name="ftops-registry").start()
-        return entry[1], age
-
-    def _refresh(self, uri: str) -> None:
-        try:
-            self._read(uri)
-        except Unavailable:
-            pass  # the stale snapshot ages out at max_age; the next page load then reports the outage
-        finally:
-            with self._lock:
-                self._refreshing.discard(uri)
-
-    def invalidate(self, uri: str) -> None:
-        with self._lock:
-            self._data.pop(uri, None)
-            self._generation += 1
-
-
-def read_model(mlflow_uri: str, customer: str, base_slug: str) -> ModelState | None:
-    name = model_name(customer, base_slug)
-    return read_registry(mlflow_uri, f"name = '{name}'").get((customer, base_slug))
 
 
 # --- serving: replicas and traffic ------------------------------------------------------------------------
@@ -644,7 +491,7 @@ def _customer(platform: Platform, customer: str) -> CustomerConfig:
 
 
 def _experiments(mlflow_uri: str, run_ids: list[str]) -> dict[str, str]:
-    client = _client(mlflow_uri)
+    client = mlflow_client(mlflow_uri)
 
     def exp(run_id: str) -> str | None:
         try:
@@ -665,7 +512,7 @@ def gate_report(platform: Platform, env: Settings, customer: str, version: str, 
     from mlflow.exceptions import MlflowException
 
     try:
-        path = _client(env.mlflow_uri).download_artifacts(v.run_id, "gate/gate_report.html", str(workdir))
+        path = mlflow_client(env.mlflow_uri).download_artifacts(v.run_id, "gate/gate_report.html", str(workdir))
     except (MlflowException, OSError) as exc:
         raise UnknownVersion(f"{customer}: version {version} has no gate report ({exc})") from exc
     return Path(path).read_text()
@@ -739,8 +586,8 @@ def move_production(
             moved = reg.rollback(c.id, c.base_model, version)
         else:
             raise ValueError(f"unknown action {action!r}")
-    except _UNAVAILABLE as exc:
-        raise Unavailable(f"{customer}: the registry cannot be read: {exc}") from exc
+    except RegistryUnavailable:
+        raise  # a 503 on the page, not a refused move
     except RegistryError as exc:
         msg = str(exc)
         if "did not pass the gate" in msg:

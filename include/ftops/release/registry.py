@@ -4,14 +4,17 @@ One registered model per customer and base model. A version's tags carry its lin
 and fingerprint, base model, LoRA config, Airflow dag/run, metrics, gate decision). Aliases, not stages:
 `candidate` (latest registered), `production` (served), `previous` (what production was before the last
 move, for rollback). Registration is idempotent per training run; promotion is one alias move and only
-for a version whose gate passed.
+for a version whose gate passed. The batched reads at the end (every customer's model and versions in two
+paged searches, and the fleet page's stale-while-revalidate snapshot of them) serve the fleet at 500 customers.
 """
 
 from __future__ import annotations
 
 import re
+import threading
+import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TypeVar
 
 from ftops.config import check_base_slug, check_customer_id
@@ -102,7 +105,7 @@ class AdapterVersion:
         return self
 
 
-def _client(uri: str):
+def mlflow_client(uri: str):
     from mlflow import MlflowClient
 
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
@@ -116,7 +119,7 @@ def _wrap(customer: str, mv) -> AdapterVersion:
 
 class Registry:
     def __init__(self, tracking_uri: str):
-        self.client = _client(tracking_uri)
+        self.client = mlflow_client(tracking_uri)
 
     def register(
         self, customer: str, base_slug: str, source: str, run_id: str, tags: dict[str, str], description: str = ""
@@ -237,3 +240,153 @@ class Registry:
         for old, new in plan:
             self.client.rename_registered_model(old, new)
         return plan
+
+
+# --- batched reads: every customer at once (the fleet page) -----------------------------------------------------------
+
+
+@dataclass
+class Version:
+    version: str
+    created: int
+    aliases: list[str]
+    tags: dict[str, str]
+    run_id: str
+    source: str
+    description: str = ""
+
+    @property
+    def gate(self) -> str:
+        return self.tags.get("gate.decision", "not evaluated")
+
+
+@dataclass
+class ModelState:
+    """One registered model (one customer on one base model) and its versions, newest first."""
+
+    name: str
+    customer: str
+    base_model: str
+    aliases: dict[str, str] = field(default_factory=dict)
+    versions: list[Version] = field(default_factory=list)
+
+    def alias(self, name: str) -> Version | None:
+        v = self.aliases.get(name)
+        return next((x for x in self.versions if x.version == v), None) if v else None
+
+
+def _paged(search, **kwargs) -> list:
+    out, token = [], None
+    while True:
+        page = search(**kwargs, page_token=token)
+        out += list(page)
+        token = getattr(page, "token", None)
+        if not token:
+            return out
+
+
+def read_registry(
+    mlflow_uri: str, name_filter: str = f"name LIKE '{MODEL_PREFIX}%'"
+) -> dict[tuple[str, str], ModelState]:
+    """Every ftops registered model with its aliases and versions, in two paged searches. Models are keyed by
+    their `customer` and `base_model` tags (not by parsing names, whose scheme may change)."""
+    from mlflow.exceptions import MlflowException
+
+    client = mlflow_client(mlflow_uri)
+    try:
+        models = _paged(client.search_registered_models, filter_string=name_filter, max_results=1000)
+        versions = _paged(client.search_model_versions, filter_string=name_filter, max_results=10000)
+    except (MlflowException, OSError) as exc:
+        raise RegistryUnavailable(f"the registry at {mlflow_uri} cannot be read: {exc}") from exc
+    by_name: dict[str, ModelState] = {}
+    for m in models:
+        tags = dict(m.tags or {})
+        if "customer" not in tags or "base_model" not in tags:
+            continue  # not one of ours
+        aliases = {a.alias: str(a.version) for a in (m.aliases or [])} if isinstance(m.aliases, list) else {}
+        if isinstance(m.aliases, dict):
+            aliases = {k: str(v) for k, v in m.aliases.items()}
+        by_name[m.name] = ModelState(m.name, tags["customer"], tags["base_model"], aliases)
+    for mv in versions:
+        state = by_name.get(mv.name)
+        if state is not None:
+            state.versions.append(
+                Version(
+                    str(mv.version),
+                    int(mv.creation_timestamp or 0),
+                    list(mv.aliases or []),
+                    dict(mv.tags or {}),
+                    mv.run_id or "",
+                    mv.source or "",
+                    mv.description or "",
+                )
+            )
+    for state in by_name.values():
+        state.versions.sort(key=lambda v: int(v.version), reverse=True)
+        if not state.aliases:  # older servers: aliases only on the versions
+            state.aliases = {a: v.version for v in state.versions for a in v.aliases}
+        # A version search leaves versions' aliases empty: the model's alias map is the truth.
+        for v in state.versions:
+            v.aliases = sorted(a for a, version in state.aliases.items() if version == v.version)
+    return {(s.customer, s.base_model): s for s in by_name.values()}
+
+
+class RegistryCache:
+    """The fleet's registry snapshot, served stale-while-revalidate: a page load uses a snapshot younger than
+    `max_age` seconds at once and, past `refresh_after`, refreshes it in the background for the next load.
+    One batched read costs seconds at 500 customers on a busy server; the registry changes a few times a day.
+    An action from the fleet page invalidates it, so its own effect is never shown stale."""
+
+    def __init__(self, max_age: float = 60.0, refresh_after: float = 5.0):
+        self.max_age, self.refresh_after = max_age, refresh_after
+        self._data: dict[str, tuple[float, dict]] = {}
+        self._lock, self._read_lock = threading.Lock(), threading.Lock()
+        self._refreshing: set[str] = set()
+        self._generation = 0
+
+    def _read(self, uri: str) -> dict:
+        with self._lock:
+            generation = self._generation
+        data = read_registry(uri)
+        with self._lock:
+            if generation == self._generation:  # a read begun before an invalidation must not be kept
+                self._data[uri] = (time.monotonic(), data)
+        return data
+
+    def get(self, uri: str) -> tuple[dict, float]:
+        """(snapshot, its age in seconds)."""
+        with self._lock:
+            entry = self._data.get(uri)
+        if entry is None or time.monotonic() - entry[0] > self.max_age:
+            with self._read_lock:  # one reader at a time; who waited gets the fresh snapshot
+                with self._lock:
+                    entry = self._data.get(uri)
+                if entry is None or time.monotonic() - entry[0] > self.max_age:
+                    return self._read(uri), 0.0
+        age = time.monotonic() - entry[0]
+        if age > self.refresh_after:
+            with self._lock:
+                start = uri not in self._refreshing
+                self._refreshing.add(uri)
+            if start:
+                threading.Thread(target=self._refresh, args=(uri,), daemon=True, name="ftops-registry").start()
+        return entry[1], age
+
+    def _refresh(self, uri: str) -> None:
+        try:
+            self._read(uri)
+        except RegistryUnavailable:
+            pass  # the stale snapshot ages out at max_age; the next page load then reports the outage
+        finally:
+            with self._lock:
+                self._refreshing.discard(uri)
+
+    def invalidate(self, uri: str) -> None:
+        with self._lock:
+            self._data.pop(uri, None)
+            self._generation += 1
+
+
+def read_model(mlflow_uri: str, customer: str, base_slug: str) -> ModelState | None:
+    name = model_name(customer, base_slug)
+    return read_registry(mlflow_uri, f"name = '{name}'").get((customer, base_slug))
