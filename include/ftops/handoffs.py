@@ -1,9 +1,10 @@
-"""Typed hand-offs of the control plane: what evaluate, gate, register and promote pass each other.
+"""Typed hand-offs of the control plane: what train, evaluate, gate, register and promote pass each other.
 
-Airflow carries them between tasks as JSON (XComs); each is built in one place (`Metrics` in
-`ftops.model.tasks.evaluate`, `Decision` in `gate.decide`, `Registration` in `ftops.release.tasks.register`,
-`Promotion` in `ftops.release.tasks.promote`) and validated again where it is read, so a malformed hand-off is
-an error, never a silently missing comparison. Figures that could not be measured are `None` (JSON has no NaN).
+Airflow carries them between tasks as JSON (XComs); each is built in one place (`Trained` in
+`ftops.model.tasks.train`, `Metrics` in `ftops.model.tasks.evaluate`, `Decision` in `gate.decide`,
+`Registration` in `ftops.release.tasks.register`, `Promotion` in `ftops.release.tasks.promote`) and validated
+again where it is read, so a malformed hand-off is an error, never a silently missing comparison. Figures that
+could not be measured are `None` (JSON has no NaN).
 """
 
 from __future__ import annotations
@@ -13,9 +14,35 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, field_validator
 
+from ftops.config import LoraSettings
+
 
 def finite(x: float | None) -> bool:
     return x is not None and math.isfinite(x)
+
+
+class Trained(BaseModel):
+    """What the train task hands to evaluate and register: the adapter (where it is stored), the data it was
+    trained on and the training's own figures (`ftops.model.train.train`'s result)."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)  # the training's other figures stay in MLflow
+    adapter_version: str
+    adapter_prefix: str
+    adapter_uri: str
+    adapter_artifact_uri: str
+    mlflow_run_id: str
+    dataset_version: str
+    new_versions: list[str]
+    replayed: int  # examples replayed from data production was trained on
+    train_examples: int
+    val_examples: int = 0
+    lora: LoraSettings  # as the customer's settings were at training time
+    steps: int = 0
+    resumed_from_step: int = 0
+    train_loss: float | None = None
+    eval_loss: float | None = None
+    seconds: float | None = None
+    registry_tags: dict[str, str] = {}  # the replay share used and why (adaptive replay reads them back)
 
 
 class Scores(BaseModel):

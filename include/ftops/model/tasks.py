@@ -13,7 +13,7 @@ from pathlib import Path
 from ftops import storage
 from ftops.data import snapshot as snap
 from ftops.data.tasks import snapshot as published_snapshot
-from ftops.handoffs import Metrics
+from ftops.handoffs import Metrics, Trained
 from ftops.release.registry import RegistryError
 from ftops.run import Run, ftops_command, production, production_copy
 
@@ -140,6 +140,7 @@ def train(run: Run, force: bool = False, overrides: dict | None = None, strategy
         # The next run's adaptive replay reads these back from the registry version (`replay_share`).
         "registry_tags": {"replay.fraction": str(fraction), "replay.mode": t.replay, "replay.reason": why[:500]},
     }
+    Trained.model_validate(out)  # the hand-off evaluate and register read
     run.save("train.json", json.dumps(out).encode())
     return out
 
@@ -166,6 +167,7 @@ def _sha256(path: Path) -> str:
 
 def evaluate(run: Run, trained: dict) -> dict:
     """Loss, golden set and safety probes for base, production and candidate, on the serving engine if any."""
+    trained = Trained.model_validate(trained)
     from ftops.model.evaluate import EvalArgs, golden_set, redteam_set, regurgitation_probes, score_answers
     from ftops.release.serving import answers_from, engine_for, eval_name
 
@@ -174,15 +176,15 @@ def evaluate(run: Run, trained: dict) -> dict:
     # replica in another container or on another machine cannot read. `.eval` is never a customer's folder.
     adapters = run.env.vllm_adapter_dir / ".eval" / run.id / run.key
     run.workdir.mkdir(parents=True, exist_ok=True)  # this worker's scratch: it may never have seen this run
-    candidate = run.store.download_dir(trained["adapter_prefix"], adapters / "candidate" / trained["adapter_version"])
+    candidate = run.store.download_dir(trained.adapter_prefix, adapters / "candidate" / trained.adapter_version)
     # Never skips the comparison: an unreadable registry or a refused production version fails the task.
     prod = production(run)
     prod_dir = production_copy(run, prod, adapters / "production") if prod else None
     # The artifact scored must be the one registered and served, byte for byte.
     weights = "adapter_model.safetensors"
-    stored = hashlib.sha256(run.store.get(f"{trained['adapter_prefix']}/{weights}")).hexdigest()
+    stored = hashlib.sha256(run.store.get(f"{trained.adapter_prefix}/{weights}")).hexdigest()
     if _sha256(candidate / weights) != stored:
-        raise RuntimeError(f"{run.id}: candidate copy differs from {trained['adapter_uri']}")
+        raise RuntimeError(f"{run.id}: candidate copy differs from {trained.adapter_uri}")
     # What the train task wrote, from object storage: this task may run on another worker.
     train_rows = snap.read_jsonl(run.load("train.jsonl"))
     val_rows = snap.read_jsonl(run.load("val.jsonl"))
@@ -238,7 +240,7 @@ def evaluate(run: Run, trained: dict) -> dict:
     # The XCom keeps the figures (typed); answers and findings stay in the scratch file and the report.
     # JSON has no NaN (PostgreSQL refuses it in an XCom): a figure that could not be measured becomes null.
     typed = Metrics.model_validate(metrics)
-    _log_evaluation(run, trained["mlflow_run_id"], typed)
+    _log_evaluation(run, trained.mlflow_run_id, typed)
     return json.loads(typed.model_dump_json())
 
 

@@ -7,7 +7,7 @@ import json
 import os
 
 from ftops.config import Platform, Settings, load_platform, settings
-from ftops.handoffs import Decision, Metrics, Promotion, Registration
+from ftops.handoffs import Decision, Metrics, Promotion, Registration, Trained
 from ftops.release.registry import model_name
 from ftops.release.serving import Desired, Plan
 from ftops.run import Run
@@ -38,25 +38,25 @@ def _gate_failure(run: Run, version: str, d: Decision) -> dict:
 
 def register(run: Run, trained: dict, metrics: dict, decision: dict) -> dict:
     """Register the candidate with its lineage (once per training run), record the gate's decision and report."""
-    m, d = Metrics.model_validate(metrics), Decision.model_validate(decision)
+    m, d, t = Metrics.model_validate(metrics), Decision.model_validate(decision), Trained.model_validate(trained)
     cand = m.candidate
     tags = (
         run.lineage()
         | d.as_tags()
         | {
-            "adapter.version": trained["adapter_version"],
-            "adapter.prefix": trained["adapter_prefix"],
-            "adapter.uri": trained["adapter_uri"],
+            "adapter.version": t.adapter_version,
+            "adapter.prefix": t.adapter_prefix,
+            "adapter.uri": t.adapter_uri,
             "adapter.sha256": m.candidate_sha256,
-            "adapter.tree_sha256": _stored_tree(run, trained["adapter_prefix"]),
-            "dataset.version": trained["dataset_version"],
-            "dataset.new_versions": ",".join(trained["new_versions"]),
-            "replay.examples": trained["replayed"],
-            "replay.share": round(trained["replayed"] / max(trained["train_examples"], 1), 4),
+            "adapter.tree_sha256": _stored_tree(run, t.adapter_prefix),
+            "dataset.version": t.dataset_version,
+            "dataset.new_versions": ",".join(t.new_versions),
+            "replay.examples": t.replayed,
+            "replay.share": round(t.replayed / max(t.train_examples, 1), 4),
             "base_model": run.base_slug,
-            "lora.r": trained["lora"]["r"],
-            "lora.alpha": trained["lora"]["alpha"],
-            "lora.target_modules": ",".join(trained["lora"]["target_modules"]),
+            "lora.r": t.lora.r,
+            "lora.alpha": t.lora.alpha,
+            "lora.target_modules": ",".join(t.lora.target_modules),
             "metrics.candidate_val_loss": _tag(cand.val_loss),
             "metrics.base_val_loss": _tag(m.base.val_loss),
             "metrics.production_val_loss": _tag(m.production.val_loss if m.production else None),
@@ -68,7 +68,7 @@ def register(run: Run, trained: dict, metrics: dict, decision: dict) -> dict:
             "metrics.base_repetition": _tag(m.base.repetition),
             "eval.engine": m.engine,
         }
-        | trained.get("registry_tags", {})  # e.g. the replay share used and why (model.tasks.train)
+        | t.registry_tags  # e.g. the replay share used and why (model.tasks.train)
         | forgetting_tags(m)
         # What the serving engine answered at the gate: the reconciler checks a swap reproduces it.
         | (
@@ -81,13 +81,13 @@ def register(run: Run, trained: dict, metrics: dict, decision: dict) -> dict:
     v = reg.register(
         run.id,
         run.base_slug,
-        trained["adapter_artifact_uri"],
-        trained["mlflow_run_id"],
+        t.adapter_artifact_uri,
+        t.mlflow_run_id,
         tags,
         description="; ".join(d.reasons),
     )
     reg.set_tags(run.id, run.base_slug, v.version, d.as_tags())
-    _log_report(run, trained["mlflow_run_id"], v.version, decision)
+    _log_report(run, t.mlflow_run_id, v.version, decision)
     return Registration(registry_version=v.version, model=model_name(run.id, run.base_slug)).model_dump()
 
 
