@@ -17,7 +17,8 @@ from ftops.config import Settings, load_platform
 from ftops.handoffs import Metrics
 from ftops.model.gate import decide
 from ftops.release.registry import Registry
-from ftops.release.tasks import forgetting_tags
+from ftops.release.tags import VersionTags
+from ftops.release.tasks import forgetting
 
 ROOT = Path(__file__).resolve().parents[1]
 CUSTOMER, BASE = "retention-co", "tiny"
@@ -86,7 +87,13 @@ def registry(home, mlflow_server, tmp_path_factory):
         decisions.append(d)
         run = client.create_run(exp)
         tags = {"adapter.version": f"week{i}", "dataset.version": [D1, D2, D3, D3][i - 1]} | d.as_tags()
-        v = reg.register(CUSTOMER, BASE, f"{run.info.artifact_uri}/adapter", run.info.run_id, tags | forgetting_tags(m))
+        v = reg.register(
+            CUSTOMER,
+            BASE,
+            f"{run.info.artifact_uri}/adapter",
+            run.info.run_id,
+            tags | VersionTags(**forgetting(m)).as_tags(),
+        )
         if d.passed:
             reg.promote(CUSTOMER, BASE, v.version)
     env = Settings(

@@ -224,9 +224,9 @@ def adapters_list(customer: str) -> None:
             v.version,
             ",".join(v.aliases),
             v.adapter_version,
-            v.tags.get("dataset.version", ""),
-            v.tags.get("metrics.candidate_val_loss", "")[:7],
-            v.tags.get("gate.decision", ""),
+            v.info.dataset_version or "",
+            f"{v.info.candidate_val_loss:.4f}" if v.info.candidate_val_loss is not None else "",
+            v.info.gate_decision or "",
         )
     console.print(table)
 
@@ -248,13 +248,13 @@ def adapters_show(
         upto = [x for x in reg.versions(customer, c.base_model) if int(x.version) <= int(v.version)]
     except RegistryError as exc:
         _fail(str(exc))
-    forgetting = version_forgetting(v.tags)
-    kept = retention([(x.version, x.tags) for x in upto])
+    forgetting = version_forgetting(v.info)
+    kept = retention([(x.version, x.info) for x in upto])
     if not table:
         shown = {"version": v.version, "aliases": v.aliases, "source": v.source, "tags": v.tags}
         console.print_json(json.dumps(shown | {"forgetting": forgetting, "retention": kept}))
         return
-    console.print(f"{customer} v{v.version} ({v.adapter_version}) gate {v.tags.get('gate.decision', '?')}")
+    console.print(f"{customer} v{v.version} ({v.adapter_version}) gate {v.info.gate}")
     t = Table(title="Forgetting: held-out loss on earlier data vs production")
     for col in ("earlier data", "examples", "this version", "production", "increase"):
         t.add_column(col)
@@ -525,11 +525,11 @@ def report(prompt: str = typer.Option(None, help="ask every customer this instea
         if v is None:
             console.print("no production version")
             continue
-        t = v.tags
+        t = v.info
         console.print(
-            f"production: registry version {v.version}, adapter {v.adapter_version}, dataset {t.get('dataset.version')}"
+            f"production: registry version {v.version}, adapter {v.adapter_version}, dataset {t.dataset_version}"
         )
-        console.print(f"gate: {t.get('gate.decision')}: {t.get('gate.reasons')}")
+        console.print(f"gate: {t.gate}: {' | '.join(t.gate_reasons or [])}")
         q = prompt or c.demo_prompt
         console.print(f"[bold]Q:[/bold] {q}")
         console.print(f"[green]{c.id} (vLLM, adapter):[/green] {replica.chat(c.id, q, system=c.system_prompt)}")

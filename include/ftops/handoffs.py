@@ -15,6 +15,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, field_validator
 
 from ftops.config import LoraSettings
+from ftops.release.tags import FAILED, PASSED, VersionTags
 
 
 def finite(x: float | None) -> bool:
@@ -42,7 +43,10 @@ class Trained(BaseModel):
     train_loss: float | None = None
     eval_loss: float | None = None
     seconds: float | None = None
-    registry_tags: dict[str, str] = {}  # the replay share used and why (adaptive replay reads them back)
+    # The replay share used and why: registered with the version, where the next adaptive replay reads them.
+    replay_fraction: float | None = None
+    replay_mode: str | None = None
+    replay_reason: str | None = None
 
 
 class Scores(BaseModel):
@@ -125,13 +129,17 @@ class Decision(BaseModel):
     warnings: list[str] = []
     failed_rules: list[str] = []  # names of the blocking rules that failed (`max_forgetting`, ...)
 
-    def as_tags(self) -> dict[str, str]:
+    def tags(self) -> dict:
+        """The decision's fields of the registry version's tags (`ftops.release.tags.VersionTags`)."""
         return {
-            "gate.decision": "passed" if self.passed else "failed",
-            "gate.reasons": " | ".join(self.reasons)[:4900],
-            "gate.warnings": " | ".join(self.warnings)[:4900],
-            "gate.failed_rules": ",".join(self.failed_rules),
+            "gate_decision": PASSED if self.passed else FAILED,
+            "gate_reasons": self.reasons,
+            "gate_warnings": self.warnings,
+            "gate_failed_rules": self.failed_rules,
         }
+
+    def as_tags(self) -> dict[str, str]:
+        return VersionTags(**self.tags()).as_tags()
 
 
 class Registration(BaseModel):

@@ -104,14 +104,13 @@ def production_copy(run: Run, prod: AdapterVersion, parent: Path) -> Path:
     from ftops.release.serving import verified_copy
 
     label = f"{run.id}: production v{prod.version}"
-    tags = prod.tags
     return verified_copy(
         run.store,
         prod.adapter_prefix,
         parent / prod.adapter_version,
-        tags["adapter.sha256"],
+        prod.info.adapter_sha256 or "",  # checked by AdapterVersion.checked: a version without one never gets here
         label,
-        tags.get("adapter.tree_sha256", ""),
+        prod.info.adapter_tree_sha256 or "",
     )
 
 

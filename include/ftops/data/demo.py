@@ -212,6 +212,7 @@ def registered_style_version(
     from ftops.model.train import TrainArgs, train
     from ftops.release.registry import Registry
     from ftops.release.serving import tree_sha256
+    from ftops.release.tags import PASSED, VersionTags
     from ftops.storage import Store, adapter_prefix
 
     examples, _, _ = dedupe(
@@ -235,14 +236,14 @@ def registered_style_version(
     result = train(args)
     prefix, store = adapter_prefix(customer, base_slug, adapter_version), Store(settings().storage_root)
     files = {k[len(prefix) + 1 :]: store.get(k) for k in store.list(prefix)}
-    tags = {
-        "adapter.version": adapter_version,
-        "adapter.prefix": prefix,
-        "adapter.sha256": hashlib.sha256(files["adapter_model.safetensors"]).hexdigest(),
-        "adapter.tree_sha256": tree_sha256(files),
-        "gate.decision": "passed",
-        "lora.r": str(args.lora.r),
-    }
+    tags = VersionTags(
+        adapter_version=adapter_version,
+        adapter_prefix=prefix,
+        adapter_sha256=hashlib.sha256(files["adapter_model.safetensors"]).hexdigest(),
+        adapter_tree_sha256=tree_sha256(files),
+        gate_decision=PASSED,
+        lora_r=args.lora.r,
+    ).as_tags()
     return (
         Registry(mlflow_uri)
         .register(customer, base_slug, result["adapter_artifact_uri"], result["mlflow_run_id"], tags)

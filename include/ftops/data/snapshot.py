@@ -316,8 +316,8 @@ def adapters_containing(adapter_versions, dataset_versions: set[str]) -> dict[st
         return out
     first = min(dataset_versions)
     for v in adapter_versions:
-        new = set(filter(None, v.tags.get("dataset.new_versions", "").split(",")))
-        upto = v.tags.get("dataset.version", "")
+        new = set(v.info.dataset_new_versions or [])
+        upto = v.info.dataset_version or ""
         if new & dataset_versions:
             out["trained_on"].append(v.version)
         elif upto and upto >= first:

@@ -15,6 +15,7 @@ from ftops.data import snapshot as snap
 from ftops.data.tasks import snapshot as published_snapshot
 from ftops.handoffs import Metrics, Trained
 from ftops.release.registry import RegistryError
+from ftops.release.tags import VersionTags
 from ftops.run import Run, ftops_command, production, production_copy
 
 
@@ -40,7 +41,7 @@ def train(run: Run, force: bool = False, overrides: dict | None = None, strategy
     manifests = [m for m in snap.versions(run.store, run.id) if m["counts"]["kept"] > 0]
     # RegistryUnavailable propagates: the task retries, then fails, rather than train without replay.
     prod = production(run)
-    trained_upto = prod.tags.get("dataset.version", "") if prod else ""
+    trained_upto = (prod.info.dataset_version or "") if prod else ""
     if prod and trained_upto not in {m["version"] for m in manifests}:
         raise RegistryError(
             f"{run.id}: production v{prod.version} names dataset {trained_upto[:80]!r}, which is not one of this "
@@ -138,7 +139,9 @@ def train(run: Run, force: bool = False, overrides: dict | None = None, strategy
         "lora": run.customer.lora.model_dump(),
         "training": t.model_dump(),
         # The next run's adaptive replay reads these back from the registry version (`replay_share`).
-        "registry_tags": {"replay.fraction": str(fraction), "replay.mode": t.replay, "replay.reason": why[:500]},
+        "replay_fraction": fraction,
+        "replay_mode": t.replay,
+        "replay_reason": why[:500],
     }
     Trained.model_validate(out)  # the hand-off evaluate and register read
     run.save("train.json", json.dumps(out).encode())
@@ -152,8 +155,8 @@ def replay_share(run: Run, t) -> tuple[float, str]:
     if t.replay != "adaptive":
         return t.replay_share()
     versions = run.registry().versions(run.id, run.base_slug)
-    last = versions[-1].tags if versions else {}
-    return t.replay_share(last.get("replay.fraction"), last.get("forgetting.max"))
+    last = versions[-1].info if versions else VersionTags()
+    return t.replay_share(last.replay_fraction, last.forgetting_max)
 
 
 def _registered(run: Run, adapter_prefix: str) -> bool:
@@ -255,7 +258,7 @@ def history_groups(run: Run, prod, val_rows: list[dict], max_groups: int = MAX_H
     applied again so an example erased since is in no group."""
     if prod is None:
         return []
-    upto = prod.tags.get("dataset.version", "")
+    upto = prod.info.dataset_version or ""
     earlier = [m["version"] for m in snap.versions(run.store, run.id) if m["counts"]["kept"] > 0]
     earlier = [v for v in earlier if v <= upto]
     if not earlier:

@@ -43,16 +43,15 @@ from ftops.release.registry import (
     read_registry,
 )
 from ftops.release.serving import replica_adapters, served_state
+from ftops.release.tags import VersionTags
 
-# Version tags an action from the fleet page writes: who moved production to this version, when, how.
-TAG_BY, TAG_AT, TAG_ACTION = "promoted.by", "promoted.at", "promoted.action"
-# The batched searches filter on the registry's name prefix; models are then told apart by their
-# `customer`/`base_model` tags, not by parsing names.
-METRIC_KEYS = {
-    "val_loss": "metrics.candidate_val_loss",
-    "golden_chrf": "metrics.candidate_golden_chrf",
-    "checks_pass_rate": "metrics.candidate_checks_pass_rate",
-    "repetition": "metrics.candidate_repetition",
+# The candidate's figures the version history shows (VersionTags fields, read from the registry's tags).
+METRICS = {
+    "val_loss": "candidate_val_loss",
+    "golden_chrf": "candidate_golden_chrf",
+    "checks_pass_rate": "candidate_checks_pass_rate",
+    "repetition": "candidate_repetition",
+    "base_val_loss": "base_val_loss",
 }
 
 
@@ -291,13 +290,6 @@ def airflow_production_changed(customer: str, version: str, by: str) -> bool:
 # --- the fleet --------------------------------------------------------------------------------------------
 
 
-def _num(v: str | None) -> float | None:
-    try:
-        return float(v) if v not in (None, "") else None
-    except ValueError:
-        return None
-
-
 def _when_ms(ms: int) -> str | None:
     return datetime.fromtimestamp(ms / 1000, UTC).isoformat() if ms else None
 
@@ -306,14 +298,15 @@ def production_info(model: ModelState | None, promote_times: dict[tuple[str, str
     prod = model.alias(PRODUCTION) if model else None
     if prod is None:
         return None
-    run = (prod.tags.get("airflow.dag_id", ""), prod.tags.get("airflow.run_id", ""))
-    if prod.tags.get(TAG_AT):  # moved by a person from the fleet page
-        when, by = prod.tags[TAG_AT], f"{prod.tags.get(TAG_ACTION, 'promote')} by {prod.tags.get(TAG_BY, '?')}"
+    t = prod.info
+    run = (t.dag_id or "", t.run_id or "")
+    if t.promoted_at:  # moved by a person from the fleet page
+        when, by = t.promoted_at, f"{t.promoted_action or 'promote'} by {t.promoted_by or '?'}"
     else:
         when, by = promote_times.get(run), f"run {run[1]}" if run[1] else "outside Airflow"
     return {
         "version": prod.version,
-        "adapter_version": prod.tags.get("adapter.version", ""),
+        "adapter_version": t.adapter_version or "",
         "promoted_at": when,
         "promoted_by": by,
         "airflow_run_id": run[1] or None,
@@ -335,7 +328,7 @@ def stuck_state(model: ModelState | None, after: int) -> dict | None:
         return None
     decisions = []
     for v in model.versions:  # newest first; tags are input: only rule-shaped names are kept
-        rules = [r for r in v.tags.get("gate.failed_rules", "").split(",") if _RULE.match(r)]
+        rules = [r for r in v.info.gate_failed_rules or [] if _RULE.match(r)]
         rules = rules or list(dict.fromkeys(_FAILED_GROUP.findall(v.description)))
         decisions.append((v.gate, ",".join(rules)))
     n, rules = consecutive_failures(decisions)
@@ -384,8 +377,8 @@ def fleet(
     wanted = []
     for m in models.values():
         prod = m.alias(PRODUCTION) if m else None
-        if prod and prod.tags.get("airflow.run_id") and not prod.tags.get(TAG_AT):
-            wanted.append((prod.tags.get("airflow.dag_id", ""), prod.tags["airflow.run_id"]))
+        if prod and prod.info.run_id and not prod.info.promoted_at:
+            wanted.append((prod.info.dag_id or "", prod.info.run_id))
     times = promote_times_fn(wanted) if promote_times_fn and wanted else {}
     rows = []
     for c in customers:
@@ -394,7 +387,7 @@ def fleet(
         info = runs.get(dag_id(c.id), {})
         last = info.get("last_run")
         if last and m:  # the gate's verdict on what the last run registered, if it got that far
-            v = next((x for x in m.versions if x.tags.get("airflow.run_id") == last["run_id"]), None)
+            v = next((x for x in m.versions if x.info.run_id == last["run_id"]), None)
             last = last | {"gate": v.gate if v else None, "version": v.version if v else None}
         rows.append(
             {
@@ -407,7 +400,7 @@ def fleet(
                 "production": production_info(m, times),
                 "previous": (m.aliases.get(PREVIOUS) if m else None),
                 "candidate": (m.aliases.get(CANDIDATE) if m else None),
-                "served": served_state(c.id, prod.tags.get("adapter.version") if prod else None, replicas),
+                "served": served_state(c.id, prod.info.adapter_version if prod else None, replicas),
                 "last_run": last,
                 "next_run": info.get("next_run"),
                 "paused": info.get("paused"),
@@ -435,35 +428,32 @@ def customer_detail(platform: Platform, env: Settings, customer: str) -> dict:
     ui = mlflow_ui(env)
     out = []
     for v in versions:
-        t = v.tags
+        t = v.info
         exp = experiments.get(v.run_id)
         out.append(
             {
                 "version": v.version,
                 "registered_at": _when_ms(v.created),
                 "aliases": sorted(v.aliases),
-                "adapter_version": t.get("adapter.version", ""),
+                "adapter_version": t.adapter_version or "",
                 "gate": v.gate,
                 "gate_reasons": v.description,
-                "metrics": {k: _num(t.get(tag)) for k, tag in METRIC_KEYS.items()}
-                | {"base_val_loss": _num(t.get("metrics.base_val_loss"))},
+                "metrics": {k: getattr(t, field) for k, field in METRICS.items()},
                 "forgetting": version_forgetting(t),
                 "dataset": {
-                    "version": t.get("dataset.version"),
-                    "new_versions": [x for x in t.get("dataset.new_versions", "").split(",") if x],
-                    "fingerprint": t.get("dataset.fingerprint"),
-                    "replay_examples": t.get("replay.examples"),
-                    "replay_share": _num(t.get("replay.share")),
+                    "version": t.dataset_version,
+                    "new_versions": t.dataset_new_versions or [],
+                    "fingerprint": t.dataset_fingerprint,
+                    "replay_examples": t.replay_examples,
+                    "replay_share": t.replay_share,
                 },
-                "promoted": {k: t.get(tag) for k, tag in (("by", TAG_BY), ("at", TAG_AT), ("action", TAG_ACTION))}
-                if t.get(TAG_AT)
+                "promoted": {"by": t.promoted_by, "at": t.promoted_at, "action": t.promoted_action}
+                if t.promoted_at
                 else None,
                 "links": {
                     "mlflow_run": f"{ui}/#/experiments/{exp}/runs/{v.run_id}" if exp and v.run_id else None,
                     "mlflow_model_version": f"{ui}/#/models/{model.name}/versions/{v.version}",
-                    "airflow_run": (
-                        f"dags/{t['airflow.dag_id']}/runs/{t['airflow.run_id']}" if t.get("airflow.run_id") else None
-                    ),
+                    "airflow_run": (f"dags/{t.dag_id}/runs/{t.run_id}" if t.run_id and t.dag_id else None),
                     "gate_report": f"api/customers/{c.id}/versions/{v.version}/report" if v.run_id else None,
                 },
                 "can_promote": v.gate == "passed" and PRODUCTION not in v.aliases,
@@ -479,7 +469,7 @@ def customer_detail(platform: Platform, env: Settings, customer: str) -> dict:
         "production": model.aliases.get(PRODUCTION) if model else None,
         "previous": model.aliases.get(PREVIOUS) if model else None,
         "versions": out,
-        "retention": retention([(v.version, v.tags) for v in versions]),
+        "retention": retention([(v.version, v.info) for v in versions]),
         "stuck": stuck_state(model, c.gate.stuck_after),
     }
 
@@ -574,7 +564,7 @@ def move_production(
             return {
                 "customer": c.id,
                 "production": version,
-                "adapter_version": target.tags.get("adapter.version", ""),
+                "adapter_version": target.info.adapter_version or "",
                 "unchanged": True,
             }
     try:
@@ -594,7 +584,8 @@ def move_production(
             raise GateNotPassed(msg) from exc
         raise UnknownVersion(msg) from exc
     at = datetime.now(UTC).isoformat(timespec="seconds")
-    reg.set_tags(c.id, c.base_model, moved.version, {TAG_BY: user, TAG_AT: at, TAG_ACTION: action})
+    who = VersionTags(promoted_by=user, promoted_at=at, promoted_action=action)
+    reg.set_tags(c.id, c.base_model, moved.version, who.as_tags())
     return {
         "customer": c.id,
         "production": moved.version,

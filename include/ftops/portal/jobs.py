@@ -24,6 +24,7 @@ from datetime import datetime
 import httpx
 
 from ftops.portal.auth import ApiError
+from ftops.release.tags import FAILED
 
 RUN_ID = re.compile(r"[A-Za-z0-9_.:+-]{1,250}")
 DATA_TASKS = {"ingest", "validate", "clean", "dedupe", "snapshot"}
@@ -134,7 +135,7 @@ class Jobs:
             return []
 
     def _version_of(self, versions: list, rid: str):
-        return next((v for v in versions if v.tags.get("airflow.run_id") == rid), None)
+        return next((v for v in versions if v.info.run_id == rid), None)
 
     def job(self, customer: str, run: dict, versions: list, tasks: list[dict] | None = None, detail=False) -> dict:
         rid, state = run["dag_run_id"], run["state"]
@@ -156,9 +157,7 @@ class Jobs:
         error = None
         if status == "failed":
             error = self._error(customer, run, v, tasks if tasks is not None else self._tasks(customer, rid))
-        promoted = bool(
-            v and v.tags.get("gate.decision") == "passed" and ("production" in v.aliases or "previous" in v.aliases)
-        )
+        promoted = bool(v and v.info.passed and ("production" in v.aliases or "previous" in v.aliases))
         out = {
             "id": job_id(rid),
             "object": "fine_tuning.job",
@@ -180,10 +179,10 @@ class Jobs:
         return out
 
     def _error(self, customer: str, run: dict, v, tasks: list[dict]) -> dict:
-        if v is not None and v.tags.get("gate.decision") == "failed":
+        if v is not None and v.info.gate_decision == FAILED:
             return {
                 "code": "gate_failed",
-                "message": f"The evaluation gate refused the candidate: {v.tags.get('gate.reasons', '')}",
+                "message": f"The evaluation gate refused the candidate: {' | '.join(v.info.gate_reasons or [])}",
                 "param": None,
             }
         failed = sorted({t["task_id"] for t in tasks if t.get("state") in ("failed", "upstream_failed")} & DATA_TASKS)
@@ -220,7 +219,7 @@ class Jobs:
 
         try:
             reg = Registry(self.registry_uri)
-            mv = reg.client.get_model_version(model_name(customer, v.tags.get("base_model", "")), v.version)
+            mv = reg.client.get_model_version(model_name(customer, v.info.base_model or ""), v.version)
             tokens = reg.client.get_run(mv.run_id).data.metrics.get("tokens_seen")
             return int(tokens) if tokens is not None else None
         except Exception:  # noqa: BLE001 - a figure, not a verdict
@@ -254,13 +253,13 @@ class Jobs:
         v = self._version_of(self._versions(customer, base), rid)
         if v is not None:
             when = datetime.fromtimestamp(v.created / 1000).astimezone().isoformat()
-            ok = v.tags.get("gate.decision") == "passed"
+            ok = v.info.passed
             out.append(
                 self._event(
                     when,
                     "info" if ok else "warn",
-                    f"Gate {v.tags.get('gate.decision')}: {v.tags.get('gate.reasons') or 'no regression'}",
-                    {"registry_version": v.version, "gate": v.tags.get("gate.decision")},
+                    f"Gate {v.info.gate}: {' | '.join(v.info.gate_reasons or []) or 'no regression'}",
+                    {"registry_version": v.version, "gate": v.info.gate},
                 )
             )
             if "production" in v.aliases:
@@ -291,7 +290,7 @@ class Jobs:
         rid = run["dag_run_id"]
         out = []
         for v in self._versions(customer, base):
-            if v.tags.get("airflow.run_id") != rid:
+            if v.info.run_id != rid:
                 continue
             metrics = {
                 k.removeprefix("metrics."): _num(x) for k, x in v.tags.items() if k.startswith("metrics.") and x != ""
@@ -304,7 +303,7 @@ class Jobs:
                     "fine_tuned_model_checkpoint": f"{customer}@{v.version}",
                     "fine_tuning_job_id": jid,
                     "step_number": 0,
-                    "metrics": metrics | {"gate": v.tags.get("gate.decision"), "aliases": v.aliases},
+                    "metrics": metrics | {"gate": v.info.gate, "aliases": v.aliases},
                 }
             )
         return out

@@ -10,6 +10,7 @@ paged searches, and the fleet page's stale-while-revalidate snapshot of them) se
 
 from __future__ import annotations
 
+import functools
 import re
 import threading
 import time
@@ -18,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import TypeVar
 
 from ftops.config import check_base_slug, check_customer_id
+from ftops.release.tags import VersionTags
 from ftops.storage import adapter_prefix
 
 PRODUCTION, PREVIOUS, CANDIDATE = "production", "previous", "candidate"
@@ -81,20 +83,24 @@ class AdapterVersion:
     source: str
     created: int
 
+    @functools.cached_property
+    def info(self) -> VersionTags:
+        return VersionTags.read(self.tags)
+
     @property
     def adapter_version(self) -> str:
-        return self.tags.get("adapter.version", "")
+        return self.info.adapter_version or ""
 
     @property
     def adapter_prefix(self) -> str:
-        return self.tags.get("adapter.prefix", "")
+        return self.info.adapter_prefix or ""
 
     def checked(self, base_slug: str) -> AdapterVersion:
         """This version if its adapter values are what the platform itself would have written: a plain
         version name, the customer's own adapter prefix for that exact version, a sha256; else
         UntrustedVersion. Whatever copies or loads an adapter goes through here first."""
         label = f"{self.customer}: registry version {self.version}"
-        av, prefix, sha = self.adapter_version, self.adapter_prefix, self.tags.get("adapter.sha256", "")
+        av, prefix, sha = self.adapter_version, self.adapter_prefix, self.info.adapter_sha256 or ""
         if not ADAPTER_VERSION_RE.fullmatch(av) or ".." in av:
             raise UntrustedVersion(f"{label}: refused: adapter.version {av[:80]!r} is not a plain version name")
         expected = adapter_prefix(self.customer, base_slug, av)
@@ -185,10 +191,9 @@ class Registry:
     def promote(self, customer: str, base_slug: str, version: str, force: bool = False) -> AdapterVersion:
         """Move `production` to `version` (and `previous` to what production was). Gate must have passed."""
         target = self.get(customer, base_slug, version)
-        if not force and target.tags.get("gate.decision") != "passed":
+        if not force and not target.info.passed:
             raise RegistryError(
-                f"{customer}: version {version} did not pass the gate "
-                f"({target.tags.get('gate.decision', 'not evaluated')}); refusing to promote"
+                f"{customer}: version {version} did not pass the gate ({target.info.gate}); refusing to promote"
             )
         name = model_name(customer, base_slug)
         current = self.by_alias(customer, base_slug, PRODUCTION)
@@ -255,9 +260,13 @@ class Version:
     source: str
     description: str = ""
 
+    @functools.cached_property
+    def info(self) -> VersionTags:
+        return VersionTags.read(self.tags)
+
     @property
     def gate(self) -> str:
-        return self.tags.get("gate.decision", "not evaluated")
+        return self.info.gate
 
 
 @dataclass

@@ -10,6 +10,7 @@ from ftops.config import Platform, Settings, load_platform, settings
 from ftops.handoffs import Decision, Metrics, Promotion, Registration, Trained
 from ftops.release.registry import model_name
 from ftops.release.serving import Desired, Plan
+from ftops.release.tags import VersionTags
 from ftops.run import Run
 from ftops.storage import Store
 
@@ -30,7 +31,7 @@ def _gate_failure(run: Run, version: str, d: Decision) -> dict:
 
     try:  # newest first: this failed version is among them, registered before promote runs
         versions = sorted(run.registry().versions(run.id, run.base_slug), key=lambda v: -int(v.version))
-        failures, _ = consecutive_failures([(v.tags.get("gate.decision", ""), "") for v in versions])
+        failures, _ = consecutive_failures([(v.info.gate_decision or "", "") for v in versions])
     except (RegistryError, OSError, ValueError):  # the failure is still reported, without the count
         failures = None
     return gate_failure(run.id, version, d.failed_rules, failures, run.customer.gate.stuck_after)
@@ -40,43 +41,43 @@ def register(run: Run, trained: dict, metrics: dict, decision: dict) -> dict:
     """Register the candidate with its lineage (once per training run), record the gate's decision and report."""
     m, d, t = Metrics.model_validate(metrics), Decision.model_validate(decision), Trained.model_validate(trained)
     cand = m.candidate
-    tags = (
-        run.lineage()
-        | d.as_tags()
-        | {
-            "adapter.version": t.adapter_version,
-            "adapter.prefix": t.adapter_prefix,
-            "adapter.uri": t.adapter_uri,
-            "adapter.sha256": m.candidate_sha256,
-            "adapter.tree_sha256": _stored_tree(run, t.adapter_prefix),
-            "dataset.version": t.dataset_version,
-            "dataset.new_versions": ",".join(t.new_versions),
-            "replay.examples": t.replayed,
-            "replay.share": round(t.replayed / max(t.train_examples, 1), 4),
-            "base_model": run.base_slug,
-            "lora.r": t.lora.r,
-            "lora.alpha": t.lora.alpha,
-            "lora.target_modules": ",".join(t.lora.target_modules),
-            "metrics.candidate_val_loss": _tag(cand.val_loss),
-            "metrics.base_val_loss": _tag(m.base.val_loss),
-            "metrics.production_val_loss": _tag(m.production.val_loss if m.production else None),
-            "metrics.val_examples": m.val_examples,
-            "metrics.candidate_golden_chrf": _tag(cand.golden_chrf),
-            "metrics.candidate_checks_pass_rate": _tag(cand.checks_pass_rate),
-            "metrics.candidate_canary_leaks": _tag(cand.canary_leaks),
-            "metrics.candidate_repetition": _tag(cand.repetition),
-            "metrics.base_repetition": _tag(m.base.repetition),
-            "eval.engine": m.engine,
-        }
-        | t.registry_tags  # e.g. the replay share used and why (model.tasks.train)
-        | forgetting_tags(m)
+    tags = VersionTags(
+        **run.lineage(),
+        base_model=run.base_slug,
+        adapter_version=t.adapter_version,
+        adapter_prefix=t.adapter_prefix,
+        adapter_uri=t.adapter_uri,
+        adapter_sha256=m.candidate_sha256,
+        adapter_tree_sha256=_stored_tree(run, t.adapter_prefix),
+        dataset_version=t.dataset_version,
+        dataset_new_versions=t.new_versions,
+        replay_examples=t.replayed,
+        replay_share=round(t.replayed / max(t.train_examples, 1), 4),
+        replay_fraction=t.replay_fraction,
+        replay_mode=t.replay_mode,
+        replay_reason=t.replay_reason,
+        lora_r=t.lora.r,
+        lora_alpha=t.lora.alpha,
+        lora_target_modules=t.lora.target_modules,
+        candidate_val_loss=cand.val_loss,
+        base_val_loss=m.base.val_loss,
+        production_val_loss=m.production.val_loss if m.production else None,
+        val_examples=m.val_examples,
+        candidate_golden_chrf=cand.golden_chrf,
+        candidate_checks_pass_rate=cand.checks_pass_rate,
+        candidate_canary_leaks=cand.canary_leaks,
+        candidate_repetition=cand.repetition,
+        base_repetition=m.base.repetition,
+        eval_engine=m.engine,
+        **forgetting(m),
+        **d.tags(),
         # What the serving engine answered at the gate: the reconciler checks a swap reproduces it.
-        | (
-            {"probe.prompt": cand.sample["prompt"], "probe.answer": cand.sample["answer"][:200]}
+        **(
+            {"probe_prompt": cand.sample["prompt"], "probe_answer": cand.sample["answer"][:200]}
             if m.engine.startswith("vllm") and cand.sample
             else {}
-        )
-    )
+        ),
+    ).as_tags()
     reg = run.registry()
     v = reg.register(
         run.id,
@@ -97,21 +98,17 @@ def _stored_tree(run: Run, prefix: str) -> str:
     return tree_sha256({k[len(prefix) + 1 :]: run.store.get(k) for k in run.store.list(prefix)})
 
 
-def forgetting_tags(m: Metrics) -> dict[str, str]:
-    """`forgetting.max`: the worst earlier group's held-out loss increase vs production (nats; absent without
-    production); `forgetting.groups`: every group's figures, compact JSON (at most 8 groups: well under the
-    registry's 5,000-character tag limit)."""
+def forgetting(m: Metrics) -> dict:
+    """`forgetting_max`: the worst earlier group's held-out loss increase vs production (nats; absent without
+    production); `forgetting_groups`: every group's figures (at most 8 groups: well under the registry's
+    5,000-character tag limit)."""
     if not m.history_groups:
         return {}
     groups = [
         {k: round(v, 4) if isinstance(v, float) else v for k, v in g.model_dump(exclude={"diff_sd"}).items()}
         for g in m.history_groups
     ]
-    return {"forgetting.max": _tag(m.forgetting_max()), "forgetting.groups": json.dumps(groups, separators=(",", ":"))}
-
-
-def _tag(x: float | int | None) -> str:
-    return "" if x is None else str(x)
+    return {"forgetting_max": m.forgetting_max(), "forgetting_groups": groups}
 
 
 def _log_report(run: Run, mlflow_run_id: str, version: str, decision: dict) -> None:
@@ -191,11 +188,11 @@ def plan_serving(platform: Platform, registry) -> Plan:
                 v.version,
                 v.adapter_version,
                 v.adapter_prefix,
-                v.tags["adapter.sha256"],
-                tree_sha256=v.tags.get("adapter.tree_sha256", ""),
-                rank=int(v.tags["lora.r"]) if v.tags.get("lora.r", "").isdigit() else 0,
-                probe_prompt=v.tags.get("probe.prompt", ""),
-                probe_answer=v.tags.get("probe.answer", ""),
+                v.info.adapter_sha256,
+                tree_sha256=v.info.adapter_tree_sha256 or "",
+                rank=max(v.info.lora_r or 0, 0),
+                probe_prompt=v.info.probe_prompt or "",
+                probe_answer=v.info.probe_answer or "",
             )
         )
     return plan
