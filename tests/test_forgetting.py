@@ -196,12 +196,12 @@ def test_evaluation_scores_each_group_of_earlier_versions_on_the_customers_own_h
     # The val file the train task wrote: every version's rows (the erased one already out), D3 new to production.
     val = [r | {"history": v != D3} for v in (D1, D2, D3) for r in rows[v] if r["id"] != rows[D1][0]["id"]]
     groups = history_groups(
-        SimpleNamespace(store=store, id=CUSTOMER), SimpleNamespace(tags={"dataset.version": D2}), val, max_groups=1
+        SimpleNamespace(store=store, id=CUSTOMER), SimpleNamespace(info=VersionTags(dataset_version=D2)), val, max_groups=1
     )
     assert groups == [{"first": D1, "last": D2, "versions": 2}]  # more versions than groups: consecutive ones merge
     assert [r.get("group") for r in val] == [0] * 7 + [None] * 4
     groups = history_groups(
-        SimpleNamespace(store=store, id=CUSTOMER), SimpleNamespace(tags={"dataset.version": D2}), val
+        SimpleNamespace(store=store, id=CUSTOMER), SimpleNamespace(info=VersionTags(dataset_version=D2)), val
     )
     assert [g["first"] for g in groups] == [D1, D2] and [r.get("group") for r in val] == [0] * 3 + [1] * 4 + [None] * 4
 
