@@ -108,7 +108,8 @@ def test_the_gate_passes_noise_and_blocks_forgetting_on_the_season(registry):
 
 
 def test_two_failed_gates_in_a_row_mark_the_customer_stuck_with_the_rule_and_what_to_do(registry):
-    from ftops.operate.fleet import customer_detail, fleet, read_registry
+    from ftops.operate.fleet import customer_detail, fleet
+    from ftops.release.registry import read_registry
 
     env = registry["env"]
     rows = fleet(registry["platform"], env, registry=lambda: read_registry(env.mlflow_uri))
@@ -196,7 +197,10 @@ def test_evaluation_scores_each_group_of_earlier_versions_on_the_customers_own_h
     # The val file the train task wrote: every version's rows (the erased one already out), D3 new to production.
     val = [r | {"history": v != D3} for v in (D1, D2, D3) for r in rows[v] if r["id"] != rows[D1][0]["id"]]
     groups = history_groups(
-        SimpleNamespace(store=store, id=CUSTOMER), SimpleNamespace(info=VersionTags(dataset_version=D2)), val, max_groups=1
+        SimpleNamespace(store=store, id=CUSTOMER),
+        SimpleNamespace(info=VersionTags(dataset_version=D2)),
+        val,
+        max_groups=1,
     )
     assert groups == [{"first": D1, "last": D2, "versions": 2}]  # more versions than groups: consecutive ones merge
     assert [r.get("group") for r in val] == [0] * 7 + [None] * 4

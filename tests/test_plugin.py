@@ -260,14 +260,13 @@ ftops_tenant_request_seconds_bucket{customer="acme",le="+Inf"} 42
 
 def test_an_unreachable_registry_or_replica_is_reported_not_shown_as_empty(monkeypatch):
     from conftest import free_port
-    from ftops.operate import fleet
-    from ftops.release import serving
+    from ftops.release import registry, serving
 
     nowhere = f"http://127.0.0.1:{free_port()}"
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")  # as the plugin sets it in the api-server
     t0 = time.time()
-    with pytest.raises(fleet.Unavailable, match="cannot be read"):
-        fleet.read_registry(nowhere)
+    with pytest.raises(registry.RegistryUnavailable, match="cannot be read"):
+        registry.read_registry(nowhere)
     assert time.time() - t0 < 30
     replicas = serving.replica_adapters([nowhere])
     assert replicas == {nowhere: None}
