@@ -60,6 +60,7 @@ def main() -> None:
         "AIRFLOW_JWT_SECRET": token(),
         "AIRFLOW_API_SECRET_KEY": token(),
         "FTOPS_AIRFLOW_ADMIN_PASSWORD": token(),
+        "FTOPS_AIRFLOW_API_PASSWORD": token(),
         "FTOPS_S3_ADMIN_ACCESS_KEY": admin.access_key,
         "FTOPS_S3_ADMIN_SECRET_KEY": admin.secret_key,
         "FTOPS_S3_ACCESS_KEY": pipeline.access_key,

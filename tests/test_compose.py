@@ -171,6 +171,16 @@ def test_every_secret_is_required_and_documented():
     assert "admin:admin" not in COMPOSE_TEXT.replace("SIMPLE_AUTH_MANAGER_USERS: admin:admin", "")
 
 
+def test_the_customer_api_reaches_airflow_as_its_own_service_account_not_the_admin(services):
+    api = env(services["api"])
+    users = dict(
+        u.split(":") for u in env(services["airflow-scheduler"])["AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS"].split(",")
+    )
+    assert api["FTOPS_AIRFLOW_USERNAME"] == "ftops-api" and users["ftops-api"] == "user"  # trigger/cancel, no admin
+    init = " ".join(services["airflow-init"]["command"])
+    assert '"ftops-api": os.environ["FTOPS_AIRFLOW_API_PASSWORD"]' in init  # its password lands in the file
+
+
 @pytest.mark.parametrize("name", REQUIRED)
 def test_compose_refuses_to_render_without_a_secret(name):
     for env in ({k: v for k, v in EXAMPLE_ENV.items() if k != name}, EXAMPLE_ENV | {name: ""}):
@@ -193,6 +203,7 @@ def test_generated_env_renders_the_stack(tmp_path):
         assert v not in r.stdout + r.stderr  # nothing secret printed
     services = validated(COMPOSE_TEXT, values)["services"]
     assert env(services["airflow-scheduler"])["AIRFLOW__API_AUTH__JWT_SECRET"] == values["AIRFLOW_JWT_SECRET"]
+    assert env(services["api"])["FTOPS_AIRFLOW_PASSWORD"] == values["FTOPS_AIRFLOW_API_PASSWORD"]  # not the admin's
     again = subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "make_env.py"), "--out", str(tmp_path)], capture_output=True, text=True
     )

@@ -11,6 +11,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import secrets
 import shutil
 import time
 from datetime import UTC, datetime
@@ -95,10 +96,17 @@ def tokens(home):
     return {combo: keys.create(combo[0], scopes=combo[1])[1] for combo in combos}
 
 
+# Airflow's users in this module, as docker-compose.yaml has them: the customer API reaches Airflow as its own
+# service account with role `user` (trigger, cancel, read), never as an admin.
+AIRFLOW_USERS = {"admin": ("admin", secrets.token_urlsafe(16)), "ftops-api": ("user", secrets.token_urlsafe(16))}
+
+
 @pytest.fixture(scope="module")
 def api(customers_file, mlflow_server, airflow_port, tokens):
     extra = {
         "FTOPS_AIRFLOW_URL": f"http://127.0.0.1:{airflow_port}",
+        "FTOPS_AIRFLOW_USERNAME": "ftops-api",
+        "FTOPS_AIRFLOW_PASSWORD": AIRFLOW_USERS["ftops-api"][1],
         "FTOPS_DATA_MAX_FILE_BYTES": str(UPLOAD_LIMIT),
         "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1",
     }
@@ -324,9 +332,24 @@ def test_the_page_uploads_a_file_and_shows_its_report(api, tmp_path):
 
 @pytest.fixture(scope="module")
 def airflow(api, home, tiny_model, postgres, airflow_port, customers_file):
-    extra = {"AIRFLOW_HOME": str(home / "airflow-portal"), **postgres}
+    ah = home / "airflow-portal"
+    ah.mkdir()
+    (ah / "passwords.json").write_text(json.dumps({u: pw for u, (_, pw) in AIRFLOW_USERS.items()}))
+    extra = {
+        "AIRFLOW_HOME": str(ah),
+        **postgres,
+        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS": "False",
+        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": ",".join(f"{u}:{role}" for u, (role, _) in AIRFLOW_USERS.items()),
+        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(ah / "passwords.json"),
+    }
     for svc in _service("airflow", extra, "AIRFLOW_PORT", airflow_port):
-        http = httpx.Client(base_url=f"{svc.url}/api/v2", timeout=60)
+        r = httpx.post(
+            f"{svc.url}/auth/token", json={"username": "admin", "password": AIRFLOW_USERS["admin"][1]}, timeout=60
+        )
+        assert r.status_code in (200, 201), r.text
+        http = httpx.Client(
+            base_url=f"{svc.url}/api/v2", timeout=60, headers={"Authorization": f"Bearer {r.json()['access_token']}"}
+        )
         deadline = time.time() + 180
         while any(http.get(f"/dags/finetune_{c}").status_code != 200 for c in (TUNED, STRICT)):
             assert time.time() < deadline, "the DAGs never appeared"
