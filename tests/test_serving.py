@@ -21,8 +21,9 @@ import pytest
 import yaml
 
 from conftest import ROOT, TEST_CUSTOMERS, _service
-from ftops.config import settings
+from ftops.config import LoraSettings, settings
 from ftops.data.demo import write_batch
+from ftops.handoffs import Trained
 from ftops.release.keys import auth_headers
 from ftops.release.registry import Registry, RegistryUnavailable, model_name
 from ftops.release.serving import ReconcileIncomplete, Replica, ServingError, tree_sha256
@@ -224,7 +225,18 @@ def test_registry_outage_fails_training_and_evaluation_instead_of_going_without_
     with pytest.raises(RegistryUnavailable):
         model.train(run, force=True)
     assert store.list(f"{other}/adapters") == adapters  # nothing trained
-    trained = {"adapter_prefix": v1.adapter_prefix, "adapter_version": v1.adapter_version}
+    trained = Trained(  # the train task's hand-off for v1's adapter
+        adapter_version=v1.adapter_version,
+        adapter_prefix=v1.adapter_prefix,
+        adapter_uri=v1.source,
+        adapter_artifact_uri=v1.source,
+        mlflow_run_id="",
+        dataset_version="",
+        new_versions=[],
+        replayed=0,
+        train_examples=0,
+        lora=LoraSettings(),
+    ).model_dump()
     with pytest.raises(RegistryUnavailable):
         model.evaluate(Run(CUSTOMER, "manual__outage-eval", f"finetune_{CUSTOMER}"), trained)
 
@@ -321,11 +333,11 @@ def test_sync_during_evaluation_leaves_its_temporary_adapter_alone(versions, vll
     adapter = Path(settings().storage_root) / reg.get(CUSTOMER, BASE, versions[1]).adapter_prefix
     chat, seen = Replica.chat, []
 
-    def sync_first(self, model, prompt, max_tokens=64):
+    def sync_first(self, model, prompt, max_tokens=64, system=None):
         if not seen:  # the evaluation has loaded its candidate: a sync runs right now
             seen.append(sync_serving())
             assert self.adapters().get(name) == str(adapter)
-        return chat(self, model, prompt, max_tokens)
+        return chat(self, model, prompt, max_tokens, system)
 
     monkeypatch.setattr(Replica, "chat", sync_first)
     answers = answers_from(replica, name, adapter, [PROMPT, "Hello?"])
@@ -334,7 +346,7 @@ def test_sync_during_evaluation_leaves_its_temporary_adapter_alone(versions, vll
     assert name not in replica.adapters()  # evaluation cleaned up after itself
 
     # An error during evaluation is the error reported, even when the cleanup fails too.
-    def broken(self, model, prompt, max_tokens=64):
+    def broken(self, model, prompt, max_tokens=64, system=None):
         raise ServingError("completion failed: boom")
 
     def unreachable(self, n):
