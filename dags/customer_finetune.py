@@ -103,9 +103,16 @@ def run():
     from ftops.run import Run
 
     ctx = get_current_context()
-    dag_id = ctx["dag"].dag_id
-    dag_run = ctx["dag_run"]
-    return Run(dag_id.removeprefix("finetune_"), dag_run.run_id, dag_id, started_at=dag_run.start_date)
+    dag_id, dag_run, ti = ctx["dag"].dag_id, ctx["dag_run"], ctx["ti"]
+    r = Run(
+        dag_id.removeprefix("finetune_"),
+        dag_run.run_id,
+        dag_id,
+        started_at=dag_run.start_date,
+        task_id=ti.task_id,
+        try_number=ti.try_number,
+    )
+    return r.claim()  # this try's fence: a lost earlier try of this task can no longer write
 
 
 # The key to the raw records between ingest and clean (ftops.data.tasks): an XCom of its own, because Airflow

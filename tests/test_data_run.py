@@ -14,7 +14,7 @@ from ftops.data import tasks as data
 from ftops.data.demo import write_batch
 from ftops.data.validate import ValidationFailed
 from ftops.run import Run
-from ftops.storage import Store
+from ftops.storage import StaleTry, Store
 
 
 def test_data_tasks_share_one_chain_and_keep_no_raw_data_in_scratch(home):
@@ -133,3 +133,25 @@ def test_on_s3_files_stream_limits_hold_and_cleanup_removes_scratch(s3_server, m
     out = data.snapshot(run)
     assert out["dropped"] == {"too_large": 1} and out["kept"] > 0
     assert data.cleanup(run)["removed_objects"] > 0 and store.list(run.scratch) == []
+
+
+def test_a_stale_try_of_a_data_task_writes_nothing_and_its_refusal_is_recorded(home, tmp_path, monkeypatch):
+    monkeypatch.setenv("FTOPS_STORAGE_ROOT", str(tmp_path))  # a history of its own
+    write_batch("brightdesk", tmp_path / "brightdesk" / "inbox", n=30, batch=0, dirty=False)
+    lost = Run("brightdesk", "manual__fence", "finetune_brightdesk", task_id="ingest", try_number=1).claim()
+    retry = Run("brightdesk", "manual__fence", "finetune_brightdesk", task_id="ingest", try_number=2).claim()
+    before = set(lost.store.list(lost.scratch))
+    with pytest.raises(StaleTry, match="try 1 is stale"):
+        data.ingest(lost)
+    assert set(lost.store.list(lost.scratch)) == before | {f"{lost.scratch}/tries/ingest.refused-1"}
+    with pytest.raises(StaleTry):  # nor can it take the fence back
+        Run("brightdesk", "manual__fence", "finetune_brightdesk", task_id="ingest", try_number=1).claim()
+    assert data.ingest(retry)["read"] == 30  # the retry's own work is untouched
+    # Another task's fence is its own: validate's first try is not stale because ingest retried.
+    validating = Run("brightdesk", "manual__fence", "finetune_brightdesk", task_id="validate", try_number=1).claim()
+    validating.save("probe", b"ok")
+    # A fence record that does not parse holds for nobody: refused (fail closed), until a try claims again.
+    Store(str(tmp_path)).put(f"{retry.scratch}/tries/ingest", b"not json", overwrite=True)
+    with pytest.raises(StaleTry):
+        retry.save("probe", b"x")
+    retry.claim().save("probe", b"x")

@@ -12,12 +12,14 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from ftops.data import snapshot as snap
 from ftops.data.dedupe import dedupe
 from ftops.data.demo import write_batch
 from ftops.data.ingest import ingest
 from ftops.model.train import TrainArgs, check_servable, train
-from ftops.storage import Store
+from ftops.storage import StaleTry, Store
 
 
 def dataset(store: Store, customer_style: str, tmp: Path, n: int, batch: int = 0) -> str:
@@ -152,3 +154,50 @@ def test_preference_pairs_run_dpo_after_sft_and_widen_the_margin(tmp_path, tiny_
     assert "dpo_steps" not in sft_only and both["dpo_steps"] == 30 and both["dpo_pairs"] == 50
     assert both["dpo_reward_margin_last"] > both["dpo_reward_margin_first"]
     assert margin(tmp_path / "dpo" / "out" / "adapter") > margin(tmp_path / "sft" / "out" / "adapter")
+
+
+def test_a_lost_try_still_training_is_fenced_off_once_its_retry_claims(tmp_path, tiny_model, mlflow_server):
+    """The orphan: a training whose task try was declared lost but whose process lives on. Once the retry claims
+    the task's fence, the orphan's next write (checkpoint, MLflow metrics, adapter) is refused and it stops."""
+    from ftops.storage import Fence
+
+    store = Store(str(tmp_path / "root"))
+    v = dataset(store, "brightdesk", tmp_path, 80)
+    rows, val, _ = snap.training_mix(store, "acme", [v], [], 0.2, 0)
+    fence_key = "acme/runs/r2/tries/train"
+    Fence(store, fence_key, 1).claim()
+    args = args_for(
+        tmp_path, tiny_model, store.root, rows, val, "orphan", max_steps=400, save_steps=20,
+        checkpoint_prefix="acme/runs/r2/checkpoints", result_key="acme/runs/r2/train-result.json",
+        fence_key=fence_key, fence_try=1, fence_label="acme train",
+    )  # fmt: skip
+    config = tmp_path / "orphan.json"
+    config.write_text(args.dump())
+    cmd = [sys.executable, "-m", "ftops.cli", "train", "--config", str(config)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        deadline = time.time() + 300
+        while not any(k.endswith("/COMPLETE") for k in store.list("acme/runs/r2/checkpoints")):
+            assert proc.poll() is None and time.time() < deadline, "training ended before its first checkpoint"
+            time.sleep(0.05)
+        Fence(store, fence_key, 2).claim()  # the retry starts elsewhere
+        claimed_at = max(steps(store, "acme/runs/r2/checkpoints"))
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode != 0
+    assert "StaleTry" in err.decode() and "try 1 is stale (the fence names try 2)" in err.decode()
+    assert store.get(f"{fence_key}.refused-1").decode().startswith("acme train: try 1 is stale")
+    # At most the one checkpoint that was being written when the retry claimed.
+    assert max(steps(store, "acme/runs/r2/checkpoints")) <= claimed_at + 20 < 400
+    assert not store.exists(args.result_key) and not store.list("acme/adapters/tiny/orphan")
+    # A try that is already stale when it starts trains nothing, not even an MLflow run.
+    with pytest.raises(StaleTry):
+        train(args.model_copy(update={"output_dir": str(tmp_path / "late")}))
+    assert not (tmp_path / "late").exists()
+
+
+def steps(store: Store, prefix: str) -> list[int]:
+    """The steps of the complete checkpoints under a prefix."""
+    return [int(k.split("checkpoint-")[1].split("/")[0]) for k in store.list(prefix) if k.endswith("/COMPLETE")]

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from ftops.config import CustomerConfig, Platform, Settings, load_platform, settings
 from ftops.release.registry import AdapterVersion
-from ftops.storage import Store
+from ftops.storage import Fence, Fenced, Store
 
 
 class Run:
@@ -33,6 +33,8 @@ class Run:
         platform: Platform | None = None,
         env: Settings | None = None,
         started_at: datetime | None = None,
+        task_id: str = "",
+        try_number: int | None = None,
     ):
         self.env = env or settings()
         self.platform = platform or load_platform(self.env.customers_file)
@@ -40,11 +42,34 @@ class Run:
         self.id = customer_id
         self.run_id, self.dag_id, self.started_at = run_id, dag_id, started_at
         self.key = hashlib.sha256(run_id.encode()).hexdigest()[:12]
-        self.store = Store(self.env.storage_root)
         self.scratch = f"{customer_id}/runs/{self.key}"
+        self.store: Store | Fenced = Store(self.env.storage_root)
+        # Under Airflow every write of a task try goes through its fence (`claim` at the try's start): a lost try
+        # still running somewhere cannot write over its retry's work. Outside Airflow (the CLI, tests) no fence.
+        self.fence: Fence | None = None
+        if task_id and try_number is not None:
+            label = f"{customer_id} {dag_id or run_id} {task_id}"
+            self.fence = Fence(self.store, f"{self.scratch}/tries/{task_id}", try_number, label)
+            self.store = Fenced(self.store, self.fence)
         self.workdir = self.env.home / "work" / customer_id / self.key
         self.base_slug = self.customer.base_model
         self.base_path = self.env.base_model_path(self.platform, self.base_slug)
+
+    def claim(self) -> Run:
+        """Take the task's fence for this try (a try older than the holder raises StaleTry)."""
+        if self.fence:
+            self.fence.claim()
+        return self
+
+    def check_fence(self, what: str) -> None:
+        """Before a write outside object storage (the registry): StaleTry unless this try holds the fence."""
+        if self.fence:
+            self.fence.check(what)
+
+    def fence_args(self) -> dict:
+        """The fence, for an `ftops` stage command this try starts (its writes are checked the same way)."""
+        f = self.fence
+        return {"fence_key": f.key, "fence_try": f.try_number, "fence_label": f.label} if f else {}
 
     @property
     def inbox(self) -> str:

@@ -71,6 +71,89 @@ class AlreadyExists(FileExistsError):
     """A write-once object exists already; nothing was changed."""
 
 
+class StaleTry(RuntimeError):
+    """A later try of the same task has taken over: this try may no longer write (its write was refused)."""
+
+
+class Fence:
+    """A task try's right to write: the object at `key` names the try that holds it (`claim`), and a write goes
+    through only while it still names this one (`check`). Airflow retries a task whose worker went silent, but
+    cannot stop the lost try's process if it is still alive somewhere (its supervisor killed, its machine cut
+    off): the fence keeps such an orphan from writing over the retry's work.
+
+    The check reads one small object before each write; a write that began before the retry claimed may still
+    finish (one write's window). A record that does not parse holds for nobody: writes are refused."""
+
+    def __init__(self, store: Store, key: str, try_number: int, label: str = ""):
+        self.store, self.key, self.try_number, self.label = store, key, int(try_number), label or key
+
+    def holder(self) -> int | None:
+        """The try that holds the fence; None if none has claimed it. Unreadable storage raises."""
+        import json
+
+        try:
+            raw = self.store.get(self.key)
+        except FileNotFoundError:
+            return None
+        try:
+            return int(json.loads(raw)["try"])
+        except (ValueError, KeyError, TypeError):
+            return -1  # not a record of ours: nobody holds it, and nobody may write until a try claims it
+
+    def claim(self) -> None:
+        """Take the fence for this try (at its start). A try older than the holder is stale already."""
+        import json
+        import socket
+        from datetime import UTC, datetime
+
+        if (held := self.holder()) is not None and held > self.try_number:
+            self.refuse(held, f"claim {self.key}")
+        record = {"try": self.try_number, "host": socket.gethostname(), "pid": os.getpid()}
+        record["at"] = datetime.now(UTC).isoformat()
+        self.store.put(self.key, json.dumps(record).encode(), overwrite=True)
+
+    def check(self, what: str) -> None:
+        """Raise StaleTry (and leave a record of the refusal) unless this try holds the fence."""
+        if (held := self.holder()) != self.try_number:
+            self.refuse(held, what)
+
+    def refuse(self, held: int | None, what: str) -> None:
+        import logging
+
+        msg = f"{self.label}: try {self.try_number} is stale (the fence names try {held}); refused to write {what}"
+        logging.getLogger("ftops.fence").error(msg)
+        try:  # the orphan's log may go nowhere (its supervisor is gone): the refusal is kept beside the fence
+            self.store.put(f"{self.key}.refused-{self.try_number}", msg.encode(), overwrite=True)
+        except Exception:  # noqa: BLE001 - the refusal stands whether or not its record could be written
+            pass
+        raise StaleTry(msg)
+
+
+class Fenced:
+    """A store whose writes go through only while `fence` holds (reads pass through unchanged)."""
+
+    def __init__(self, store: Store, fence: Fence):
+        self._store, self.fence = store, fence
+
+    def __getattr__(self, name: str):
+        return getattr(self._store, name)
+
+    def put(self, key: str, data: bytes, overwrite: bool = False) -> str:
+        self.fence.check(key)
+        return self._store.put(key, data, overwrite)
+
+    def put_file(self, key: str, path: str | Path, overwrite: bool = False) -> str:
+        self.fence.check(key)
+        return self._store.put_file(key, path, overwrite)
+
+    def delete_prefix(self, prefix: str) -> int:
+        self.fence.check(f"(removal) {prefix}")
+        return self._store.delete_prefix(prefix)
+
+    def upload_dir(self, local_dir: str | Path, prefix: str) -> str:
+        return Store.upload_dir(self, local_dir, prefix)  # type: ignore[arg-type]  # every file through `put`
+
+
 @dataclass
 class Entry:
     """An object found by `Store.entries`: its key, how to open it, and why it is refused (`symlink`), if it is."""

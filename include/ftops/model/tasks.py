@@ -95,6 +95,7 @@ def train(run: Run, force: bool = False, overrides: dict | None = None, strategy
         init_adapter=init_adapter,
         checkpoint_prefix=f"{run.scratch}/checkpoints",
         result_key=f"{run.scratch}/train-result.json",
+        **run.fence_args(),
         mlflow_uri=run.env.mlflow_uri,
         mlflow_experiment=f"ftops-{run.id}",
         tags=run.lineage(),
@@ -296,6 +297,7 @@ def _log_evaluation(run: Run, mlflow_run_id: str, m: Metrics) -> None:
     now = int(time.time() * 1000)
     batch = [Metric(k, float(v), now, 0) for k, v in figures.items() if v is not None and v == v]
     if batch:
+        run.check_fence("evaluation metrics")
         run.registry().client.log_batch(mlflow_run_id, metrics=batch)
 
 

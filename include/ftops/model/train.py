@@ -52,6 +52,11 @@ class TrainArgs(BaseModel):
     eval_steps: int = 0  # 0: evaluate once per epoch
     checkpoint_prefix: str = ""  # storage prefix for resumable checkpoints; empty: no checkpoints
     result_key: str = ""  # storage key the result is written to once the adapter is uploaded (retries read it)
+    # The task try's fence (`ftops.storage.Fence`): every write to storage and MLflow checks it first, so a lost
+    # try that is still running cannot write over its retry's checkpoints, adapter or metrics.
+    fence_key: str = ""
+    fence_try: int = 0
+    fence_label: str = ""
     mlflow_uri: str = ""
     mlflow_experiment: str = "ftops"
     run_name: str = ""
@@ -131,6 +136,18 @@ class Checkpoints:
 
     def remember_run(self, run_id: str) -> None:
         self.store.put(f"{self.prefix}/mlflow_run_id", run_id.encode(), overwrite=True)
+
+
+def fenced(log_metrics, fence):
+    """`log_metrics` that first checks the try's fence (a lost try logs nothing into its retry's MLflow run)."""
+    if fence is None:
+        return log_metrics
+
+    def log(metrics, step=None):
+        fence.check("MLflow metrics")
+        log_metrics(metrics, step=step)
+
+    return log
 
 
 def _callbacks(log_metrics, checkpoints: Checkpoints | None):
@@ -377,12 +394,16 @@ def train(args: TrainArgs) -> dict:
     from transformers import AutoTokenizer
 
     from ftops.data.snapshot import read_jsonl
-    from ftops.storage import Store, adapter_prefix
+    from ftops.storage import Fence, Fenced, Store, adapter_prefix
 
     out = Path(args.output_dir)
     cuda = torch.cuda.is_available()
     batching = choose_batching(args, cuda)
     store = Store(args.storage_root)
+    fence = Fence(store, args.fence_key, args.fence_try, args.fence_label) if args.fence_key else None
+    if fence:
+        fence.check("the start of training")  # nothing of a try already taken over starts (MLflow included)
+        store = Fenced(store, fence)
     tokenizer = AutoTokenizer.from_pretrained(args.base_model)
     raw = read_jsonl(Path(args.train_file).read_bytes())
     rows = [{"messages": r["messages"]} for r in raw]
@@ -424,7 +445,7 @@ def train(args: TrainArgs) -> dict:
             train_dataset=Dataset.from_list(rows),
             eval_dataset=Dataset.from_list(val) if val else None,
             peft_config=peft_config,
-            callbacks=_callbacks(mlflow.log_metrics, checkpoints),
+            callbacks=_callbacks(fenced(mlflow.log_metrics, fence), checkpoints),
         )
         started = time.time()
         stats = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
@@ -436,7 +457,7 @@ def train(args: TrainArgs) -> dict:
                 tokenizer,
                 pairs,
                 cuda,
-                _dpo_callbacks(mlflow.log_metrics, trainer.state.global_step),
+                _dpo_callbacks(fenced(mlflow.log_metrics, fence), trainer.state.global_step),
             )
         seconds = time.time() - started
         adapter_dir = out / "adapter"
@@ -458,6 +479,8 @@ def train(args: TrainArgs) -> dict:
             "device": "cuda" if cuda else "cpu",
             "batching": batching,
         } | preference
+        if fence:
+            fence.check("the MLflow run's final metrics and adapter")
         mlflow.log_metrics(
             {"final_train_loss": stats.training_loss, "train_seconds": seconds}
             | ({"final_eval_loss": eval_loss} if eval_loss is not None else {})

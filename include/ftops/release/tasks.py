@@ -78,6 +78,7 @@ def register(run: Run, trained: dict, metrics: dict, decision: dict) -> dict:
             else {}
         ),
     ).as_tags()
+    run.check_fence("the registry version")
     reg = run.registry()
     v = reg.register(
         run.id,
@@ -122,6 +123,7 @@ def _log_report(run: Run, mlflow_run_id: str, version: str, decision: dict) -> N
     (reports / "gate_report.html").write_text(page)
     (reports / "evaluation.json").write_text(json.dumps(metrics, indent=2))
     (reports / "gate_decision.json").write_text(json.dumps(decision, indent=2))
+    run.check_fence("the gate report")
     run.registry().client.log_artifacts(mlflow_run_id, str(reports), artifact_path="gate")
 
 
@@ -147,6 +149,7 @@ def promote(run: Run, registered: dict, decision: dict, mode: str) -> dict:
     if mode == "manual":
         out = Promotion(promoted=False, mode=mode, registry_version=r.registry_version, waiting_for="manual approval")
         return out.model_dump()
+    run.check_fence("the production alias")
     v = run.registry().promote(run.id, run.base_slug, r.registry_version)
     out = Promotion(
         promoted=True,
