@@ -5,7 +5,8 @@ and everything else to `default`; the gpu worker is SIGKILLed mid-training with 
 machine); the scheduler notices the missing heartbeats and retries the task on a *different* gpu worker, which
 resumes from the last checkpoint in object storage; the default worker is lost mid-ingest and the retry writes the
 run's one dataset version; the scheduler itself is killed and restarted mid-run; the run ends with one dataset
-version, one adapter and one registry version."""
+version, one adapter and one registry version. The lost ingest's own process is kept alive as an orphan (its
+supervisor and worker gone): once the retry claims the task's fence, the orphan's next write is refused."""
 
 from __future__ import annotations
 
@@ -84,17 +85,25 @@ def pid(home: Path, svc: Service, component: str) -> int:
     return int((home / "run" / f"celery-{svc.url.rsplit(':', 1)[1]}-{component}.pid").read_text())
 
 
-def lose(home: Path, svc: Service, component: str, worker_home: Path | None = None) -> None:
+def lose(home: Path, svc: Service, component: str, worker_home: Path | None = None, spare: int = 0) -> None:
     """SIGKILL a component's whole process group, as when its machine disappears; and, for a worker, any
-    process still running with its FTOPS_HOME (a task that left the group would survive a lost machine here)."""
+    process still running with its FTOPS_HOME (a task that left the group would survive a lost machine here).
+    `spare`: one process left alive, an orphan, frozen (SIGSTOP) as soon as its parent is gone: stopped before,
+    it would get the SIGHUP the kernel sends a stopped process whose group is orphaned, and die."""
     leader = pid(home, svc, component)
-    tree = descendants(leader)  # Airflow runs each task in a process group of its own: killpg misses it
+    tree = descendants(leader) - {spare}  # Airflow runs each task in a process group of its own: killpg misses it
+    parent = ppid(spare) if spare else 0
     os.killpg(leader, signal.SIGKILL)
     for p in tree:
         try:
             os.kill(p, signal.SIGKILL)
         except ProcessLookupError:
             pass
+    deadline = time.time() + 30
+    while spare and ppid(spare) == parent:
+        assert time.time() < deadline, "the orphan's parent survived SIGKILL"
+    if spare:
+        os.kill(spare, signal.SIGSTOP)
     deadline = time.time() + 30
     while running(leader):  # gone, so that `start celery` sees it down
         assert time.time() < deadline, f"{component} survived SIGKILL"
@@ -104,9 +113,39 @@ def lose(home: Path, svc: Service, component: str, worker_home: Path | None = No
     for proc in Path("/proc").glob("[0-9]*"):
         try:
             if f"FTOPS_HOME={worker_home}\0".encode() in (proc / "environ").read_bytes():
-                os.kill(int(proc.name), signal.SIGKILL)
+                if int(proc.name) != spare:
+                    os.kill(int(proc.name), signal.SIGKILL)
         except (OSError, ProcessLookupError):
             continue
+
+
+def task_process(home: Path, svc: Service, component: str, ti_id: str) -> int:
+    """A task instance's process under a worker (the task SDK names it `airflow worker -- <ti id>`)."""
+    found = [p for p in descendants(pid(home, svc, component)) if cmdline(p) == f"airflow worker -- {ti_id}"]
+    assert len(found) == 1, [cmdline(p) for p in descendants(pid(home, svc, component))]
+    return found[0]
+
+
+def ppid(p: int) -> int:
+    try:
+        return int(Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return 0
+
+
+def cmdline(p: int) -> str:
+    try:
+        return Path(f"/proc/{p}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+    except OSError:
+        return ""
+
+
+def fence(scratch: Path, task: str) -> int | None:
+    """The try that holds a task's fence in the run's scratch."""
+    try:
+        return json.loads((scratch / "tries" / task).read_text())["try"]
+    except (OSError, ValueError):
+        return None
 
 
 def descendants(root: int) -> set[int]:
@@ -165,8 +204,30 @@ def test_lost_workers_retry_elsewhere_and_training_resumes_from_its_checkpoint(s
         time.sleep(0.05)
     time.sleep(0.3)
     assert not (scratch / "data" / "ingest.json").exists(), "ingest finished before it could be interrupted"
-    lose(home, svc, "worker-default", home / "workers" / "default")
-    svc.run("start")  # the default worker's machine comes back (empty work folder: scratch is in storage)
+    # All of it but the ingest task's own process: its supervisor and worker die, it lives on as an orphan, frozen
+    # (a machine cut off from the scheduler). Thawed once the retry has claimed ingest's fence, its next write is
+    # refused.
+    orphan = task_process(home, svc, "worker-default", tis(http, run_id)["ingest"]["id"])
+    try:
+        lose(home, svc, "worker-default", home / "workers" / "default", spare=orphan)
+        svc.run("start")  # the default worker's machine comes back (empty work folder: scratch is in storage)
+        deadline = time.time() + 180
+        while fence(scratch, "ingest") != 2:
+            assert time.time() < deadline, (
+                f"no retry of ingest: { {k: v['state'] for k, v in tis(http, run_id).items()} }"
+            )
+            time.sleep(0.1)
+        os.kill(orphan, signal.SIGCONT)
+        deadline = time.time() + 120
+        while running(orphan):
+            assert time.time() < deadline, "the orphaned ingest is still running"
+            time.sleep(0.1)
+    finally:
+        if running(orphan):
+            os.kill(orphan, signal.SIGKILL)
+    refusal = (scratch / "tries" / "ingest.refused-1").read_text()
+    assert "try 1 is stale (the fence names try 2)" in refusal, refusal
+    print(f"the orphaned ingest (pid {orphan}) was refused: {refusal}")
 
     # Wait for a complete checkpoint in object storage, then lose the gpu worker's machine.
     deadline = time.time() + 420

@@ -388,7 +388,7 @@ def strict_job(api, airflow, tokens, tmp_path_factory):
     return c, c.fine_tuning.jobs.create(training_file=f.id, model="tiny").id
 
 
-def test_a_job_from_an_upload_runs_the_real_dag_and_reports_its_model(api, airflow, strict_job, tmp_path):
+def test_a_job_from_an_upload_runs_the_real_dag_and_reports_its_model(api, airflow, strict_job, tmp_path, vllm_server):
     from ftops.data.demo import write_batch
 
     # The customer's own kind of data: the gate's safety check refuses answers naming another customer
@@ -410,6 +410,35 @@ def test_a_job_from_an_upload_runs_the_real_dag_and_reports_its_model(api, airfl
     # Another customer cannot see the job
     with pytest.raises(openai.NotFoundError):
         client(api, key(B)).fine_tuning.jobs.retrieve(job.id)
+
+    # The model the job names is what the customer then calls: the serving reconciler loads the registry's
+    # production version on a real vLLM (only this customer: the replica is shared with other test modules).
+    from ftops.config import load_platform, settings
+    from ftops.release.registry import Registry
+    from ftops.release.serving import Plan, Replica, reconcile
+    from ftops.release.tasks import plan_serving
+    from ftops.storage import Store
+
+    env = settings()
+    desired = [
+        d for d in plan_serving(load_platform(env.customers_file), Registry(env.mlflow_uri)).serve if d.customer == A
+    ]
+    assert [f"{A}@{d.registry_version}" for d in desired] == [ckpt.fine_tuned_model_checkpoint]
+    plan = Plan(serve=desired, customers={A}, removal_blocked="this test serves one customer")
+    report = reconcile(plan, [vllm_server.url], env.vllm_adapter_dir, Store(env.storage_root))
+    assert any(f"{A} -> registry v{desired[0].registry_version}" in a for a in report.actions), report
+    assert Replica(vllm_server.url).adapters()[A].endswith(desired[0].adapter_version)
+    inference = openai.OpenAI(base_url=f"{vllm_server.url}/v1", api_key=key(A, "inference"), max_retries=0)
+    answer = inference.chat.completions.create(
+        model=job.fine_tuned_model, messages=[{"role": "user", "content": "How do I reset my password?"}], max_tokens=8
+    )
+    assert answer.model == A and answer.choices[0].message.content is not None
+    with pytest.raises(openai.PermissionDeniedError):  # and only that customer: B's key cannot call A's model
+        openai.OpenAI(
+            base_url=f"{vllm_server.url}/v1", api_key=key(B, "inference"), max_retries=0
+        ).chat.completions.create(
+            model=job.fine_tuned_model, messages=[{"role": "user", "content": "Hi"}], max_tokens=4
+        )
 
 
 def test_a_gate_failure_surfaces_as_failed_with_the_reason(strict_job):

@@ -71,3 +71,37 @@ def test_training_on_s3_keeps_checkpoints_and_the_adapter_there(s3_server, tiny_
     assert result["adapter_uri"] == f"{root}/brightdesk/adapters/tiny/s3-v1"
     assert any(k.endswith("checkpoint-2/COMPLETE") for k in keys), keys[:20]
     assert not Path(root).exists()  # nothing went to a local folder named like the bucket
+
+
+def test_evaluation_scores_only_the_stored_adapter_byte_for_byte(home):
+    """A copy of the candidate that differs from the stored adapter (a worker's stale copy from an earlier try, a
+    disk fault) is never scored: evaluation stops before loading anything."""
+    from ftops.config import LoraSettings
+    from ftops.handoffs import Trained
+    from ftops.model import tasks as model
+    from ftops.run import Run
+    from ftops.storage import adapter_prefix
+
+    run = Run("brightdesk", "manual__bytes", "finetune_brightdesk")
+    prefix = adapter_prefix(run.id, run.base_slug, "20261130T000000-bytes")
+    run.store.put(f"{prefix}/adapter_model.safetensors", b"the registered weights", overwrite=True)
+    run.store.put(f"{prefix}/adapter_config.json", b"{}", overwrite=True)
+    kept = run.env.vllm_adapter_dir / ".eval" / run.id / run.key / "candidate" / "20261130T000000-bytes"
+    kept.mkdir(parents=True, exist_ok=True)
+    (kept / "adapter_config.json").write_bytes(b"{}")
+    (kept / "adapter_model.safetensors").write_bytes(b"the registered weights, then a flipped bit")
+    trained = Trained(
+        adapter_version="20261130T000000-bytes",
+        adapter_prefix=prefix,
+        adapter_uri=run.store.uri(prefix),
+        adapter_artifact_uri="",
+        mlflow_run_id="",
+        dataset_version="",
+        new_versions=[],
+        replayed=0,
+        train_examples=0,
+        lora=LoraSettings(),
+    ).model_dump()
+    with pytest.raises(RuntimeError, match="candidate copy differs from"):
+        model.evaluate(run, trained)
+    assert not run.store.exists(f"{run.scratch}/eval.json")

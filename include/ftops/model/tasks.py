@@ -181,14 +181,15 @@ def evaluate(run: Run, trained: dict) -> dict:
     adapters = run.env.vllm_adapter_dir / ".eval" / run.id / run.key
     run.workdir.mkdir(parents=True, exist_ok=True)  # this worker's scratch: it may never have seen this run
     candidate = run.store.download_dir(trained.adapter_prefix, adapters / "candidate" / trained.adapter_version)
-    # Never skips the comparison: an unreadable registry or a refused production version fails the task.
-    prod = production(run)
-    prod_dir = production_copy(run, prod, adapters / "production") if prod else None
-    # The artifact scored must be the one registered and served, byte for byte.
+    # The artifact scored must be the one registered and served, byte for byte (a copy this worker kept from an
+    # earlier try is reused by download_dir: it is checked like a fresh one).
     weights = "adapter_model.safetensors"
     stored = hashlib.sha256(run.store.get(f"{trained.adapter_prefix}/{weights}")).hexdigest()
     if _sha256(candidate / weights) != stored:
         raise RuntimeError(f"{run.id}: candidate copy differs from {trained.adapter_uri}")
+    # Never skips the comparison: an unreadable registry or a refused production version fails the task.
+    prod = production(run)
+    prod_dir = production_copy(run, prod, adapters / "production") if prod else None
     # What the train task wrote, from object storage: this task may run on another worker.
     train_rows = snap.read_jsonl(run.load("train.jsonl"))
     val_rows = snap.read_jsonl(run.load("val.jsonl"))
