@@ -33,10 +33,10 @@ from ftops.release.registry import (
     CANDIDATE,
     PREVIOUS,
     PRODUCTION,
+    AdapterVersion,
     ModelState,
     RegistryError,
     RegistryUnavailable,
-    Version,
     mlflow_client,
     model_name,
     read_model,
@@ -508,7 +508,7 @@ def gate_report(platform: Platform, env: Settings, customer: str, version: str, 
     return Path(path).read_text()
 
 
-def _version(env: Settings, c: CustomerConfig, version: str) -> Version:
+def _version(env: Settings, c: CustomerConfig, version: str) -> AdapterVersion:
     if not re.fullmatch(r"[0-9]{1,9}", version or ""):
         raise UnknownVersion(f"{c.id}: invalid version {version!r} (a registry version number)")
     model = read_model(env.mlflow_uri, c.id, c.base_model)

@@ -76,16 +76,25 @@ def _read(what: str, call: Callable[[], T]) -> T:
 
 @dataclass
 class AdapterVersion:
+    """One registry version of a customer's adapter, as read one at a time (pipeline, CLI) or in the fleet's
+    batched read; its tags are read through `info` (typed, lenient)."""
+
     customer: str
     version: str
     aliases: list[str]
     tags: dict[str, str]
     source: str
     created: int
+    run_id: str = ""
+    description: str = ""
 
     @functools.cached_property
     def info(self) -> VersionTags:
         return VersionTags.read(self.tags)
+
+    @property
+    def gate(self) -> str:
+        return self.info.gate
 
     @property
     def adapter_version(self) -> str:
@@ -119,7 +128,14 @@ def mlflow_client(uri: str):
 
 def _wrap(customer: str, mv) -> AdapterVersion:
     return AdapterVersion(
-        customer, str(mv.version), list(mv.aliases or []), dict(mv.tags or {}), mv.source, mv.creation_timestamp
+        customer,
+        str(mv.version),
+        list(mv.aliases or []),
+        dict(mv.tags or {}),
+        mv.source or "",
+        int(mv.creation_timestamp or 0),
+        mv.run_id or "",
+        mv.description or "",
     )
 
 
@@ -251,25 +267,6 @@ class Registry:
 
 
 @dataclass
-class Version:
-    version: str
-    created: int
-    aliases: list[str]
-    tags: dict[str, str]
-    run_id: str
-    source: str
-    description: str = ""
-
-    @functools.cached_property
-    def info(self) -> VersionTags:
-        return VersionTags.read(self.tags)
-
-    @property
-    def gate(self) -> str:
-        return self.info.gate
-
-
-@dataclass
 class ModelState:
     """One registered model (one customer on one base model) and its versions, newest first."""
 
@@ -277,9 +274,9 @@ class ModelState:
     customer: str
     base_model: str
     aliases: dict[str, str] = field(default_factory=dict)
-    versions: list[Version] = field(default_factory=list)
+    versions: list[AdapterVersion] = field(default_factory=list)
 
-    def alias(self, name: str) -> Version | None:
+    def alias(self, name: str) -> AdapterVersion | None:
         v = self.aliases.get(name)
         return next((x for x in self.versions if x.version == v), None) if v else None
 
@@ -319,17 +316,7 @@ def read_registry(
     for mv in versions:
         state = by_name.get(mv.name)
         if state is not None:
-            state.versions.append(
-                Version(
-                    str(mv.version),
-                    int(mv.creation_timestamp or 0),
-                    list(mv.aliases or []),
-                    dict(mv.tags or {}),
-                    mv.run_id or "",
-                    mv.source or "",
-                    mv.description or "",
-                )
-            )
+            state.versions.append(_wrap(state.customer, mv))
     for state in by_name.values():
         state.versions.sort(key=lambda v: int(v.version), reverse=True)
         if not state.aliases:  # older servers: aliases only on the versions
