@@ -26,7 +26,14 @@ for c in $CUSTOMERS; do
   if scripts/airflow.sh dags test "finetune_$c" >"$LOGS/finetune_$c.log" 2>&1; then
     echo "   finished in $((SECONDS - t0)) s: $(grep -o 'state=[a-z_]*, run_type' "$LOGS/finetune_$c.log" | tail -1 | cut -d, -f1)"
   else
-    echo "   FAILED after $((SECONDS - t0)) s; see $LOGS/finetune_$c.log" >&2
+    # A candidate the gate refused is the platform working, not the demo breaking: say which rule and why.
+    gate=$(grep -o "failed the gate on [a-z_, ]*\. What to do: [^{]*" "$LOGS/finetune_$c.log" | head -1 || true)
+    if [ -n "$gate" ]; then
+      echo "   the gate refused the candidate after $((SECONDS - t0)) s (production unchanged): ${gate}"
+      echo "   every answer it gave: the gate report (MLflow, the training run's gate/gate_report.html); log: $LOGS/finetune_$c.log"
+    else
+      echo "   FAILED after $((SECONDS - t0)) s; see $LOGS/finetune_$c.log" >&2
+    fi
   fi
 done
 
