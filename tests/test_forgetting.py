@@ -248,7 +248,10 @@ def test_forgetting_per_group_is_logged_to_the_candidates_mlflow_run(registry):
     client = MlflowClient(uri)
     run = client.create_run(client.create_experiment(f"ftops-log-{os.getpid()}"))
     m = hand_off([group(D1, 1.06, 0.081, sd=0.3), group(D2, 0.5, 0.49)])
-    _log_evaluation(SimpleNamespace(registry=lambda: Registry(uri)), run.info.run_id, m)
+    fenced = []  # the evaluate task's try checks its fence before writing to MLflow
+    stand_in = SimpleNamespace(registry=lambda: Registry(uri), check_fence=fenced.append)
+    _log_evaluation(stand_in, run.info.run_id, m)
+    assert fenced == ["evaluation metrics"]
     got = client.get_run(run.info.run_id).data.metrics
     assert got["forgetting.max"] == pytest.approx(0.979)
     assert got[f"history_loss.{D1[:15]}.candidate"] == 1.06 and got[f"history_loss.{D2[:15]}.production"] == 0.49
