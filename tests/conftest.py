@@ -26,6 +26,26 @@ def wait_run(http, run: str, timeout: float) -> str:
     raise AssertionError(f"{run} did not finish in {timeout} s")
 
 
+def trained_hand_off(adapter_version: str, adapter_prefix: str, adapter_uri: str, artifact_uri: str = "") -> dict:
+    """The train task's hand-off (`ftops.handoffs.Trained`) for an adapter already in storage, with no training
+    figures: what evaluate and register read, for tests that start from an existing adapter."""
+    from ftops.config import LoraSettings
+    from ftops.handoffs import Trained
+
+    return Trained(
+        adapter_version=adapter_version,
+        adapter_prefix=adapter_prefix,
+        adapter_uri=adapter_uri,
+        adapter_artifact_uri=artifact_uri,
+        mlflow_run_id="",
+        dataset_version="",
+        new_versions=[],
+        replayed=0,
+        train_examples=0,
+        lora=LoraSettings(),
+    ).model_dump()
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

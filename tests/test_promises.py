@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import trained_hand_off
 from ftops.release.serving import Desired, Plan, reconcile
 from ftops.storage import Store
 
@@ -76,8 +77,6 @@ def test_training_on_s3_keeps_checkpoints_and_the_adapter_there(s3_server, tiny_
 def test_evaluation_scores_only_the_stored_adapter_byte_for_byte(home):
     """A copy of the candidate that differs from the stored adapter (a worker's stale copy from an earlier try, a
     disk fault) is never scored: evaluation stops before loading anything."""
-    from ftops.config import LoraSettings
-    from ftops.handoffs import Trained
     from ftops.model import tasks as model
     from ftops.run import Run
     from ftops.storage import adapter_prefix
@@ -90,18 +89,7 @@ def test_evaluation_scores_only_the_stored_adapter_byte_for_byte(home):
     kept.mkdir(parents=True, exist_ok=True)
     (kept / "adapter_config.json").write_bytes(b"{}")
     (kept / "adapter_model.safetensors").write_bytes(b"the registered weights, then a flipped bit")
-    trained = Trained(
-        adapter_version="20261130T000000-bytes",
-        adapter_prefix=prefix,
-        adapter_uri=run.store.uri(prefix),
-        adapter_artifact_uri="",
-        mlflow_run_id="",
-        dataset_version="",
-        new_versions=[],
-        replayed=0,
-        train_examples=0,
-        lora=LoraSettings(),
-    ).model_dump()
+    trained = trained_hand_off("20261130T000000-bytes", prefix, run.store.uri(prefix))
     with pytest.raises(RuntimeError, match="candidate copy differs from"):
         model.evaluate(run, trained)
     assert not run.store.exists(f"{run.scratch}/eval.json")

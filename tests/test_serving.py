@@ -20,10 +20,9 @@ import httpx
 import pytest
 import yaml
 
-from conftest import ROOT, TEST_CUSTOMERS, _service
-from ftops.config import LoraSettings, settings
+from conftest import ROOT, TEST_CUSTOMERS, _service, trained_hand_off
+from ftops.config import settings
 from ftops.data.demo import write_batch
-from ftops.handoffs import Trained
 from ftops.release.keys import auth_headers
 from ftops.release.registry import Registry, RegistryUnavailable, model_name
 from ftops.release.serving import ReconcileIncomplete, Replica, ServingError, tree_sha256
@@ -225,18 +224,7 @@ def test_registry_outage_fails_training_and_evaluation_instead_of_going_without_
     with pytest.raises(RegistryUnavailable):
         model.train(run, force=True)
     assert store.list(f"{other}/adapters") == adapters  # nothing trained
-    trained = Trained(  # the train task's hand-off for v1's adapter
-        adapter_version=v1.adapter_version,
-        adapter_prefix=v1.adapter_prefix,
-        adapter_uri=v1.source,
-        adapter_artifact_uri=v1.source,
-        mlflow_run_id="",
-        dataset_version="",
-        new_versions=[],
-        replayed=0,
-        train_examples=0,
-        lora=LoraSettings(),
-    ).model_dump()
+    trained = trained_hand_off(v1.adapter_version, v1.adapter_prefix, v1.source, v1.source)  # v1's adapter
     with pytest.raises(RegistryUnavailable):
         model.evaluate(Run(CUSTOMER, "manual__outage-eval", f"finetune_{CUSTOMER}"), trained)
 
