@@ -10,7 +10,11 @@ Baseline, same run: the same DAG factory with `import mlflow, transformers` at i
 against), at every size. `marginal_s_per_dag` (seconds per extra DAG between sizes) stays flat if parsing grows
 linearly.
 
-    .venv/bin/python bench/dag_parse.py --customers 50 500 1000
+    .venv/bin/python bench/dag_parse.py --customers 50 500 1000 [--against REF]
+
+`--against REF` adds a before/after at the largest size: the whole `dags/` folder of this checkout and of a
+worktree of REF (its own `include/` first on PYTHONPATH), each parsed by `DagBag` in a fresh process, rounds
+interleaved (`--repeat` each); `before_after.ours_over_before` is the ratio of the medians.
 
 Progress goes to stderr; the last stdout line is one JSON object with every figure.
 """
@@ -22,11 +26,14 @@ import json
 import os
 import runpy
 import sqlite3
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from earlier import checkout  # bench/ is on sys.path: this file runs as a script
 
 ROOT = Path(__file__).resolve().parents[1]
 DAGS = ROOT / "dags"
@@ -93,6 +100,31 @@ def processor_pass(env: dict) -> dict:
     return {"wall_s": round(seconds, 3), "dags": dags}
 
 
+def against(ref: str, n: int, env: dict, repeat: int) -> dict:
+    """The whole dags/ folder of this checkout and of REF's worktree, DagBag-parsed in fresh processes, interleaved."""
+    seconds: dict[str, list[float]] = {"ours": [], "before": []}
+    with checkout(ref) as (tree, before_env):
+        folders = {"ours": (DAGS, env), "before": (tree / "dags", {**env, "PYTHONPATH": before_env["PYTHONPATH"]})}
+        for r in range(repeat):
+            for who in ("ours", "before") if r % 2 == 0 else ("before", "ours"):
+                folder, e = folders[who]
+                cmd = [sys.executable, __file__, "--worker", "dagbag", str(folder)]
+                out = json.loads(
+                    subprocess.run(cmd, env=e, check=True, capture_output=True, text=True).stdout.splitlines()[-1]
+                )
+                assert not out["errors"], f"{who}: import errors {out['errors']}"
+                seconds[who].append(out["s"])
+                log(f"before/after round {r} {who}: {out['s']:.3f} s for {out['dags']} DAGs")
+    med = {who: statistics.median(s) for who, s in seconds.items()}
+    return {
+        "ref": ref,
+        "customers": n,
+        **{f"{who}_median_s": round(m, 3) for who, m in med.items()},
+        **{f"{who}_each_s": [round(x, 3) for x in s] for who, s in seconds.items()},
+        "ours_over_before": round(med["ours"] / med["before"], 3),
+    }
+
+
 def env_for(tmp: str, n: int, base_env: dict) -> dict:
     """A customers file of n tenants and an empty AIRFLOW_HOME, both under tmp."""
     home, customers = Path(tmp, f"home-{n}"), Path(tmp, f"customers-{n}.yaml")
@@ -105,6 +137,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--customers", type=int, nargs="+", default=[50, 500, 1000])
     ap.add_argument("--repeat", type=int, default=3, help="parse runs per file and method; the best counts")
+    ap.add_argument("--against", metavar="REF", help="before/after against an earlier commit's dags/ and include/")
     ap.add_argument("--worker", nargs=2, metavar=("METHOD", "FILE"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
@@ -145,6 +178,11 @@ def main() -> None:
                 **{f"{who}_{k}": r[k] for who, r in (("naive", bad), ("ours", ours)) for k in ("dagbag_s", "exec_s")},
                 "naive_over_ours": round(bad["dagbag_s"] / ours["dagbag_s"], 2),
             }
+        before_after = (
+            against(args.against, max(args.customers), env_for(tmp, max(args.customers), base_env), args.repeat)
+            if args.against
+            else None
+        )
     ns = sorted(sizes)
     marginal = {  # seconds per extra DAG between consecutive sizes: flat if parsing grows linearly
         f"{a}-{b}": round((sizes[b]["total_dagbag_s"] - sizes[a]["total_dagbag_s"]) / (b - a), 5)
@@ -166,6 +204,8 @@ def main() -> None:
         f"target_{ns[-1]}_under_3s": sizes[ns[-1]]["total_dagbag_s"] < 3.0,
         "baseline": baseline,
     }
+    if before_after:
+        result["before_after"] = before_after
     print(json.dumps(result))
 
 

@@ -3,7 +3,10 @@ with planted exact duplicates, near duplicates and PII (plus hard negatives), ne
 library chain a user would otherwise write (json.loads per line, Great Expectations validation, regex PII
 redaction, datasketch MinHashLSH dedupe in memory: `naive`), in the same run, rounds interleaved.
 
-    .venv/bin/python bench/data_pipeline.py [--sizes 200000,1000000] [--naive] [--rounds 3] [--quick]
+    .venv/bin/python bench/data_pipeline.py [--sizes 200000,1000000] [--naive] [--against REF] [--rounds 3] [--quick]
+
+`--against REF` also runs the chain as it was at an earlier commit (a worktree of REF, its own bench's `--one`
+worker, this venv) on the same input, interleaved: `before_<n>` and `ours_over_before_<n>` (per CPU-second).
 
 For each size the input inbox (part files of 100k records) is generated first, in its own process; then the
 pipeline runs alone in a fresh process (`ftops.data.tasks.prepare`, the chain the DAG and the CLI run), which
@@ -26,7 +29,10 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import ExitStack
 from pathlib import Path
+
+from earlier import checkout  # bench/ is on sys.path: this file runs as a script
 
 WORDS = (
     "account invoice lease contract clause notice refund export dashboard report ticket plan policy "
@@ -285,6 +291,7 @@ def main() -> None:
     ap.add_argument("--sizes", default="200000,1000000", help="comma-separated example counts")
     ap.add_argument("--naive", action="store_true", help="also run the baseline library chain (same input)")
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds per size (median)")
+    ap.add_argument("--against", metavar="REF", help="also run the chain of an earlier commit (before/after)")
     ap.add_argument("--quick", action="store_true", help="20k examples, baseline on, 3 rounds, no near-dup bands")
     ap.add_argument("--generate", nargs=2, metavar=("N", "DIR"), help=argparse.SUPPRESS)
     ap.add_argument("--one", nargs=3, metavar=("DIR", "WHICH", "OUT"), help=argparse.SUPPRESS)
@@ -299,25 +306,34 @@ def main() -> None:
         args.sizes, args.naive = "20000", True
     sizes = [int(x) for x in args.sizes.split(",")]
     figures: dict = {"cpus": os.cpu_count(), "rounds": args.rounds}
-    with tempfile.TemporaryDirectory(prefix="ftops-bench-") as tmp:
+    contenders = ["ours"] + ["naive"] * args.naive + ["before"] * bool(args.against)
+    with ExitStack() as stack:
+        tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="ftops-bench-"))
+        commands = {w: ([sys.executable, __file__], None) for w in ("ours", "naive")}
+        if args.against:
+            tree, env = stack.enter_context(checkout(args.against))
+            commands["before"] = ([sys.executable, str(tree / "bench" / "data_pipeline.py")], env)
+            figures["against"] = args.against
         for n in sizes:
             folder = Path(tmp) / f"in{n}"
             subprocess.run([sys.executable, __file__, "--generate", str(n), str(folder)], check=True)
             labels = json.loads((Path(tmp) / f"in{n}.labels.json").read_text())
-            runs: dict[str, list[dict]] = {"ours": [], "naive": []}
+            runs: dict[str, list[dict]] = {w: [] for w in contenders}
             for r in range(args.rounds):
-                # interleaved, alternating which goes first: both see the same load on a shared machine
-                order = ("naive", "ours") if r % 2 == 0 else ("ours", "naive")
-                for which in order if args.naive else ("ours",):
+                # interleaved, rotating which goes first: all see the same load on a shared machine
+                for which in contenders[r % len(contenders) :] + contenders[: r % len(contenders)]:
                     out = Path(tmp) / f"out{n}-{which}-{r}"
+                    cmd, env = commands[which]
                     done = subprocess.run(
-                        [sys.executable, __file__, "--one", str(folder), which, str(out)],
+                        [*cmd, "--one", str(folder), "naive" if which == "naive" else "ours", str(out)],
                         capture_output=True,
                         text=True,
-                        check=True,
+                        env=env,
                     )
+                    if done.returncode:
+                        raise SystemExit(f"{which} n={n} failed:\n{done.stderr[-3000:]}")
                     result = json.loads(done.stdout.strip().splitlines()[-1])
-                    if which == "ours":
+                    if which != "naive":
                         result |= ours_flags(out, result["version"])
                     else:
                         result |= {"dup": {int(k): v for k, v in result["dup"].items()}, "pii": set(result["pii"])}
@@ -334,9 +350,13 @@ def main() -> None:
                         "peak_rss_mb": med["peak_rss_mb"],
                         "seconds_each": [x["seconds"] for x in rs],
                     }
-            if runs["naive"]:
+            if args.naive:
                 figures[f"speedup_vs_naive_{n}"] = round(
                     figures[f"naive_{n}"]["seconds"] / figures[f"ours_{n}"]["seconds"], 2
+                )
+            if args.against:
+                figures[f"ours_over_before_{n}"] = round(
+                    figures[f"ours_{n}"]["examples_per_cpu_s"] / figures[f"before_{n}"]["examples_per_cpu_s"], 3
                 )
             shutil.rmtree(folder)
     from near_dup import evaluate as near_dup_bands  # bench/ is on sys.path: this file runs as a script

@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 from ftops.config import DataPolicy
 from ftops.data import snapshot as snap
 from ftops.data.ingest import InboxCounter, Limits, inbox_files, parse_file
-from ftops.data.records import Batch, dump_line, read_jsonl
+from ftops.data.records import Batch, Example, Quarantined, SourceFile, dump_line, has_surrogate, read_jsonl
 from ftops.data.tasks import prepare
 from ftops.data.validate import ValidationFailed
 from ftops.storage import Store
@@ -371,6 +371,22 @@ def test_any_unicode_text_reads_back_identically(texts):
     data.decode("utf-8")  # valid UTF-8 whatever the text (lone surrogates included)
     assert read_jsonl(data) == rows
     assert len(data.split(b"\n")) == len(rows) + 1 and len(data.decode().splitlines()) == len(rows)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(TEXT, min_size=1, max_size=4))
+def test_any_text_in_a_chunk_handed_between_data_steps_reads_back_identically(texts):
+    """The data steps hand chunks on as MessagePack; text MessagePack cannot hold (lone surrogates) goes as JSON."""
+    batch = Batch(
+        examples=[Example([{"role": "user", "content": t}], f"f{i}.jsonl", i, t[::-1]) for i, t in enumerate(texts)],
+        quarantine=[Quarantined("f.jsonl", 1, "invalid_record", texts[0], texts[-1])],
+        sources=[SourceFile(texts[0], "0" * 64, len(texts), "")],
+        read=len(texts),
+        pii={"EMAIL": 1},
+    )
+    data = batch.to_bytes()
+    assert Batch.from_bytes(data) == batch
+    assert (data[:1] == b"[") == any(has_surrogate(t) for t in texts)  # JSON only when MessagePack cannot
 
 
 @settings(

@@ -76,12 +76,12 @@ class Chain:
         self.store.delete_prefix(f"{self.scratch}/{step}/")
 
     def put_chunk(self, step: str, i: int, batch: Batch, secret: bytes | None = None) -> None:
-        key = self.key(step, f"{i:06d}.json")
-        self.store.put(key, _seal(batch.to_json(), secret, key), overwrite=True)
+        key = self.key(step, f"{i:06d}.chunk")
+        self.store.put(key, _seal(batch.to_bytes(), secret, key), overwrite=True)
 
     def get_chunk(self, step: str, i: int, secret: bytes | None = None) -> Batch:
-        key = self.key(step, f"{i:06d}.json")
-        return Batch.from_json(_open(self.store.get(key), secret, key))
+        key = self.key(step, f"{i:06d}.chunk")
+        return Batch.from_bytes(_open(self.store.get(key), secret, key))
 
 
 def _seal(data: bytes, secret: bytes | None, where: str) -> bytes:
