@@ -282,10 +282,6 @@ def history_groups(run: Run, prod, val_rows: list[dict], max_groups: int = MAX_H
 
 def _log_evaluation(run: Run, mlflow_run_id: str, m: Metrics) -> None:
     """Held-out loss per earlier group, forgetting and repetition, as metrics of the candidate's MLflow run."""
-    import time
-
-    from mlflow.entities import Metric
-
     figures: dict[str, float | None] = {"forgetting.max": m.forgetting_max()}
     for g in m.history_groups:
         key = f"history_loss.{g.first[:15]}"
@@ -295,11 +291,8 @@ def _log_evaluation(run: Run, mlflow_run_id: str, m: Metrics) -> None:
         s = getattr(m, name)
         if s is not None:
             figures[f"repetition.{name}"] = s.repetition
-    now = int(time.time() * 1000)
-    batch = [Metric(k, float(v), now, 0) for k, v in figures.items() if v is not None and v == v]
-    if batch:
-        run.check_fence("evaluation metrics")
-        run.registry().client.log_batch(mlflow_run_id, metrics=batch)
+    run.check_fence("evaluation metrics")
+    run.registry().log_metrics(mlflow_run_id, figures)
 
 
 def gate(run: Run, metrics: dict) -> dict:

@@ -35,9 +35,9 @@ from ftops.release.registry import (
     PRODUCTION,
     AdapterVersion,
     ModelState,
+    Registry,
     RegistryError,
     RegistryUnavailable,
-    mlflow_client,
     model_name,
     read_model,
     read_registry,
@@ -424,7 +424,7 @@ def customer_detail(platform: Platform, env: Settings, customer: str) -> dict:
     c = _customer(platform, customer)
     model = read_model(env.mlflow_uri, c.id, c.base_model)
     versions = model.versions if model else []
-    experiments = _experiments(env.mlflow_uri, [v.run_id for v in versions if v.run_id])
+    experiments = Registry(env.mlflow_uri).experiments([v.run_id for v in versions if v.run_id])
     ui = mlflow_ui(env)
     out = []
     for v in versions:
@@ -480,32 +480,16 @@ def _customer(platform: Platform, customer: str) -> CustomerConfig:
     return platform.customers[customer]
 
 
-def _experiments(mlflow_uri: str, run_ids: list[str]) -> dict[str, str]:
-    client = mlflow_client(mlflow_uri)
-
-    def exp(run_id: str) -> str | None:
-        try:
-            return client.get_run(run_id).info.experiment_id
-        except Exception:  # noqa: BLE001 - a deleted run leaves its link out, not the page
-            return None
-
-    with ThreadPoolExecutor(max_workers=4) as pool:
-        return dict(zip(run_ids, pool.map(exp, run_ids), strict=True))
-
-
 def gate_report(platform: Platform, env: Settings, customer: str, version: str, workdir: Path) -> str:
     """The gate's HTML report, logged with the version's training run (artifact `gate/gate_report.html`)."""
     c = _customer(platform, customer)
     v = _version(env, c, version)
     if not v.run_id:
         raise UnknownVersion(f"{customer}: version {version} has no training run, hence no gate report")
-    from mlflow.exceptions import MlflowException
-
-    try:
-        path = mlflow_client(env.mlflow_uri).download_artifacts(v.run_id, "gate/gate_report.html", str(workdir))
-    except (MlflowException, OSError) as exc:
-        raise UnknownVersion(f"{customer}: version {version} has no gate report ({exc})") from exc
-    return Path(path).read_text()
+    page = Registry(env.mlflow_uri).read_artifact(v.run_id, "gate/gate_report.html", str(workdir))
+    if page is None:
+        raise UnknownVersion(f"{customer}: version {version} has no gate report")
+    return page
 
 
 def _version(env: Settings, c: CustomerConfig, version: str) -> AdapterVersion:
@@ -550,8 +534,6 @@ def move_production(
 ) -> dict:
     """Promote a version that passed the gate, or roll back (to `version`, or to the `previous` alias), through
     `Registry`; record who and when as tags of the version now in production."""
-    from ftops.release.registry import Registry
-
     c = _customer(platform, customer)
     reg = Registry(env.mlflow_uri)
     if version is not None:

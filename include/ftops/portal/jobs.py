@@ -171,7 +171,7 @@ class Jobs:
             "validation_file": None,
             "hyperparameters": {k: conf[p] for k, p in HYPERPARAMETERS.items() if conf.get(p) is not None},
             "result_files": [],
-            "trained_tokens": self._tokens(customer, v) if detail and v else None,
+            "trained_tokens": self._tokens(v) if detail and v else None,
             "error": error,
             "seed": None,
             "metadata": {"run_id": rid, "registry_version": v.version if v else None},
@@ -214,13 +214,11 @@ class Jobs:
                 return ": " + text.split(marker, 1)[1].split("\\n")[0].split('"')[0].strip()[:500]
         return "."
 
-    def _tokens(self, customer: str, v) -> int | None:
-        from ftops.release.registry import Registry, model_name
+    def _tokens(self, v) -> int | None:
+        from ftops.release.registry import Registry
 
         try:
-            reg = Registry(self.registry_uri)
-            mv = reg.client.get_model_version(model_name(customer, v.info.base_model or ""), v.version)
-            tokens = reg.client.get_run(mv.run_id).data.metrics.get("tokens_seen")
+            tokens = Registry(self.registry_uri).run_metrics(v.run_id).get("tokens_seen")
             return int(tokens) if tokens is not None else None
         except Exception:  # noqa: BLE001 - a figure, not a verdict
             return None

@@ -229,6 +229,46 @@ class Registry:
             to = prev.version
         return self.promote(customer, base_slug, to, force=True)
 
+    # The training run behind each version lives on the same MLflow server: its metrics, artifacts, experiment.
+
+    def run_metrics(self, run_id: str) -> dict[str, float]:
+        return dict(_read(f"run {run_id}", lambda: self.client.get_run(run_id)).data.metrics)
+
+    def log_metrics(self, run_id: str, figures: dict[str, float | None]) -> None:
+        """Log figures to a training run in one request; None and NaN (a figure not measured) are left out."""
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        batch = [Metric(k, float(v), now, 0) for k, v in figures.items() if v is not None and v == v]
+        if batch:
+            self.client.log_batch(run_id, metrics=batch)
+
+    def log_artifacts(self, run_id: str, folder: str, artifact_path: str) -> None:
+        self.client.log_artifacts(run_id, folder, artifact_path=artifact_path)
+
+    def read_artifact(self, run_id: str, path: str, workdir: str) -> str | None:
+        """One text artifact of a training run; None when the run or the artifact cannot be found or read."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            with open(self.client.download_artifacts(run_id, path, workdir)) as f:
+                return f.read()
+        except (MlflowException, OSError):
+            return None
+
+    def experiments(self, run_ids: list[str]) -> dict[str, str | None]:
+        """Each run's experiment id, for links (read four at a time); None for a run that cannot be read."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        def exp(run_id: str) -> str | None:
+            try:
+                return self.client.get_run(run_id).info.experiment_id
+            except Exception:  # noqa: BLE001 - a deleted run leaves its link out, not the page
+                return None
+
+        with ThreadPoolExecutor(max_workers=4) as pool:
+            return dict(zip(run_ids, pool.map(exp, run_ids), strict=True))
+
     def migrate_names(self) -> list[tuple[str, str]]:
         """Rename models registered under the old `ftops-<customer>-<base>` names (ambiguous: `acme` on `x-y`
         and `acme-x` on `y` shared one) to `model_name()`, from each model's own tags. A model whose tags do

@@ -124,7 +124,7 @@ def _log_report(run: Run, mlflow_run_id: str, version: str, decision: dict) -> N
     (reports / "evaluation.json").write_text(json.dumps(metrics, indent=2))
     (reports / "gate_decision.json").write_text(json.dumps(decision, indent=2))
     run.check_fence("the gate report")
-    run.registry().client.log_artifacts(mlflow_run_id, str(reports), artifact_path="gate")
+    run.registry().log_artifacts(mlflow_run_id, str(reports), "gate")
 
 
 def promotion_mode(run: Run, requested: str | None, approved: bool = False) -> str:
