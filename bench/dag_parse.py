@@ -70,15 +70,19 @@ def worker(method: str, path: str) -> None:
     print(json.dumps({"s": time.perf_counter() - t0, "shared_import_s": shared, **out}))
 
 
+def in_fresh_process(method: str, path: Path, env: dict) -> dict:
+    """`worker(method, path)` in a new Python process with `env`; its JSON line."""
+    cmd = [sys.executable, __file__, "--worker", method, str(path)]
+    return json.loads(subprocess.run(cmd, env=env, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
+
+
 def parse_files(files: list[Path], env: dict, shared: list[float], repeat: int) -> dict:
     """Per file: DagBag seconds (and DAGs found) and bare-exec seconds, the best of `repeat` fresh processes each."""
     res = {}
     for f in files:
         runs = {m: [] for m in ("dagbag", "exec")}
         for m in [*runs] * repeat:
-            cmd = [sys.executable, __file__, "--worker", m, str(f)]
-            out = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True).stdout.splitlines()[-1]
-            runs[m].append(json.loads(out))
+            runs[m].append(in_fresh_process(m, f, env))
         bag = runs["dagbag"][0]
         assert not bag["errors"], f"{f.name}: import errors {bag['errors']}"
         res[f.name] = {f"{m}_s": round(min(r["s"] for r in rs), 3) for m, rs in runs.items()} | {"dags": bag["dags"]}
@@ -108,10 +112,7 @@ def against(ref: str, n: int, env: dict, repeat: int) -> dict:
         for r in range(repeat):
             for who in ("ours", "before") if r % 2 == 0 else ("before", "ours"):
                 folder, e = folders[who]
-                cmd = [sys.executable, __file__, "--worker", "dagbag", str(folder)]
-                out = json.loads(
-                    subprocess.run(cmd, env=e, check=True, capture_output=True, text=True).stdout.splitlines()[-1]
-                )
+                out = in_fresh_process("dagbag", folder, e)
                 assert not out["errors"], f"{who}: import errors {out['errors']}"
                 seconds[who].append(out["s"])
                 log(f"before/after round {r} {who}: {out['s']:.3f} s for {out['dags']} DAGs")

@@ -121,9 +121,9 @@ class Batch:
     def to_bytes(self) -> bytes:
         """One stage's output chunk as the next stage reads it (`from_bytes`): the data stages hand chunks to
         each other through the run's scratch in object storage. MessagePack (msgspec), rows as lists: the
-        hand-off costs a fraction of JSON's. Text that is not valid Unicode (a lone surrogate, e.g. a file name
-        read with `surrogateescape`) cannot be MessagePack's UTF-8: such a chunk is written as JSON with
-        `surrogatepass`, which starts with `[` (MessagePack's 5-item array starts with 0x95)."""
+        hand-off costs a fraction of JSON's. Text that is not valid Unicode (a lone surrogate: ingest quarantines
+        records holding one, but a chunk round-trips any text) cannot be MessagePack's UTF-8: such a chunk is
+        written as JSON with `surrogatepass`, which starts with `[` (MessagePack's 5-item array starts with 0x95)."""
         doc = [
             [[e.messages, e.source, e.line, e.rejected] for e in self.examples],
             [[q.source, q.line, q.reason, q.detail, q.raw] for q in self.quarantine],
